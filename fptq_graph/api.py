@@ -1,0 +1,161 @@
+"""`quantize`: the one call from a float ONNX model to a W4A8 one with a per-layer report."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import __version__
+from .calibration import CalibrationSet, FeedsCalibration, from_random, from_text, vocab_size_of
+from .config import Config
+from .errors import CalibrationError, FptqError, ModelLoadError
+from .model_io import IR_VERSION, MIN_OPSET, load_model, save_model
+from .pipeline import PassRecord, default_passes, run_passes
+from .report import REPORT_KEY, format_table, layer_rows, to_json
+from .state import State
+
+
+@dataclass
+class QuantizeResult:
+    model: onnx.ModelProto
+    layers: list[dict]
+    passes: list[PassRecord]
+    config: Config
+    source: str = ""
+    calibration: str = ""
+
+    def report(self) -> dict:
+        return {
+            "fptq_graph_version": __version__,
+            "source": self.source,
+            "calibration": self.calibration,
+            "config": self.config.to_dict(),
+            "passes": [{"name": p.name, "summary": p.summary, "seconds": round(p.seconds, 3)} for p in self.passes],
+            "layers": self.layers,
+        }
+
+    def table(self) -> str:
+        return format_table(self.layers)
+
+    def save(self, path: str | os.PathLike, report_path: str | os.PathLike | None = None) -> Path:
+        out = save_model(self.model, path)
+        if report_path:
+            write_text_atomic(report_path, to_json(self.report()))
+        return out
+
+
+def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: Any, config: Config | None = None,
+             *, tokenizer: Any = None, log=None) -> QuantizeResult:
+    """Quantize a float ONNX model to W4A8 with FPTQ.
+
+    calibration: a CalibrationSet; a list of feed dicts (one per batch); an int N for N random-token
+    sequences; or the path of a text file,
+    tokenized with `tokenizer` (an HF tokenizer or its directory) or the one our exporter recorded.
+    The input model is never modified (a path is read; a ModelProto is copied).
+    """
+    config = config or Config()
+    config.validate()
+    model, source = _load(model_or_path)
+    calib = _calibration_set(calibration, model, config, tokenizer, source)
+    state = State(graph=gs.import_onnx(model), config=config, calibration=calib)
+    records = run_passes(state, default_passes(), log=log)
+    out = finish_model(state.graph, model)
+    result = QuantizeResult(model=out, layers=layer_rows(state), passes=records, config=config,
+                            source=source, calibration=calib.source)
+    set_metadata(out, REPORT_KEY, json.dumps(result.report(), allow_nan=False, default=str))
+    return result
+
+
+def finish_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export the graph with the original's metadata, opset >= 21 and IR version 10."""
+    out = gs.export_onnx(graph)
+    out.ir_version = IR_VERSION
+    for opset in out.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, MIN_OPSET)
+    del out.metadata_props[:]
+    out.metadata_props.extend(copy.deepcopy(original.metadata_props))
+    out.producer_name, out.producer_version = "fptq-graph", __version__
+    return out
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def get_metadata(model: onnx.ModelProto, key: str) -> str | None:
+    return next((p.value for p in model.metadata_props if p.key == key), None)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _load(model_or_path) -> tuple[onnx.ModelProto, str]:
+    if isinstance(model_or_path, onnx.ModelProto):
+        model, source = copy.deepcopy(model_or_path), "<in-memory model>"
+    else:
+        model, source = load_model(model_or_path), str(model_or_path)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        except Exception as exc:  # the converter raises several types; all mean the same to the user
+            raise ModelLoadError(f"{source}: opset {opset} could not be upgraded to {MIN_OPSET} "
+                                 f"(needed for blocked INT4 DequantizeLinear): {str(exc).splitlines()[0]}") from None
+    return model, source
+
+
+def _calibration_set(calibration, model, config: Config, tokenizer, source: str) -> CalibrationSet:
+    if isinstance(calibration, (CalibrationSet, FeedsCalibration)):
+        return calibration
+    if isinstance(calibration, list):
+        return FeedsCalibration(calibration)
+    if isinstance(calibration, bool):
+        raise CalibrationError("calibration must be a CalibrationSet, a count of random sequences or a text path")
+    if isinstance(calibration, int):
+        vocab = vocab_size_of(model)
+        if vocab is None:
+            raise CalibrationError(f"{source}: cannot tell the vocabulary size for random tokens; pass a CalibrationSet")
+        return from_random(calibration, vocab, config.calib_seq_len, config.calib_batch_size, config.seed)
+    if isinstance(calibration, (str, os.PathLike)):
+        return from_text(calibration, lambda: _tokenizer(tokenizer, model, source), config.calib_seq_len,
+                         config.calib_samples, config.calib_batch_size)
+    raise CalibrationError(f"unsupported calibration argument of type {type(calibration).__name__}")
+
+
+def _tokenizer(tokenizer, model: onnx.ModelProto, source: str):
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    location = tokenizer or get_metadata(model, "fptq_graph.tokenizer")
+    if location is None:
+        raise CalibrationError(f"{source}: no tokenizer recorded in the model; pass --tokenizer DIR")
+    path = Path(location)
+    if tokenizer is None and not path.is_absolute() and source != "<in-memory model>":
+        path = Path(source).resolve().parent / path   # recorded relative to the model file
+    if not path.is_dir():
+        raise CalibrationError(f"tokenizer directory {path} not found")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"{path}: could not load a tokenizer ({str(exc).splitlines()[0]})") from None

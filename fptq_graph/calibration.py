@@ -1,0 +1,167 @@
+"""Calibration sets: token batches from a text file or random tokens, turned into model feeds.
+
+A CalibrationSet yields feed dicts one batch at a time, so calibration memory does not grow with
+the number of samples. Model inputs are filled by name: input_ids from the tokens, attention_mask
+with ones, token_type_ids with zeros, position_ids with 0..S-1; any other input is an error.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnx
+
+from .errors import CalibrationError
+
+INT_TYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
+
+
+@dataclass
+class CalibrationSet:
+    """`tokens` is [num_samples, seq_len]; batches are sliced lazily."""
+
+    tokens: np.ndarray
+    batch_size: int
+    source: str
+
+    def __post_init__(self):
+        if self.tokens.ndim != 2 or self.tokens.shape[0] == 0 or self.tokens.shape[1] == 0:
+            raise CalibrationError(f"calibration set from {self.source} is empty")
+
+    def __len__(self) -> int:
+        return -(-self.tokens.shape[0] // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return self.tokens.shape[0]
+
+    def batches(self) -> Iterator[np.ndarray]:
+        for start in range(0, self.tokens.shape[0], self.batch_size):
+            yield self.tokens[start:start + self.batch_size]
+
+    def feed_batches(self, model_inputs: Sequence[onnx.ValueInfoProto]) -> Iterator[dict]:
+        for tokens in self.batches():
+            yield feeds_for(model_inputs, tokens)
+
+
+@dataclass
+class FeedsCalibration:
+    """Calibration from ready-made feed dicts (one per batch), for models whose inputs are not tokens."""
+
+    feeds: list[dict]
+    source: str = "explicit feeds"
+
+    def __post_init__(self):
+        if not self.feeds:
+            raise CalibrationError(f"calibration set ({self.source}) is empty")
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(int(next(iter(f.values())).shape[0]) for f in self.feeds)
+
+    def feed_batches(self, model_inputs: Sequence[onnx.ValueInfoProto]) -> Iterator[dict]:
+        names = {v.name for v in model_inputs}
+        for feeds in self.feeds:
+            missing = names - set(feeds)
+            if missing:
+                raise CalibrationError(f"calibration feeds lack model input(s) {', '.join(sorted(missing))}")
+            yield {k: v for k, v in feeds.items() if k in names}
+
+
+def from_text(path: str | os.PathLike, tokenizer, seq_len: int, samples: int, batch_size: int) -> CalibrationSet:
+    """Tokenizes the whole file once and cuts it into `samples` consecutive windows of `seq_len` tokens.
+
+    If the text is shorter than `samples` windows, fewer windows are used (at least one); a text
+    shorter than one window becomes one shorter window.
+    """
+    text = read_calibration_text(path)
+    if callable(tokenizer) and not hasattr(tokenizer, "encode"):
+        tokenizer = tokenizer()   # a loader: the tokenizer is only loaded once the text is known good
+    ids = _tokenize_long(tokenizer, text)
+    if len(ids) == 0:
+        raise CalibrationError(f"{path}: calibration text tokenizes to nothing")
+    ids = np.asarray(ids, dtype=np.int64)
+    window = min(seq_len, len(ids))
+    count = max(1, min(samples, len(ids) // window))
+    tokens = ids[: count * window].reshape(count, window)
+    return CalibrationSet(tokens=tokens, batch_size=batch_size, source=str(path))
+
+
+def read_calibration_text(path: str | os.PathLike) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"{path}: calibration text not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise CalibrationError(f"{path}: calibration text is empty")
+    return text
+
+
+def from_random(count: int, vocab_size: int, seq_len: int, batch_size: int, seed: int = 0) -> CalibrationSet:
+    """`count` sequences of uniformly random tokens (the paper's data-free calibration)."""
+    if count < 1:
+        raise CalibrationError(f"random calibration needs at least one sequence, got {count}")
+    if vocab_size < 1:
+        raise CalibrationError(f"cannot draw random tokens: vocabulary size {vocab_size}")
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab_size, size=(count, seq_len), dtype=np.int64)
+    return CalibrationSet(tokens=tokens, batch_size=batch_size, source=f"{count} random-token sequences")
+
+
+def feeds_for(model_inputs: Sequence[onnx.ValueInfoProto], tokens: np.ndarray, model_name: str = "model") -> dict:
+    """Model feeds for one [B, S] token batch, filled by input name."""
+    batch, seq = tokens.shape
+    feeds = {}
+    for value in model_inputs:
+        elem = value.type.tensor_type.elem_type
+        dtype = INT_TYPES.get(elem)
+        name = value.name
+        lowered = name.lower()
+        if dtype is None:
+            raise CalibrationError(f"{model_name}: input '{name}' is not an integer token input; "
+                                   "pass calibration feeds explicitly for this model")
+        if "input_ids" in lowered or lowered in ("ids", "tokens"):
+            feeds[name] = tokens.astype(dtype)
+        elif "attention_mask" in lowered:
+            feeds[name] = np.ones((batch, seq), dtype=dtype)
+        elif "token_type" in lowered:
+            feeds[name] = np.zeros((batch, seq), dtype=dtype)
+        elif "position_ids" in lowered:
+            feeds[name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
+        else:
+            raise CalibrationError(f"{model_name}: don't know how to fill input '{name}' from tokens")
+    return feeds
+
+
+def vocab_size_of(model: onnx.ModelProto) -> int | None:
+    """The vocabulary size: from our exporter's metadata, else the embedding table read by input_ids."""
+    for prop in model.metadata_props:
+        if prop.key == "fptq_graph.vocab_size":
+            return int(prop.value)
+    ids_inputs = {v.name for v in model.graph.input if "input_ids" in v.name.lower()}
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in ids_inputs:
+            dims = shapes.get(node.input[0])
+            if dims and len(dims) == 2:
+                return dims[0]
+    return None
+
+
+def _tokenize_long(tokenizer, text: str) -> list[int]:
+    """Token ids of a whole file; the tokenizer's "longer than model max length" warning does not apply
+    because the ids are cut into windows afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    finally:
+        hf_logging.set_verbosity(level)

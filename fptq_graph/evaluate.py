@@ -1,0 +1,84 @@
+"""Accuracy of a quantized model against its float original, through ONNX Runtime.
+
+- Encoders (BERT, MiniLM): sentence embeddings (masked mean pooling, L2-normalized, as
+  sentence-transformers does for all-MiniLM-L6-v2), compared by cosine similarity and by whether
+  each text's nearest neighbour among the others stays the same.
+- Causal LMs: perplexity over non-overlapping windows of held-out text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import FptqError
+
+
+def heldout_passages(path: str | Path, limit: int | None = None, min_chars: int = 40) -> list[str]:
+    """Blank-line separated passages of a text file (docstrings in the bundled data)."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    passages = [" ".join(p.split()) for p in text.split("\n\n")]
+    passages = [p for p in passages if len(p) >= min_chars]
+    if not passages:
+        raise FptqError(f"{path}: no passages of at least {min_chars} characters")
+    return passages[:limit] if limit else passages
+
+
+def sentence_embeddings(sess, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 128,
+                        progress: bool = False, desc: str = "embedding") -> np.ndarray:
+    names = {i.name for i in sess.get_inputs()}
+    out = []
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
+        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="np")
+        feeds = {k: v.astype(np.int64) for k, v in enc.items() if k in names}
+        hidden = sess.run(None, feeds)[0].astype(np.float64)
+        mask = enc["attention_mask"][..., None].astype(np.float64)
+        pooled = (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+        out.append(pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None))
+    return np.concatenate(out)
+
+
+@dataclass
+class EmbeddingAgreement:
+    mean_cosine: float
+    min_cosine: float
+    nn_agreement: float     # fraction of texts whose nearest other text is the same as under the float model
+
+    def as_dict(self) -> dict:
+        return {"mean_cosine": self.mean_cosine, "min_cosine": self.min_cosine, "nn_agreement": self.nn_agreement}
+
+
+def embedding_agreement(reference: np.ndarray, candidate: np.ndarray) -> EmbeddingAgreement:
+    cos = np.sum(reference * candidate, axis=1)
+    return EmbeddingAgreement(float(cos.mean()), float(cos.min()),
+                              float(np.mean(_nearest(reference) == _nearest(candidate))))
+
+
+def _nearest(emb: np.ndarray) -> np.ndarray:
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)
+    return sim.argmax(axis=1)
+
+
+def perplexity(sess, token_ids: np.ndarray, seq_len: int, max_tokens: int | None = None, progress: bool = False) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of `seq_len` tokens; float64 log-softmax."""
+    ids = np.asarray(token_ids, dtype=np.int64)[: max_tokens or None]
+    windows = len(ids) // seq_len
+    if windows == 0:
+        raise FptqError(f"text has {len(ids)} tokens, shorter than one window of {seq_len}")
+    names = {i.name for i in sess.get_inputs()}
+    nll, count = 0.0, 0
+    for w in tqdm(range(windows), desc="perplexity", disable=not progress, unit="window"):
+        chunk = ids[w * seq_len:(w + 1) * seq_len][None]
+        feeds = {"input_ids": chunk}
+        if "attention_mask" in names:
+            feeds["attention_mask"] = np.ones_like(chunk)
+        logits = sess.run(None, feeds)[0][0].astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        nll -= logp[np.arange(seq_len - 1), chunk[0, 1:]].sum()
+        count += seq_len - 1
+    return float(np.exp(nll / count))

@@ -1,0 +1,71 @@
+"""Export a Hugging Face model (a local directory or an in-memory model) to ONNX.
+
+A causal LM exports `input_ids` (+ `attention_mask`) -> `logits`; an encoder such as BERT/MiniLM
+exports -> `last_hidden_state`. The tokenizer, when there is one, is saved beside the ONNX and its
+directory recorded in the model's metadata, so `quantize --calib FILE` finds it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import torch
+
+from ..errors import ExportError
+from .torch_module import export_module
+
+
+class _LogitsOnly(torch.nn.Module):
+    """Returns one tensor (logits or last_hidden_state) so the ONNX has one named output."""
+
+    def __init__(self, model, output: str):
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, input_ids, attention_mask):
+        kwargs = {"use_cache": False} if self.output == "logits" else {}
+        return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs), self.output)
+
+
+def export_hf(model_or_dir, path: str | os.PathLike, *, fx: bool = False, example_seq_len: int = 16) -> onnx.ModelProto:
+    """Export a Hugging Face model to `path`; with fx=True also write `<path stem>.fx.txt`."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    tokenizer = None
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        source = Path(model_or_dir)
+        if not (source / "config.json").is_file():
+            raise ExportError(f"{source}: not a Hugging Face model directory (no config.json)")
+        config = AutoConfig.from_pretrained(source)
+        causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
+        loader = AutoModelForCausalLM if causal else AutoModel
+        model = loader.from_pretrained(source, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError):
+            tokenizer = None
+    else:
+        model = model_or_dir
+        causal = hasattr(model, "lm_head") or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    output = "logits" if causal else "last_hidden_state"
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, vocab, (2, example_seq_len), generator=torch.Generator().manual_seed(0))
+    metadata = {"fptq_graph.vocab_size": vocab, "fptq_graph.output": output,
+                "fptq_graph.architecture": type(model).__name__}
+    if tokenizer is not None:
+        tok_dir = path.with_name(path.stem + ".tokenizer")
+        tokenizer.save_pretrained(str(tok_dir))
+        metadata["fptq_graph.tokenizer"] = tok_dir.name
+    return export_module(_LogitsOnly(model, output), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, path,
+                         [output], fx_path=path.with_suffix(".fx.txt") if fx else None, metadata=metadata,
+                         strip_prefix="model.", max_sequence=_max_positions(model.config))
+
+
+def _max_positions(config) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 2:
+            return value
+    return 2**15

@@ -1,0 +1,72 @@
+"""Group-wise INT4 weight quantization and nibble packing (numpy only).
+
+Weights are laid out [K, N] as ONNX MatMul takes them; groups are `group_size` consecutive rows
+(input channels) of one column, so scales are [ceil(K/g), N]. A last partial group is allowed:
+it simply has fewer members, which matches DequantizeLinear's blocked semantics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class QuantizedWeight:
+    q: np.ndarray            # [K, N] int8 holding values in [-8, 7] (symmetric) or [0, 15] (asymmetric)
+    scale: np.ndarray        # [ceil(K/g), N] float32
+    zero_point: np.ndarray | None  # [ceil(K/g), N] uint8 in [0, 15], asymmetric only
+    group_size: int
+
+    def dequantize(self) -> np.ndarray:
+        s = np.repeat(self.scale, self.group_size, axis=0)[: self.q.shape[0]]
+        q = self.q.astype(np.float32)
+        if self.zero_point is not None:
+            q = q - np.repeat(self.zero_point, self.group_size, axis=0)[: self.q.shape[0]].astype(np.float32)
+        return q * s
+
+
+def quantize_groupwise(w: np.ndarray, group_size: int, symmetric: bool = True) -> QuantizedWeight:
+    """Round-to-nearest INT4 with one scale per (group of K, output channel)."""
+    if w.ndim != 2:
+        raise ValueError(f"expected a [K, N] weight, got shape {w.shape}")
+    k, n = w.shape
+    groups = -(-k // group_size)
+    padded = np.zeros((groups * group_size, n), dtype=np.float64)
+    padded[:k] = w
+    blocks = padded.reshape(groups, group_size, n)
+    valid = (np.arange(groups * group_size) < k).reshape(groups, group_size, 1)
+    if symmetric:
+        amax = np.abs(blocks).max(axis=1)
+        scale = np.where(amax > 0, amax / 7.0, 1.0)
+        q = np.clip(np.round(blocks / scale[:, None, :]), -8, 7)
+        zero_point = None
+    else:
+        lo = np.where(valid, blocks, np.inf).min(axis=1).clip(max=0.0)
+        hi = np.where(valid, blocks, -np.inf).max(axis=1).clip(min=0.0)
+        scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0)
+        zero_point = np.clip(np.round(-lo / scale), 0, 15)
+        q = np.clip(np.round(blocks / scale[:, None, :]) + zero_point[:, None, :], 0, 15)
+        zero_point = zero_point.astype(np.uint8)
+    q = q.reshape(groups * group_size, n)[:k].astype(np.int8)
+    return QuantizedWeight(q=q, scale=scale.astype(np.float32), zero_point=zero_point, group_size=group_size)
+
+
+def pack_int4(values: np.ndarray) -> bytes:
+    """Two values a byte, element order row-major, the first value of each pair in the low nibble."""
+    flat = values.astype(np.int16).reshape(-1) & 0xF
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_int4(data: bytes, count: int, signed: bool = True) -> np.ndarray:
+    """Inverse of pack_int4: `count` values, sign-extended when `signed`."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    flat = np.empty(raw.size * 2, dtype=np.int16)
+    flat[0::2] = raw & 0xF
+    flat[1::2] = raw >> 4
+    flat = flat[:count]
+    if signed:
+        flat = np.where(flat > 7, flat - 16, flat)
+    return flat.astype(np.int8 if signed else np.uint8)

@@ -1,0 +1,85 @@
+"""Loading and saving ONNX models: clear errors in, atomic writes out.
+
+Every model we write gets IR version 10: onnx 1.23 writes 14 by default and onnxruntime 1.31
+refuses it. Outputs are written to a temporary name in the target directory and renamed into
+place, so an interrupted run never leaves a partial file under the requested name.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import FptqError, ModelLoadError
+
+IR_VERSION = 10
+MIN_OPSET = 21
+# protobuf cannot serialize a message of 2 GiB or more; stay clear of it with some headroom.
+PROTOBUF_LIMIT = 2**31 - 2**24
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Reads an ONNX file (external data included) or raises ModelLoadError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: file is empty, not an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{path}: external data file missing ({_first_line(exc)})") from None
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes; truncated or another format?)")
+    try:
+        onnx.checker.check_model(model if _payload_bytes(model) < PROTOBUF_LIMIT else str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ModelLoadError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Writes `model` to `path` atomically; models over the protobuf limit get `<name>.data` beside them."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise FptqError(f"{path}: output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise FptqError(f"{path}: output directory {directory} is not writable")
+    model.ir_version = IR_VERSION
+    external = _payload_bytes(model) >= PROTOBUF_LIMIT
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=directory))
+    try:
+        staged = staging / path.name
+        if external:
+            data_name = path.name + ".data"
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            os.replace(staging / data_name, directory / data_name)
+        else:
+            onnx.save_model(model, str(staged))
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _payload_bytes(model: onnx.ModelProto) -> int:
+    """Initializer bytes, counted without serializing (ByteSize fails past 2 GiB)."""
+    total = 0
+    for init in model.graph.initializer:
+        total += len(init.raw_data) if init.raw_data else 4 * max(
+            len(init.float_data), len(init.int32_data), len(init.int64_data) * 2
+        )
+    return total
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,37 @@
+"""Run the observed model over the calibration set and keep the running per-channel max|X|."""
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import CalibrationError
+from ..runtime import session
+from ..state import State
+
+
+class Calibrate:
+    name = "calibrate"
+
+    def run(self, state: State) -> str:
+        if state.calibration is None:
+            raise CalibrationError("no calibration set given")
+        model = state.observed_model
+        sess = session(model)
+        names = [name for pair in state.observers.values() for name in pair]
+        running: dict[str, np.ndarray] = {}
+        bar = tqdm(state.calibration.feed_batches(model.graph.input), total=len(state.calibration),
+                   desc="calibrating", unit="batch", disable=not state.config.progress)
+        for index, feeds in enumerate(bar):
+            results = dict(zip(names, sess.run(names, feeds)))
+            for activation, (max_name, finite_name) in state.observers.items():
+                if not np.isfinite(results[finite_name]) or not np.all(np.isfinite(results[max_name])):
+                    users = [l.name for l in state.linears.values() if l.activation.name == activation]
+                    raise CalibrationError(
+                        f"NaN or Inf during calibration (batch {index}) in '{activation}', the input of {', '.join(users)}"
+                    )
+                batch_max = results[max_name].astype(np.float32)
+                running[activation] = batch_max if activation not in running else np.maximum(running[activation], batch_max)
+        state.act_max = running
+        for linear in state.linears.values():
+            linear.act_max = running[linear.activation.name]
+        return f"{state.calibration.num_samples} samples in {len(state.calibration)} batches from {state.calibration.source}"

@@ -1,0 +1,101 @@
+"""Emit the `qdq` form: INT4 weight initializers -> DequantizeLinear(axis=0, block_size=g), and int8
+activation quantize/dequantize per tensor (static) or per token (dynamic).
+
+Per-token dynamic quantization is written as its elementwise equivalent, s = max(|x|) / 127 over
+the last axis, then Round(x / s) clipped to [-128, 127], times s: QuantizeLinear takes no run-time
+per-row scale without the blocked form, which onnxruntime's CPU kernels don't all accept for a
+computed scale. Round is half-to-even in both, so the values are those QuantizeLinear would give.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from ..int4 import pack_int4
+from ..state import Linear, State
+
+# A per-token scale floor so an all-zero token row quantizes to zeros instead of dividing by zero.
+MIN_TOKEN_SCALE = 1e-12
+
+
+class EmitQDQ:
+    name = "emit_qdq"
+
+    def run(self, state: State) -> str:
+        graph = state.graph
+        shared: dict[tuple[str, str], gs.Variable] = {}   # (activation, scheme) -> quantized activation
+        int4_bytes = 0
+        for linear in state.linears.values():
+            node = linear.node
+            node.inputs[1], nbytes = self._dequantized_weight(graph, linear)
+            int4_bytes += nbytes
+            if linear.scheme == "float":
+                continue
+            # Siblings read the same tensor with the same scheme (and, under LAE, the same s): one QDQ.
+            key = (linear.activation.name, linear.scheme)
+            linear.act_scale = None if linear.scheme == "dynamic" else static_scale(linear.v_after)
+            if key not in shared:
+                shared[key] = (self._per_token(graph, linear) if linear.scheme == "dynamic"
+                               else self._per_tensor(graph, linear, linear.act_scale))
+            node.inputs[0] = shared[key]
+        graph.cleanup().toposort()
+        return f"{len(state.linears)} linears emitted; INT4 weights {int4_bytes / 2**20:.2f} MiB packed"
+
+    @staticmethod
+    def _dequantized_weight(graph: gs.Graph, linear: Linear) -> tuple[gs.Variable, int]:
+        qw = linear.quantized
+        k, n = qw.q.shape
+        symmetric = qw.zero_point is None
+        kind = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
+        packed = pack_int4(qw.q)
+        weight = gs.Constant(f"{linear.name}.weight_int4", LazyValues(
+            onnx.helper.make_tensor(f"{linear.name}.weight_int4", kind, [k, n], packed, raw=True)))
+        inputs = [weight, gs.Constant(f"{linear.name}.weight_scale", qw.scale.astype(np.float32))]
+        if not symmetric:
+            zp = qw.zero_point
+            inputs.append(gs.Constant(f"{linear.name}.weight_zero_point", LazyValues(
+                onnx.helper.make_tensor(f"{linear.name}.weight_zero_point", onnx.TensorProto.UINT4,
+                                        list(zp.shape), pack_int4(zp), raw=True))))
+        out = graph.layer(op="DequantizeLinear", name=f"{linear.name}.weight_dq", inputs=inputs,
+                          outputs=[gs.Variable(f"{linear.name}.weight_dq", dtype=np.float32, shape=[k, n])],
+                          attrs={"axis": 0, "block_size": qw.group_size})[0]
+        return out, len(packed)
+
+    @staticmethod
+    def _per_tensor(graph: gs.Graph, linear: Linear, scale: float) -> gs.Variable:
+        x = linear.activation
+        tag = f"{linear.name}.act"
+        scale_c = gs.Constant(f"{tag}_scale", np.array(scale, dtype=np.float32))
+        zero = gs.Constant(f"{tag}_zero_point", np.array(0, dtype=np.int8))
+        q = graph.layer(op="QuantizeLinear", name=f"{tag}_q", inputs=[x, scale_c, zero],
+                        outputs=[gs.Variable(f"{tag}_int8", dtype=np.int8, shape=x.shape)])[0]
+        return graph.layer(op="DequantizeLinear", name=f"{tag}_dq", inputs=[q, scale_c, zero],
+                           outputs=[gs.Variable(f"{tag}_qdq", dtype=np.float32, shape=x.shape)])[0]
+
+    @staticmethod
+    def _per_token(graph: gs.Graph, linear: Linear) -> gs.Variable:
+        x = linear.activation
+        tag = f"{linear.name}.act"
+        def var(suffix, shape=None):
+            return gs.Variable(f"{tag}_{suffix}", dtype=np.float32, shape=shape)
+        amax = graph.layer(op="ReduceMax", name=f"{tag}_amax", attrs={"keepdims": 1},
+                           inputs=[graph.layer(op="Abs", name=f"{tag}_abs", inputs=[x], outputs=[var("abs")])[0],
+                                   gs.Constant(f"{tag}_last_axis", np.array([-1], dtype=np.int64))],
+                           outputs=[var("amax")])[0]
+        scale = graph.layer(op="Div", name=f"{tag}_scale", inputs=[amax, gs.Constant(f"{tag}_127", np.array(127.0, np.float32))],
+                            outputs=[var("scale_raw")])[0]
+        scale = graph.layer(op="Max", name=f"{tag}_scale_floor", inputs=[scale, gs.Constant(f"{tag}_min_scale", np.array(MIN_TOKEN_SCALE, np.float32))],
+                            outputs=[var("token_scale")])[0]
+        q = graph.layer(op="Div", name=f"{tag}_div", inputs=[x, scale], outputs=[var("scaled")])[0]
+        q = graph.layer(op="Round", name=f"{tag}_round", inputs=[q], outputs=[var("rounded")])[0]
+        q = graph.layer(op="Clip", name=f"{tag}_clip", inputs=[q, gs.Constant(f"{tag}_lo", np.array(-128.0, np.float32)),
+                                                            gs.Constant(f"{tag}_hi", np.array(127.0, np.float32))],
+                        outputs=[var("int8_values")])[0]
+        return graph.layer(op="Mul", name=f"{tag}_dequant", inputs=[q, scale], outputs=[var("qdq", x.shape)])[0]
+
+
+def static_scale(v: float) -> float:
+    """Per-tensor int8 scale from a calibrated max (a zero max gets scale 1: all inputs are zero)."""
+    return float(v) / 127.0 if v > 0 else 1.0

@@ -1,0 +1,59 @@
+"""Build the observed model: the graph plus, per linear input, a [K] max|X| and a finiteness sentinel.
+
+Observers are reductions inside the graph, so calibration fetches K floats per activation, never
+whole tensors. The observed model's only outputs are the observers, so ONNX Runtime skips work that
+feeds nothing observed (an lm_head whose input is observed but whose logits are not needed).
+ReduceMax in ONNX Runtime ignores NaN, hence the separate sentinel sum(X * 0): NaN when any element
+of X is NaN or infinite, 0 otherwise.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..model_io import IR_VERSION
+from ..state import State
+
+
+class InsertObservers:
+    name = "insert_observers"
+
+    def run(self, state: State) -> str:
+        graph = state.graph.copy()
+        tensors = graph.tensors()
+        outputs = []
+        state.observers = {}
+        for linear in state.linears.values():
+            name = linear.activation.name
+            if name in state.observers:
+                continue
+            x = tensors[name]
+            tag = _safe(name)
+            flat = graph.layer(op="Abs", inputs=[x], outputs=[f"obs.{tag}.abs"])[0]
+            flat = graph.layer(op="Reshape", inputs=[flat, np.array([-1, linear.k], dtype=np.int64)],
+                               outputs=[f"obs.{tag}.flat"])[0]
+            amax = graph.layer(op="ReduceMax", inputs=[flat, np.array([0], dtype=np.int64)],
+                               outputs=[gs.Variable(f"obs.{tag}.max", dtype=_dtype(x), shape=[linear.k])],
+                               attrs={"keepdims": 0})[0]
+            zeroed = graph.layer(op="Mul", inputs=[x, np.array(0, dtype=_dtype(x))], outputs=[f"obs.{tag}.zero"])[0]
+            finite = graph.layer(op="ReduceSum", inputs=[zeroed],
+                                 outputs=[gs.Variable(f"obs.{tag}.finite", dtype=_dtype(x), shape=[])],
+                                 attrs={"keepdims": 0})[0]
+            amax_f = graph.layer(op="Cast", inputs=[amax], outputs=[gs.Variable(f"obs.{tag}.max_f32", dtype=np.float32, shape=[linear.k])],
+                                 attrs={"to": 1})[0]
+            outputs += [amax_f, finite]
+            state.observers[name] = (amax_f.name, finite.name)
+        graph.outputs = outputs
+        graph.cleanup()
+        model = gs.export_onnx(graph)
+        model.ir_version = IR_VERSION
+        state.observed_model = model
+        return f"{len(state.observers)} observed activations ({2 * len(state.observers)} observer outputs)"
+
+
+def _dtype(x: gs.Tensor):
+    return np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)

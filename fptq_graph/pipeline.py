@@ -1,0 +1,32 @@
+"""Compose passes over one State and record what each did (like a compiler's -print-after-all, in one line each)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .passes import (Calibrate, CanonicalizeWeights, ClassifyActivations, EmitQDQ, FindQuantizableLinears,
+                     FoldLAEScales, InsertObservers, QuantizeWeightsInt4)
+from .state import State
+
+
+@dataclass
+class PassRecord:
+    name: str
+    summary: str
+    seconds: float
+
+
+def default_passes() -> list:
+    return [FindQuantizableLinears(), CanonicalizeWeights(), InsertObservers(), Calibrate(),
+            ClassifyActivations(), FoldLAEScales(), QuantizeWeightsInt4(), EmitQDQ()]
+
+
+def run_passes(state: State, passes: list, log=None) -> list[PassRecord]:
+    records = []
+    for p in passes:
+        start = time.perf_counter()
+        summary = p.run(state)
+        records.append(PassRecord(p.name, summary, time.perf_counter() - start))
+        if log:
+            log(f"[{p.name}] {summary} ({records[-1].seconds:.2f} s)")
+    return records

@@ -1,0 +1,72 @@
+"""What the passes share: the graph being rewritten and what earlier passes learned about it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .config import Config
+
+
+@dataclass
+class NormProducer:
+    """A normalization whose per-channel gain can absorb an LAE scale."""
+
+    node: gs.Node
+    kind: str                      # "LayerNormalization", "RMSNorm (decomposed)", ...
+    gamma_index: int               # which input of `node` is the gain
+    beta_index: int | None         # which input is the bias, if any
+    output: gs.Variable            # the normalized tensor the linears read (possibly through Reshape)
+    linears: list[str] = field(default_factory=list)
+    # Consumers of the normalized tensor that are not quantizable linears: (node, the tensor it reads).
+    other_consumers: list[tuple[gs.Node, gs.Variable]] = field(default_factory=list)
+
+
+@dataclass
+class Linear:
+    """One quantizable MatMul/Gemm and everything decided about it."""
+
+    name: str
+    node: gs.Node
+    k: int
+    n: int
+    activation: gs.Variable        # the tensor the linear reads (quantized as its activation)
+    group: str                     # name of the tensor shared by its siblings (producer output or activation)
+    producer: NormProducer | None
+    weight_note: str = ""          # how the constant weight is reached (Transpose, transB, ...)
+    act_max: np.ndarray | None = None         # per-input-channel max|X| from calibration [K]
+    scheme: str | None = None                 # "static" | "lae" | "dynamic" | "float" (weights only)
+    reason: str = ""
+    lae_scale: np.ndarray | None = None       # s [K], when LAE was folded
+    act_scale: float | None = None            # static int8 scale, when static or lae
+    quantized: Any = None                     # int4.QuantizedWeight
+    weight_sqnr_db: float | None = None       # SQNR of the INT4 weight against the float (LAE-scaled) one
+
+    @property
+    def v(self) -> float:
+        return float(self.act_max.max()) if self.act_max is not None else float("nan")
+
+    @property
+    def v_after(self) -> float:
+        if self.act_max is None:
+            return float("nan")
+        if self.lae_scale is None:
+            return self.v
+        return float((self.act_max / self.lae_scale).max())
+
+
+@dataclass
+class State:
+    graph: gs.Graph
+    config: Config
+    linears: dict[str, Linear] = field(default_factory=dict)
+    producers: dict[str, NormProducer] = field(default_factory=dict)   # keyed by producer output name
+    observed_model: Any = None                # onnx.ModelProto with observer outputs
+    observers: dict[str, tuple[str, str]] = field(default_factory=dict)  # activation -> (max output, finite output)
+    calibration: Any = None                   # calibration.CalibrationSet
+    act_max: dict[str, np.ndarray] = field(default_factory=dict)      # activation name -> [K]
+
+    def siblings(self, linear: Linear) -> list[Linear]:
+        return [other for other in self.linears.values() if other.group == linear.group]

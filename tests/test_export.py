@@ -1,0 +1,97 @@
+"""Exporters on small LLaMA and GPT-2 architectures built from a config (random weights: structure, not accuracy)."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from fptq_graph import Config, quantize
+from fptq_graph.exporters import export_hf, export_module
+from fptq_graph.runtime import session
+from helpers import run_until
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).eval()
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_causal_lm_export_matches_torch_and_quantizes(build, tmp_path):
+    model = build()
+    path = tmp_path / "m.onnx"
+    exported = export_hf(model, path, fx=True)
+    assert exported.ir_version == 10 and exported.opset_import[0].version >= 21
+    assert path.with_suffix(".fx.txt").is_file()
+    ids = torch.randint(0, 256, (3, 21))   # batch and sequence differ from the export example
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits.numpy()
+    out = session(path).run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones((3, 21), np.int64)})[0]
+    assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-4
+
+    result = quantize(path, 8, Config(calib_seq_len=32, calib_batch_size=4, progress=False))
+    rows = {r["name"]: r for r in result.layers}
+    assert len(rows) == 2 * (4 if build is tiny_gpt2 else 7) + 1   # per-layer linears + lm_head
+    with_producer = [r for r in rows.values() if r["producer"]]
+    expected_kind = "LayerNormalization" if build is tiny_gpt2 else "RMSNorm (decomposed)"
+    assert with_producer and all(expected_kind in r["producer"] for r in with_producer)
+    out_q = session(result.model).run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones((3, 21), np.int64)})[0]
+    assert np.all(np.isfinite(out_q))
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_lae_fold_equivalence_on_decoders(build, tmp_path):
+    path = tmp_path / "m.onnx"
+    model = export_hf(build(), path)
+    from fptq_graph.calibration import from_random
+    state, folded = run_until(model, from_random(4, 256, 32, 4), Config(static_bound=0.0, dynamic_bound=1e9, progress=False), "fold_lae")
+    assert sum(l.scheme == "lae" for l in state.linears.values()) >= 4
+    ids = np.random.default_rng(0).integers(0, 256, (2, 17))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    ref = session(model).run(None, feeds)[0]
+    out = session(folded).run(None, feeds)[0]
+    assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-4
+
+
+def test_plain_module_export_and_gemm_transb(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(32)
+            self.up = torch.nn.Linear(32, 48)
+            self.down = torch.nn.Linear(48, 16)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(self.norm(x))))
+
+    net = Net().eval()
+    x = torch.randn(2, 5, 32)
+    model = export_module(net, {"x": x}, tmp_path / "net.onnx", ["y"])
+    names = {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")}
+    assert names == {"up", "down"}
+    assert any(n.op_type == "LayerNormalization" for n in model.graph.node)
+    # The same network as a Gemm with transB=1 (the classic exporter's form) is found and quantized too.
+    from onnx import TensorProto, helper, numpy_helper
+    w = net.up.weight.detach().numpy()  # [N, K]
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1, alpha=0.5)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 48])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(net.up.bias.detach().numpy(), "b")])
+    gemm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    gemm.ir_version = 10
+    xs = np.random.default_rng(0).standard_normal((6, 32)).astype(np.float32)
+    state, canon = run_until(gemm, [{"x": xs}], Config(progress=False), "canonicalize_weights")
+    assert state.linears["fc"].weight_note.startswith("Gemm transB=1")
+    np.testing.assert_allclose(session(canon).run(None, {"x": xs})[0], session(gemm).run(None, {"x": xs})[0], rtol=1e-5, atol=1e-5)
+    result = quantize(gemm, [{"x": xs}], Config(group_size=32, progress=False))
+    assert result.layers[0]["K"] == 32 and result.layers[0]["N"] == 48
+    y = session(result.model).run(None, {"x": xs})[0]
+    ref = xs @ (0.5 * w.T) + net.up.bias.detach().numpy()
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.2
