@@ -1,7 +1,7 @@
 """User-facing configuration of one quantization run."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 SCHEMES = ("static", "lae", "dynamic")
 RECIPES = ("fptq", "naive-w4a8", "rtn-w4a16")
@@ -36,7 +36,6 @@ class Config:
     calib_samples: int = 128
     seed: int = 0
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         from .errors import FptqError

@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import crafted as C
+from conftest import CALIB_TEXT as CALIB
 from fptq_graph.cli import main
 
 
@@ -72,58 +73,43 @@ def test_quantize_report_and_inspect(tmp_path, capsys):
     assert code == 0 and "not quantized" in stdout and "proj" in stdout
 
 
-def test_not_onnx(tmp_path, capsys):
+def _not_onnx(tmp_path):
     bad = tmp_path / "notes.onnx"
     bad.write_text("this is a text file, not a protobuf\n" * 20)
-    out = tmp_path / "o.onnx"
-    code, _, err = run_cli(["quantize", bad, "-o", out, "--calib-random", "2"], capsys)
-    assert_clean_failure(code, err, out, str(bad))
+    return bad
 
 
-def test_truncated_onnx(tmp_path, capsys):
-    src = token_model(tmp_path)
-    data = open(src, "rb").read()
+def _truncated(tmp_path):
+    data = open(token_model(tmp_path), "rb").read()
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(data[: len(data) // 2])
-    out = tmp_path / "o.onnx"
-    code, _, err = run_cli(["quantize", cut, "-o", out, "--calib-random", "2"], capsys)
-    assert_clean_failure(code, err, out, "cut.onnx")
+    return cut
 
 
-def test_missing_file(tmp_path, capsys):
-    out = tmp_path / "o.onnx"
-    code, _, err = run_cli(["quantize", tmp_path / "nope.onnx", "-o", out, "--calib-random", "2"], capsys)
-    assert_clean_failure(code, err, out, "no such file")
-
-
-def test_no_quantizable_linear(tmp_path, capsys):
-    src = token_model(tmp_path, with_linear=False)
-    out = tmp_path / "o.onnx"
-    code, _, err = run_cli(["quantize", src, "-o", out, "--calib-random", "2"], capsys)
-    assert_clean_failure(code, err, out, "no quantizable linear")
-
-
-def test_unloadable_tokenizer(tmp_path, capsys, calib_text):
-    src = token_model(tmp_path)
-    out = tmp_path / "o.onnx"
-    code, _, err = run_cli(["quantize", src, "-o", out, "--calib", calib_text, "--tokenizer", tmp_path], capsys)
-    assert_clean_failure(code, err, out, "could not load a tokenizer")
-
-
-def test_empty_calibration_file(tmp_path, capsys):
-    src = token_model(tmp_path)
+def _empty_text(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    out = tmp_path / "o.onnx"
-    code, _, err = run_cli(["quantize", src, "-o", out, "--calib", empty, "--tokenizer", tmp_path], capsys)
-    assert_clean_failure(code, err, out, "empty")
+    return empty
 
 
-def test_zero_random_samples(tmp_path, capsys):
-    src = token_model(tmp_path)
+# (case, model maker, calibration arguments, words the one-line error must contain)
+BAD_INPUTS = [
+    ("not onnx", _not_onnx, lambda t: ["--calib-random", "2"], ["notes.onnx", "not a readable ONNX model"]),
+    ("truncated", _truncated, lambda t: ["--calib-random", "2"], ["cut.onnx"]),
+    ("missing", lambda t: t / "nope.onnx", lambda t: ["--calib-random", "2"], ["nope.onnx", "no such file"]),
+    ("no linear", lambda t: token_model(t, with_linear=False), lambda t: ["--calib-random", "2"], ["no quantizable linear"]),
+    ("empty text", token_model, lambda t: ["--calib", _empty_text(t), "--tokenizer", t], ["empty.txt", "empty"]),
+    ("zero samples", token_model, lambda t: ["--calib-random", "0"], ["at least one"]),
+    ("bad tokenizer", token_model, lambda t: ["--calib", CALIB, "--tokenizer", t], ["could not load a tokenizer"]),
+    ("nan", lambda t: token_model(t, nan=True), lambda t: ["--calib-random", "4", "--seq-len", "8"], ["NaN or Inf", "proj"]),
+]
+
+
+@pytest.mark.parametrize("case,make_model,calib_args,needles", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_fails_cleanly(case, make_model, calib_args, needles, tmp_path, capsys):
     out = tmp_path / "o.onnx"
-    code, _, err = run_cli(["quantize", src, "-o", out, "--calib-random", "0"], capsys)
-    assert_clean_failure(code, err, out, "at least one")
+    code, _, err = run_cli(["quantize", make_model(tmp_path), "-o", out, *calib_args(tmp_path)], capsys)
+    assert_clean_failure(code, err, out, *needles)
 
 
 def test_text_that_tokenizes_to_nothing(minilm_onnx, tmp_path, capsys):

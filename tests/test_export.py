@@ -1,4 +1,6 @@
 """Exporters on small LLaMA and GPT-2 architectures built from a config (random weights: structure, not accuracy)."""
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -95,3 +97,32 @@ def test_plain_module_export_and_gemm_transb(tmp_path):
     y = session(result.model).run(None, {"x": xs})[0]
     ref = xs @ (0.5 * w.T) + net.up.bias.detach().numpy()
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.2
+
+
+def test_cli_export_of_a_local_hf_directory_then_quantize(tmp_path, capsys):
+    from fptq_graph.cli import main
+
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(model_dir)
+    out = tmp_path / "llama.onnx"
+    assert main(["export", str(model_dir), "-o", str(out), "--fx"]) == 0
+    assert out.is_file() and out.with_suffix(".fx.txt").is_file()
+    model = onnx.load(str(out))
+    assert {p.key: p.value for p in model.metadata_props}["fptq_graph.output"] == "logits"
+    q = tmp_path / "llama.w4a8.onnx"
+    assert main(["quantize", str(out), "-o", str(q), "--calib-random", "4", "--seq-len", "16", "--group-size", "32", "-q"]) == 0
+    onnx.checker.check_model(str(q), full_check=True)
+    assert main(["inspect", str(q)]) == 0
+    shown = capsys.readouterr().out
+    report = json.loads({p.key: p.value for p in onnx.load(str(q)).metadata_props}["fptq_graph.report"])
+    names = [row["name"] for row in report["layers"]]
+    assert len(names) == 2 * 7 + 1 and "model.layers.1.mlp.down_proj" in names and "lm_head" in names
+    for name in names:
+        assert f"\n{name} " in shown   # every quantized linear has its row, under its module name
+
+
+def test_export_errors_are_clear(tmp_path):
+    from fptq_graph import ExportError
+
+    with pytest.raises(ExportError, match="not a Hugging Face model directory"):
+        export_hf(tmp_path, tmp_path / "x.onnx")

@@ -60,13 +60,15 @@ def test_qdq_model_is_valid_and_its_weights_are_the_reference_int4(minilm_onnx, 
     schemes = {row["scheme"] for row in result.layers}
     assert {"static", "lae", "dynamic"} <= schemes, schemes
 
-    original = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(minilm_onnx)).graph.initializer}
-    quantized = onnx.load(str(path))
+    # Each emitted INT4 weight, dequantized by onnx's ReferenceEvaluator, is the numpy INT4 of the original
+    # weight (times s for LAE layers, with s read back as original gamma / folded gamma).
+    float_model, quantized = onnx.load(str(minilm_onnx)), onnx.load(str(path))
+    original = {i.name: numpy_helper.to_array(i) for i in float_model.graph.initializer}
     inits = {i.name: i for i in quantized.graph.initializer}
     nodes = {n.name: n for n in quantized.graph.node}
-    orig_weight = {n.name: n.input[1] for n in onnx.load(str(minilm_onnx)).graph.node if n.op_type == "MatMul"}
-    ln_gamma = {n.name: (n.input[1]) for n in onnx.load(str(minilm_onnx)).graph.node if n.op_type == "LayerNormalization"}
-    new_gamma = {n.name: (n.input[1]) for n in quantized.graph.node if n.op_type == "LayerNormalization"}
+    orig_weight = {n.name: n.input[1] for n in float_model.graph.node if n.op_type == "MatMul"}
+    ln_gamma = {n.name: n.input[1] for n in float_model.graph.node if n.op_type == "LayerNormalization"}
+    new_gamma = {n.name: n.input[1] for n in quantized.graph.node if n.op_type == "LayerNormalization"}
     for row in result.layers:
         dq = nodes[row["name"] + ".weight_dq"]
         sub = onnx.helper.make_graph([dq], "dq", [], [onnx.helper.make_tensor_value_info(dq.output[0], 1, None)],

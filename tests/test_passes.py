@@ -49,7 +49,6 @@ def test_lae_band_without_foldable_producer_falls_back_to_dynamic():
     v = {k: m.max() for k, m in numpy_maxima(w, calib).items()}
     # bounds chosen so both the LN output and the residual sum are in the LAE band
     cfg = Config(static_bound=0.5 * min(v["y"], v["r"]), dynamic_bound=2 * max(v["y"], v["r"]), progress=False)
-    assert cfg.static_bound < v["us"] or True
     rows = layers_by_name(quantize(model, calib, cfg))
     assert rows["lin_a"]["scheme"] == rows["lin_b"]["scheme"] == "lae"
     assert rows["lin_h"]["scheme"] == "dynamic"

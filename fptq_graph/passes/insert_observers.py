@@ -28,31 +28,26 @@ class InsertObservers:
             if name in state.observers:
                 continue
             x = tensors[name]
+            dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
             tag = _safe(name)
             flat = graph.layer(op="Abs", inputs=[x], outputs=[f"obs.{tag}.abs"])[0]
             flat = graph.layer(op="Reshape", inputs=[flat, np.array([-1, linear.k], dtype=np.int64)],
                                outputs=[f"obs.{tag}.flat"])[0]
             amax = graph.layer(op="ReduceMax", inputs=[flat, np.array([0], dtype=np.int64)],
-                               outputs=[gs.Variable(f"obs.{tag}.max", dtype=_dtype(x), shape=[linear.k])],
+                               outputs=[gs.Variable(f"obs.{tag}.max", dtype=dtype, shape=[linear.k])],
                                attrs={"keepdims": 0})[0]
-            zeroed = graph.layer(op="Mul", inputs=[x, np.array(0, dtype=_dtype(x))], outputs=[f"obs.{tag}.zero"])[0]
+            zeroed = graph.layer(op="Mul", inputs=[x, np.array(0, dtype=dtype)], outputs=[f"obs.{tag}.zero"])[0]
             finite = graph.layer(op="ReduceSum", inputs=[zeroed],
-                                 outputs=[gs.Variable(f"obs.{tag}.finite", dtype=_dtype(x), shape=[])],
+                                 outputs=[gs.Variable(f"obs.{tag}.finite", dtype=dtype, shape=[])],
                                  attrs={"keepdims": 0})[0]
-            amax_f = graph.layer(op="Cast", inputs=[amax], outputs=[gs.Variable(f"obs.{tag}.max_f32", dtype=np.float32, shape=[linear.k])],
-                                 attrs={"to": 1})[0]
-            outputs += [amax_f, finite]
-            state.observers[name] = (amax_f.name, finite.name)
+            outputs += [amax, finite]
+            state.observers[name] = (amax.name, finite.name)
         graph.outputs = outputs
         graph.cleanup()
         model = gs.export_onnx(graph)
         model.ir_version = IR_VERSION
         state.observed_model = model
         return f"{len(state.observers)} observed activations ({2 * len(state.observers)} observer outputs)"
-
-
-def _dtype(x: gs.Tensor):
-    return np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
 
 
 def _safe(name: str) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import FptqError
 from ..int4 import quantize_groupwise
 from ..state import State
 
@@ -16,7 +17,6 @@ class QuantizeWeightsInt4:
         for linear in state.linears.values():
             weight = linear.node.inputs[1].values
             if not np.all(np.isfinite(weight)):
-                from ..errors import FptqError
                 raise FptqError(f"weight of linear '{linear.name}' contains NaN or Inf")
             linear.quantized = quantize_groupwise(weight, cfg.group_size, cfg.symmetric)
             sqnr = weight_sqnr(weight, linear.quantized.dequantize())
