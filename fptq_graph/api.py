@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +12,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .calibration import CalibrationSet, FeedsCalibration, from_random, from_text, vocab_size_of
+from .calibration import CalibrationSet, FeedsCalibration, from_random, from_text, load_tokenizer, vocab_size_of
 from .config import Config
 from .errors import CalibrationError, FptqError, ModelLoadError
-from .model_io import IR_VERSION, MIN_OPSET, load_model, save_model
+from .model_io import IR_VERSION, MIN_OPSET, TOKENIZER_KEY, get_metadata, load_model, save_model, set_metadata
 from .pipeline import PassRecord, default_passes, run_passes
 from .report import REPORT_KEY, format_table, layer_rows, to_json
 from .state import State
@@ -44,7 +44,13 @@ class QuantizeResult:
         return format_table(self.layers)
 
     def save(self, path: str | os.PathLike, report_path: str | os.PathLike | None = None) -> Path:
+        # The tokenizer is recorded relative to the model file: re-anchor it at the output's folder.
+        location = get_metadata(self.model, TOKENIZER_KEY)
+        if location and Path(location).is_absolute():
+            set_metadata(self.model, TOKENIZER_KEY, os.path.relpath(location, Path(path).resolve().parent))
         out = save_model(self.model, path)
+        if location:
+            set_metadata(self.model, TOKENIZER_KEY, location)
         if report_path:
             write_text_atomic(report_path, to_json(self.report()))
         return out
@@ -85,18 +91,6 @@ def finish_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
-    for prop in model.metadata_props:
-        if prop.key == key:
-            prop.value = value
-            return
-    model.metadata_props.add(key=key, value=value)
-
-
-def get_metadata(model: onnx.ModelProto, key: str) -> str | None:
-    return next((p.value for p in model.metadata_props if p.key == key), None)
-
-
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -114,6 +108,9 @@ def _load(model_or_path) -> tuple[onnx.ModelProto, str]:
         model, source = copy.deepcopy(model_or_path), "<in-memory model>"
     else:
         model, source = load_model(model_or_path), str(model_or_path)
+        location = get_metadata(model, TOKENIZER_KEY)
+        if location and not Path(location).is_absolute():
+            set_metadata(model, TOKENIZER_KEY, str(Path(model_or_path).resolve().parent / location))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         try:
@@ -137,25 +134,6 @@ def _calibration_set(calibration, model, config: Config, tokenizer, source: str)
             raise CalibrationError(f"{source}: cannot tell the vocabulary size for random tokens; pass a CalibrationSet")
         return from_random(calibration, vocab, config.calib_seq_len, config.calib_batch_size, config.seed)
     if isinstance(calibration, (str, os.PathLike)):
-        return from_text(calibration, lambda: _tokenizer(tokenizer, model, source), config.calib_seq_len,
+        return from_text(calibration, lambda: load_tokenizer(tokenizer, model, source), config.calib_seq_len,
                          config.calib_samples, config.calib_batch_size)
     raise CalibrationError(f"unsupported calibration argument of type {type(calibration).__name__}")
-
-
-def _tokenizer(tokenizer, model: onnx.ModelProto, source: str):
-    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    location = tokenizer or get_metadata(model, "fptq_graph.tokenizer")
-    if location is None:
-        raise CalibrationError(f"{source}: no tokenizer recorded in the model; pass --tokenizer DIR")
-    path = Path(location)
-    if tokenizer is None and not path.is_absolute() and source != "<in-memory model>":
-        path = Path(source).resolve().parent / path   # recorded relative to the model file
-    if not path.is_dir():
-        raise CalibrationError(f"tokenizer directory {path} not found")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise CalibrationError(f"{path}: could not load a tokenizer ({str(exc).splitlines()[0]})") from None

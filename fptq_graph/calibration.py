@@ -93,13 +93,13 @@ def from_text(path: str | os.PathLike, tokenizer, seq_len: int, samples: int, ba
     return CalibrationSet(tokens=tokens, batch_size=batch_size, source=str(path))
 
 
-def read_calibration_text(path: str | os.PathLike) -> str:
+def read_calibration_text(path: str | os.PathLike, role: str = "calibration text") -> str:
     path = Path(path)
     if not path.is_file():
-        raise CalibrationError(f"{path}: calibration text not found")
+        raise CalibrationError(f"{path}: {role} not found")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
-        raise CalibrationError(f"{path}: calibration text is empty")
+        raise CalibrationError(f"{path}: {role} is empty")
     return text
 
 
@@ -152,6 +152,29 @@ def vocab_size_of(model: onnx.ModelProto) -> int | None:
             if dims and len(dims) == 2:
                 return dims[0]
     return None
+
+
+def load_tokenizer(override, model: onnx.ModelProto, source: str):
+    """A tokenizer object as given, or loaded from `override` (a directory), or from the directory our
+    exporter recorded in the model (relative to the model file `source`)."""
+    from .model_io import TOKENIZER_KEY, get_metadata
+
+    if override is not None and not isinstance(override, (str, os.PathLike)):
+        return override
+    location = override or get_metadata(model, TOKENIZER_KEY)
+    if location is None:
+        raise CalibrationError(f"{source}: no tokenizer recorded in the model; pass --tokenizer DIR")
+    path = Path(location)
+    if override is None and not path.is_absolute() and Path(source).is_file():
+        path = Path(source).resolve().parent / path
+    if not path.is_dir():
+        raise CalibrationError(f"tokenizer directory {path} not found")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"{path}: could not load a tokenizer ({str(exc).splitlines()[0]})") from None
 
 
 def tokenize_text(tokenizer, text: str) -> list[int]:

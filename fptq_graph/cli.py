@@ -58,6 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or pass log")
     p.set_defaults(func=_cmd_quantize)
 
+    p = sub.add_parser("eval", help="perplexity of a causal LM (float or quantized) on a text file",
+                       description="Perplexity through ONNX Runtime over non-overlapping windows of a text file, "
+                                   "tokenized with the model's recorded tokenizer (or --tokenizer).")
+    p.add_argument("model", help="ONNX causal LM with a 'logits' output")
+    p.add_argument("--text", required=True, help="evaluation text (use held-out text calibration never saw)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the one recorded by export)")
+    p.add_argument("--json", metavar="OUT.json", help="also write the result as JSON")
+    p.set_defaults(func=_cmd_eval)
+
     p = sub.add_parser("inspect", help="print what the compiler decided for each layer of a model",
                        description="For a quantized model: the per-layer table (scheme, reason, activation max before "
                                    "and after LAE, weight SQNR) stored in it. For a float model: its quantizable linears.")
@@ -101,9 +112,38 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
-def _cmd_inspect(args) -> int:
-    from .api import get_metadata
+def _cmd_eval(args) -> int:
+    import numpy as np
+
+    from .api import write_text_atomic
+    from .calibration import load_tokenizer, read_calibration_text, tokenize_text
+    from .evaluate import perplexity
     from .model_io import load_model
+    from .runtime import session
+
+    model = load_model(args.model)
+    outputs = [o.name for o in model.graph.output]
+    if "logits" not in outputs:
+        raise FptqError(f"{args.model}: no 'logits' output (outputs: {', '.join(outputs)}); "
+                        "eval measures the perplexity of causal LMs")
+    text = read_calibration_text(args.text, role="evaluation text")
+    ids = np.asarray(tokenize_text(load_tokenizer(args.tokenizer, model, args.model), text), dtype=np.int64)
+    if ids.size == 0:
+        raise FptqError(f"{args.text}: evaluation text tokenizes to nothing")
+    sess = session(args.model)
+    used = min(ids.size, args.max_tokens or ids.size)
+    value = perplexity(sess, ids, args.seq_len, max_tokens=args.max_tokens, progress=True)
+    result = {"model": args.model, "text": args.text, "seq_len": args.seq_len,
+              "tokens_evaluated": (used // args.seq_len) * args.seq_len, "perplexity": value}
+    print(f"{args.model}: perplexity {value:.4f} over {result['tokens_evaluated']} tokens "
+          f"({used // args.seq_len} windows of {args.seq_len})")
+    if args.json:
+        write_text_atomic(args.json, json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .model_io import get_metadata, load_model
     from .report import REPORT_KEY, format_table
 
     model = load_model(args.model)

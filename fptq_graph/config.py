@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-SCHEMES = ("static", "lae", "dynamic")
-RECIPES = ("fptq", "naive-w4a8", "rtn-w4a16")
+RECIPES = ("fptq", "naive-w4a8", "dynamic-w4a8", "smoothquant-w4a8", "rtn-w4a16")
 
 
 @dataclass
@@ -13,6 +12,8 @@ class Config:
 
     recipe:          "fptq" classifies each linear by its activation max; "naive-w4a8" makes every
                      linear per-tensor static with no equalization (the baseline FPTQ improves on);
+                     "dynamic-w4a8" makes every linear per-token dynamic; "smoothquant-w4a8" folds
+                     SmoothQuant scales (smooth_alpha) wherever a producer can take them, then static;
                      "rtn-w4a16" quantizes weights only (activations stay float): the bound W4A8 aims at.
     static_bound:    v <= static_bound          -> int8 per-tensor static (paper's v0 = 15).
     dynamic_bound:   v >  dynamic_bound         -> int8 per-token dynamic (paper's v1 = 150);
@@ -30,6 +31,7 @@ class Config:
     group_size: int = 128
     symmetric: bool = True
     compensate_residual: bool = True
+    smooth_alpha: float = 0.5
     # Calibration
     calib_batch_size: int = 8
     calib_seq_len: int = 512
@@ -46,6 +48,8 @@ class Config:
             raise FptqError(
                 f"bounds must satisfy 0 <= static_bound < dynamic_bound, got {self.static_bound} and {self.dynamic_bound}"
             )
+        if not 0.0 < self.smooth_alpha < 1.0:
+            raise FptqError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
         if self.group_size < 2 or self.group_size % 2:
             raise FptqError(f"group_size must be an even number >= 2, got {self.group_size}")
         for name in ("calib_batch_size", "calib_seq_len", "calib_samples"):

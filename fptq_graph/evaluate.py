@@ -68,7 +68,7 @@ def perplexity(sess, token_ids: np.ndarray, seq_len: int, max_tokens: int | None
     ids = np.asarray(token_ids, dtype=np.int64)[: max_tokens or None]
     windows = len(ids) // seq_len
     if windows == 0:
-        raise FptqError(f"text has {len(ids)} tokens, shorter than one window of {seq_len}")
+        raise FptqError(f"text has {len(ids)} tokens, shorter than one window of {seq_len} (lower --seq-len)")
     names = {i.name for i in sess.get_inputs()}
     nll, count = 0.0, 0
     for w in tqdm(range(windows), desc="perplexity", disable=not progress, unit="window"):

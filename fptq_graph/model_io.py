@@ -70,6 +70,21 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return path
 
 
+TOKENIZER_KEY = "fptq_graph.tokenizer"
+
+
+def get_metadata(model: onnx.ModelProto, key: str) -> str | None:
+    return next((p.value for p in model.metadata_props if p.key == key), None)
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
 def _payload_bytes(model: onnx.ModelProto) -> int:
     """Initializer bytes, counted without serializing (ByteSize fails past 2 GiB)."""
     total = 0

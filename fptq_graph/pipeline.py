@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 
 from .passes import (Calibrate, CanonicalizeWeights, ClassifyActivations, EmitQDQ, FindQuantizableLinears,
-                     FoldLAEScales, InsertObservers, QuantizeWeightsInt4)
+                     FoldEqualizationScales, InsertObservers, QuantizeWeightsInt4)
 from .state import State
 
 
@@ -18,7 +18,7 @@ class PassRecord:
 
 def default_passes() -> list:
     return [FindQuantizableLinears(), CanonicalizeWeights(), InsertObservers(), Calibrate(),
-            ClassifyActivations(), FoldLAEScales(), QuantizeWeightsInt4(), EmitQDQ()]
+            ClassifyActivations(), FoldEqualizationScales(), QuantizeWeightsInt4(), EmitQDQ()]
 
 
 def run_passes(state: State, passes: list, log=None) -> list[PassRecord]:

@@ -9,6 +9,11 @@ import onnx_graphsurgeon as gs
 
 from .config import Config
 
+# Activation schemes: int8 per-tensor static, equalized then static (FPTQ's LAE, or SmoothQuant),
+# int8 per-token dynamic, or float (weights-only recipes).
+SCHEMES = ("static", "lae", "smooth", "dynamic", "float")
+EQUALIZED = ("lae", "smooth")
+
 
 @dataclass
 class NormProducer:
@@ -37,9 +42,9 @@ class Linear:
     producer: NormProducer | None
     weight_note: str = ""          # how the constant weight is reached (Transpose, transB, ...)
     act_max: np.ndarray | None = None         # per-input-channel max|X| from calibration [K]
-    scheme: str | None = None                 # "static" | "lae" | "dynamic" | "float" (weights only)
+    scheme: str | None = None                 # one of SCHEMES
     reason: str = ""
-    lae_scale: np.ndarray | None = None       # s [K], when LAE was folded
+    eq_scale: np.ndarray | None = None        # s [K], when LAE or SmoothQuant was folded
     act_scale: float | None = None            # static int8 scale, when static or lae
     quantized: Any = None                     # int4.QuantizedWeight
     weight_sqnr_db: float | None = None       # SQNR of the INT4 weight against the float (LAE-scaled) one
@@ -52,9 +57,9 @@ class Linear:
     def v_after(self) -> float:
         if self.act_max is None:
             return float("nan")
-        if self.lae_scale is None:
+        if self.eq_scale is None:
             return self.v
-        return float((self.act_max / self.lae_scale).max())
+        return float((self.act_max / self.eq_scale).max())
 
 
 @dataclass

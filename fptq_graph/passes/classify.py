@@ -5,7 +5,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..state import State
+from ..state import SCHEMES, State
 from .find_linears import foldable
 
 
@@ -19,23 +19,29 @@ class ClassifyActivations:
             # Siblings read the same tensor (up to a reshape): one shared v, so one shared band.
             group_max = np.max([s.act_max for s in state.siblings(linear)], axis=0)
             v = float(group_max.max())
+            blocked = foldable(linear.producer, outputs, cfg.compensate_residual) if linear.producer else \
+                "input not from a normalization"
             if cfg.recipe == "rtn-w4a16":
                 linear.scheme, linear.reason = "float", "rtn-w4a16 recipe: weights only, activations stay float"
+            elif cfg.recipe == "dynamic-w4a8":
+                linear.scheme, linear.reason = "dynamic", "dynamic-w4a8 recipe: every linear per-token dynamic"
+            elif cfg.recipe == "smoothquant-w4a8":
+                if blocked:
+                    linear.scheme, linear.reason = "static", f"SmoothQuant not foldable ({blocked}): plain static"
+                else:
+                    linear.scheme = "smooth"
+                    linear.reason = f"SmoothQuant (alpha={cfg.smooth_alpha:g}) into {linear.producer.kind} '{linear.producer.node.name}'"
             elif cfg.recipe == "naive-w4a8":
                 linear.scheme, linear.reason = "static", "naive-w4a8 recipe: every linear per-tensor static"
             elif v <= cfg.static_bound:
                 linear.scheme, linear.reason = "static", f"v={v:.3g} <= {cfg.static_bound:g}"
             elif v > cfg.dynamic_bound:
                 linear.scheme, linear.reason = "dynamic", f"v={v:.3g} > {cfg.dynamic_bound:g}"
-            elif linear.producer is None:
+            elif blocked:
                 linear.scheme = "dynamic"
-                linear.reason = f"v={v:.3g} in LAE band but no foldable producer (input not from a normalization): fell back to dynamic"
+                linear.reason = f"v={v:.3g} in LAE band but no foldable producer ({blocked}): fell back to dynamic"
             else:
-                blocked = foldable(linear.producer, outputs, cfg.compensate_residual)
-                if blocked:
-                    linear.scheme, linear.reason = "dynamic", f"v={v:.3g} in LAE band but {blocked}: fell back to dynamic"
-                else:
-                    linear.scheme = "lae"
-                    linear.reason = f"v={v:.3g} in ({cfg.static_bound:g}, {cfg.dynamic_bound:g}]: LAE into {linear.producer.kind} '{linear.producer.node.name}'"
+                linear.scheme = "lae"
+                linear.reason = f"v={v:.3g} in ({cfg.static_bound:g}, {cfg.dynamic_bound:g}]: LAE into {linear.producer.kind} '{linear.producer.node.name}'"
         counts = Counter(l.scheme for l in state.linears.values())
-        return ", ".join(f"{counts.get(s, 0)} {s}" for s in ("static", "lae", "dynamic", "float") if counts.get(s) or s != "float")
+        return ", ".join(f"{counts.get(s, 0)} {s}" for s in SCHEMES if counts.get(s))
