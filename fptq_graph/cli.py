@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .config import RECIPES, Config
+
+    defaults = Config()
     parser = argparse.ArgumentParser(prog="fptq-graph", description="FPTQ W4A8 quantization for ONNX graphs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -44,16 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     calib.add_argument("--calib", metavar="FILE", help="calibration text file, tokenized with the model's tokenizer")
     calib.add_argument("--calib-random", metavar="N", type=int, help="N random-token sequences (data-free calibration)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the one recorded by export)")
-    p.add_argument("--recipe", default="fptq", choices=["fptq", "naive-w4a8", "rtn-w4a16"])
-    p.add_argument("--group-size", type=int, default=128, help="INT4 weight group along K (default 128)")
+    p.add_argument("--recipe", default=defaults.recipe, choices=RECIPES, help="default: fptq")
+    p.add_argument("--group-size", type=int, default=defaults.group_size, help="INT4 weight group along K (default %(default)s)")
     p.add_argument("--asymmetric", action="store_true", help="uint4 weights with zero points instead of symmetric int4")
-    p.add_argument("--static-bound", type=float, default=15.0, help="v <= this: per-tensor static (default 15)")
-    p.add_argument("--dynamic-bound", type=float, default=150.0, help="v > this: per-token dynamic (default 150)")
+    p.add_argument("--static-bound", type=float, default=defaults.static_bound, help="v <= this: per-tensor static (default %(default)s)")
+    p.add_argument("--dynamic-bound", type=float, default=defaults.dynamic_bound, help="v > this: per-token dynamic (default %(default)s)")
+    p.add_argument("--smooth-alpha", type=float, default=defaults.smooth_alpha, help="SmoothQuant alpha for smoothquant-w4a8 (default %(default)s)")
     p.add_argument("--no-residual-compensation", action="store_true",
                    help="do not fold LAE into a norm that also feeds a residual; fall back to dynamic instead")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    p.add_argument("--calib-samples", type=int, default=defaults.calib_samples, help="calibration sequences (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=defaults.calib_seq_len, help="calibration sequence length (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=defaults.calib_batch_size, help="calibration batch size (default %(default)s)")
     p.add_argument("--report", metavar="R.json", help="write the per-layer report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or pass log")
     p.set_defaults(func=_cmd_quantize)
@@ -98,7 +102,8 @@ def _cmd_quantize(args) -> int:
 
     config = Config(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
                     group_size=args.group_size, symmetric=not args.asymmetric,
-                    compensate_residual=not args.no_residual_compensation, calib_batch_size=args.batch_size,
+                    compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
+                    calib_batch_size=args.batch_size,
                     calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet)
     calibration = args.calib if args.calib is not None else args.calib_random
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
