@@ -12,7 +12,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .calibration import CalibrationSet, FeedsCalibration, from_random, from_text, load_tokenizer, vocab_size_of
+from .calibration import (CalibrationSet, FeedsCalibration, from_random, load_tokenizer, read_token_ids, vocab_size_of,
+                          windows_of)
 from .config import Config
 from .errors import CalibrationError, FptqError, ModelLoadError
 from .model_io import IR_VERSION, MIN_OPSET, TOKENIZER_KEY, get_metadata, load_model, save_model, set_metadata
@@ -134,6 +135,6 @@ def _calibration_set(calibration, model, config: Config, tokenizer, source: str)
             raise CalibrationError(f"{source}: cannot tell the vocabulary size for random tokens; pass a CalibrationSet")
         return from_random(calibration, vocab, config.calib_seq_len, config.calib_batch_size, config.seed)
     if isinstance(calibration, (str, os.PathLike)):
-        return from_text(calibration, lambda: load_tokenizer(tokenizer, model, source), config.calib_seq_len,
-                         config.calib_samples, config.calib_batch_size)
+        ids = read_token_ids(calibration, lambda: load_tokenizer(tokenizer, model, source))
+        return windows_of(ids, config.calib_seq_len, config.calib_samples, config.calib_batch_size, str(calibration))
     raise CalibrationError(f"unsupported calibration argument of type {type(calibration).__name__}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -75,32 +75,35 @@ class FeedsCalibration:
 
 
 def from_text(path: str | os.PathLike, tokenizer, seq_len: int, samples: int, batch_size: int) -> CalibrationSet:
-    """Tokenizes the whole file once and cuts it into `samples` consecutive windows of `seq_len` tokens.
+    """Calibration windows from a text file and a tokenizer in hand (see windows_of)."""
+    return windows_of(read_token_ids(path, lambda: tokenizer), seq_len, samples, batch_size, str(path))
 
-    If the text is shorter than `samples` windows, fewer windows are used (at least one); a text
-    shorter than one window becomes one shorter window.
+
+def windows_of(ids: np.ndarray, seq_len: int, samples: int, batch_size: int, source: str) -> CalibrationSet:
+    """Cuts token ids into `samples` consecutive windows of `seq_len` tokens.
+
+    If the ids are fewer than `samples` windows, fewer windows are used (at least one); ids shorter
+    than one window become one shorter window.
     """
-    text = read_calibration_text(path)
-    if callable(tokenizer) and not hasattr(tokenizer, "encode"):
-        tokenizer = tokenizer()   # a loader: the tokenizer is only loaded once the text is known good
-    ids = tokenize_text(tokenizer, text)
-    if len(ids) == 0:
-        raise CalibrationError(f"{path}: calibration text tokenizes to nothing")
-    ids = np.asarray(ids, dtype=np.int64)
     window = min(seq_len, len(ids))
     count = max(1, min(samples, len(ids) // window))
-    tokens = ids[: count * window].reshape(count, window)
-    return CalibrationSet(tokens=tokens, batch_size=batch_size, source=str(path))
+    return CalibrationSet(tokens=ids[: count * window].reshape(count, window), batch_size=batch_size, source=source)
 
 
-def read_calibration_text(path: str | os.PathLike, role: str = "calibration text") -> str:
+def read_token_ids(path: str | os.PathLike, get_tokenizer: Callable[[], Any], role: str = "calibration text") -> np.ndarray:
+    """All token ids of a text file, with one-line errors for a missing or empty file and for text that
+    tokenizes to nothing. The tokenizer comes from `get_tokenizer`, called only once the text is known
+    good, so a bad file is reported before a slow or failing tokenizer load."""
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"{path}: {role} not found")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise CalibrationError(f"{path}: {role} is empty")
-    return text
+    ids = tokenize_text(get_tokenizer(), text)
+    if len(ids) == 0:
+        raise CalibrationError(f"{path}: {role} tokenizes to nothing")
+    return np.asarray(ids, dtype=np.int64)
 
 
 def from_random(count: int, vocab_size: int, seq_len: int, batch_size: int, seed: int = 0) -> CalibrationSet:

@@ -118,10 +118,8 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import numpy as np
-
     from .api import write_text_atomic
-    from .calibration import load_tokenizer, read_calibration_text, tokenize_text
+    from .calibration import load_tokenizer, read_token_ids
     from .evaluate import perplexity
     from .model_io import load_model
     from .runtime import session
@@ -131,10 +129,7 @@ def _cmd_eval(args) -> int:
     if "logits" not in outputs:
         raise FptqError(f"{args.model}: no 'logits' output (outputs: {', '.join(outputs)}); "
                         "eval measures the perplexity of causal LMs")
-    text = read_calibration_text(args.text, role="evaluation text")
-    ids = np.asarray(tokenize_text(load_tokenizer(args.tokenizer, model, args.model), text), dtype=np.int64)
-    if ids.size == 0:
-        raise FptqError(f"{args.text}: evaluation text tokenizes to nothing")
+    ids = read_token_ids(args.text, lambda: load_tokenizer(args.tokenizer, model, args.model), role="evaluation text")
     sess = session(args.model)
     used = min(ids.size, args.max_tokens or ids.size)
     value = perplexity(sess, ids, args.seq_len, max_tokens=args.max_tokens, progress=True)

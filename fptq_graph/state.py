@@ -72,6 +72,3 @@ class State:
     observers: dict[str, tuple[str, str]] = field(default_factory=dict)  # activation -> (max output, finite output)
     calibration: Any = None                   # calibration.CalibrationSet
     act_max: dict[str, np.ndarray] = field(default_factory=dict)      # activation name -> [K]
-
-    def siblings(self, linear: Linear) -> list[Linear]:
-        return [other for other in self.linears.values() if other.group == linear.group]

@@ -105,7 +105,7 @@ def decoder_perplexity(out: Path, tokenizer, args, np) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import fptq_graph as fq
-    from fptq_graph.calibration import read_calibration_text, tokenize_text
+    from fptq_graph.calibration import read_token_ids
     from fptq_graph.evaluate import perplexity
     from fptq_graph.exporters import export_hf
     from fptq_graph.runtime import session
@@ -116,12 +116,12 @@ def decoder_perplexity(out: Path, tokenizer, args, np) -> dict:
                                          max_position_embeddings=512))
     path = out / "llama-random.onnx"
     export_hf(model, path)
-    ids = tokenize_text(tokenizer, read_calibration_text(args.heldout))
-    result = {"float": perplexity(session(path), np.asarray(ids), 256, max_tokens=4096)}
+    ids = read_token_ids(args.heldout, lambda: tokenizer, role="evaluation text")
+    result = {"float": perplexity(session(path), ids, 256, max_tokens=4096)}
     for recipe in ("fptq", "naive-w4a8"):
         q = fq.quantize(path, args.calib, fq.Config(recipe=recipe, calib_samples=16, calib_seq_len=256, progress=False),
                         tokenizer=tokenizer)
-        result[recipe] = perplexity(session(q.model), np.asarray(ids), 256, max_tokens=4096)
+        result[recipe] = perplexity(session(q.model), ids, 256, max_tokens=4096)
     return result
 
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
-
 from ..state import SCHEMES, State
 from .find_linears import foldable
 
@@ -15,10 +13,12 @@ class ClassifyActivations:
     def run(self, state: State) -> str:
         cfg = state.config
         outputs = {t.name for t in state.graph.outputs}
+        # Siblings read the same tensor (up to a reshape): one shared v, so one shared band.
+        group_v: dict[str, float] = {}
         for linear in state.linears.values():
-            # Siblings read the same tensor (up to a reshape): one shared v, so one shared band.
-            group_max = np.max([s.act_max for s in state.siblings(linear)], axis=0)
-            v = float(group_max.max())
+            group_v[linear.group] = max(group_v.get(linear.group, 0.0), float(linear.act_max.max()))
+        for linear in state.linears.values():
+            v = group_v[linear.group]
             blocked = foldable(linear.producer, outputs, cfg.compensate_residual) if linear.producer else \
                 "input not from a normalization"
             if cfg.recipe == "rtn-w4a16":
