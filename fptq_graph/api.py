@@ -71,7 +71,7 @@ def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: An
     model, source = _load(model_or_path)
     calib = _calibration_set(calibration, model, config, tokenizer, source)
     state = State(graph=gs.import_onnx(model), config=config, calibration=calib)
-    records = run_passes(state, default_passes(), log=log)
+    records = run_passes(state, default_passes(config.format), log=log)
     out = finish_model(state.graph, model)
     result = QuantizeResult(model=out, layers=layer_rows(state), passes=records, config=config,
                             source=source, calibration=calib.source)
@@ -86,6 +86,9 @@ def finish_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     for opset in out.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, MIN_OPSET)
+    imported = {opset.domain for opset in out.opset_import}
+    for domain in sorted({node.domain for node in out.graph.node if node.domain} - imported - {"ai.onnx"}):
+        out.opset_import.append(onnx.helper.make_opsetid(domain, 1))   # our own op's domain, fptq
     del out.metadata_props[:]
     out.metadata_props.extend(copy.deepcopy(original.metadata_props))
     out.producer_name, out.producer_version = "fptq-graph", __version__

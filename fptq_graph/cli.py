@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import RECIPES, Config
+    from .config import FORMATS, RECIPES, Config
 
     defaults = Config()
     parser = argparse.ArgumentParser(prog="fptq-graph", description="FPTQ W4A8 quantization for ONNX graphs.")
@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a float ONNX model to W4A8 with FPTQ",
                        description="Quantize a float ONNX model to W4A8 (INT4 group-wise weights, int8 activations) "
-                                   "with FPTQ's layer-wise activation strategy; writes the qdq form.")
+                                   "with FPTQ's layer-wise activation strategy; writes the qdq form "
+                                   "(standard ONNX) or, with --format w4a8, the bundled fptq::W4A8MatMul op.")
     p.add_argument("input", help="float ONNX model")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
     calib = p.add_mutually_exclusive_group(required=True)
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     calib.add_argument("--calib-random", metavar="N", type=int, help="N random-token sequences (data-free calibration)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the one recorded by export)")
     p.add_argument("--recipe", default=defaults.recipe, choices=RECIPES, help="default: fptq")
+    p.add_argument("--format", default=defaults.format, choices=FORMATS,
+                   help="qdq: standard ONNX QDQ, runs anywhere (default); w4a8: the bundled integer op "
+                        "(load with fptq_graph.runtime.session or register fptq_graph.runtime.library_path())")
     p.add_argument("--group-size", type=int, default=defaults.group_size, help="INT4 weight group along K (default %(default)s)")
     p.add_argument("--asymmetric", action="store_true", help="uint4 weights with zero points instead of symmetric int4")
     p.add_argument("--static-bound", type=float, default=defaults.static_bound, help="v <= this: per-tensor static (default %(default)s)")
@@ -101,7 +105,7 @@ def _cmd_quantize(args) -> int:
     from .config import Config
 
     config = Config(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
-                    group_size=args.group_size, symmetric=not args.asymmetric,
+                    group_size=args.group_size, symmetric=not args.asymmetric, format=args.format,
                     compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
                     calib_batch_size=args.batch_size,
                     calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet)

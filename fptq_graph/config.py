@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 RECIPES = ("fptq", "naive-w4a8", "dynamic-w4a8", "smoothquant-w4a8", "rtn-w4a16")
+FORMATS = ("qdq", "w4a8")
 
 
 @dataclass
@@ -20,6 +21,9 @@ class Config:
                      in between                  -> LAE, then per-tensor static.
     group_size:      INT4 weight group along K (the reduction axis).
     symmetric:       int4 [-8, 7] with scale max|w|/7; False gives uint4 with a zero point.
+    format:          "qdq" writes standard QuantizeLinear/DequantizeLinear (runs on any ONNX Runtime, the
+                     reference numerics); "w4a8" writes the bundled fptq::W4A8MatMul op (same numerics,
+                     integer kernels on CPU and CUDA; load it with fptq_graph.runtime.session).
     compensate_residual: a LayerNorm that feeds linears AND something else (a post-LN residual add)
                      can still take the LAE scale if the other consumers get a Mul by s that undoes
                      it; False makes such linears fall back to dynamic instead.
@@ -30,6 +34,7 @@ class Config:
     dynamic_bound: float = 150.0
     group_size: int = 128
     symmetric: bool = True
+    format: str = "qdq"
     compensate_residual: bool = True
     smooth_alpha: float = 0.5
     # Calibration
@@ -44,6 +49,10 @@ class Config:
 
         if self.recipe not in RECIPES:
             raise FptqError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        if self.format not in FORMATS:
+            raise FptqError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.format == "w4a8" and not self.symmetric:
+            raise FptqError("format 'w4a8' needs symmetric int4 weights (its kernels take no zero points)")
         if not 0 <= self.static_bound < self.dynamic_bound:
             raise FptqError(
                 f"bounds must satisfy 0 <= static_bound < dynamic_bound, got {self.static_bound} and {self.dynamic_bound}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .passes import (Calibrate, CanonicalizeWeights, ClassifyActivations, EmitQDQ, FindQuantizableLinears,
+from .passes import (Calibrate, CanonicalizeWeights, ClassifyActivations, EmitQDQ, EmitW4A8, FindQuantizableLinears,
                      FoldEqualizationScales, InsertObservers, QuantizeWeightsInt4)
 from .state import State
 
@@ -16,9 +16,12 @@ class PassRecord:
     seconds: float
 
 
-def default_passes() -> list:
+EMITTERS = {"qdq": EmitQDQ, "w4a8": EmitW4A8}   # Config.format -> the pass that writes that form
+
+
+def default_passes(form: str = "qdq") -> list:
     return [FindQuantizableLinears(), CanonicalizeWeights(), InsertObservers(), Calibrate(),
-            ClassifyActivations(), FoldEqualizationScales(), QuantizeWeightsInt4(), EmitQDQ()]
+            ClassifyActivations(), FoldEqualizationScales(), QuantizeWeightsInt4(), EMITTERS[form]()]
 
 
 def run_passes(state: State, passes: list, log=None) -> list[PassRecord]:

@@ -1,12 +1,18 @@
-"""ONNX Runtime sessions that compute what the emitted graphs say.
+"""ONNX Runtime sessions that compute what the emitted graphs say, with the bundled op library loaded.
 
 ONNX Runtime's default optimizations fuse an INT4 DequantizeLinear -> MatMul into MatMulNBits with
 `accuracy_level=4`, which re-quantizes the activations per block of K and so changes the result
 (tests/test_runtime.py, onnxruntime 1.31.1: relative error 6.5e-3 against onnx's ReferenceEvaluator,
 0 with level 0). Our sessions ask for accuracy level 0 so the qdq form computes its reference numerics.
+
+The `w4a8` form's fptq::W4A8MatMul lives in libfptq_ops.so inside this package (built by the
+package's install). `session` registers it; users of other ONNX Runtime front ends register
+`library_path()` themselves (C++: Ort::SessionOptions::RegisterCustomOpsLibrary).
 """
 from __future__ import annotations
 
+import importlib.resources
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -14,26 +20,69 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from .errors import FptqError
 from .model_io import PROTOBUF_LIMIT, _payload_bytes, save_model
+from .w4a8_op import DOMAIN
+
+LIBRARY_NAME = "libfptq_ops.so"
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def library_path() -> Path:
+    """The bundled op library (fptq::W4A8MatMul, CPU and, if built with nvcc, CUDA kernels)."""
+    path = Path(str(importlib.resources.files("fptq_graph") / LIBRARY_NAME))
+    if not path.is_file():
+        raise FptqError(f"the fptq op library {LIBRARY_NAME} is not installed next to {Path(__file__).parent}; "
+                        "reinstall the package (pip install .) on a machine with a C++ compiler")
+    return path
+
+
+def library_info() -> dict:
+    """How the library was built: {"cuda": bool, "cuda_architectures": "80,90"}."""
+    path = library_path().with_name("fptq_ops_build.json")
+    return json.loads(path.read_text()) if path.is_file() else {"cuda": False, "cuda_architectures": ""}
+
+
+def session_options(threads: int | None = None, with_library: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if with_library:
+        try:
+            options.register_custom_ops_library(str(library_path()))
+        except FptqError:
+            pass   # only w4a8 models need it; _create says so if one does
     return options
 
 
-def session(model: onnx.ModelProto | str | os.PathLike, providers: list[str] | None = None) -> ort.InferenceSession:
-    """An InferenceSession for a model object or path (a model over 2 GB goes through a temp file)."""
-    options = session_options()
+def session(model: onnx.ModelProto | str | os.PathLike, providers: list[str] | None = None,
+            threads: int | None = None) -> ort.InferenceSession:
+    """An InferenceSession for a model object or path, with the fptq op library registered.
+
+    providers: e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]; default CPU only.
+    A model over 2 GB given as an object goes through a temp file.
+    """
+    options = session_options(threads)
     providers = providers or ["CPUExecutionProvider"]
     if isinstance(model, onnx.ModelProto):
         if _payload_bytes(model) < PROTOBUF_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            return _create(model.SerializeToString(), options, providers, "<in-memory model>")
         with tempfile.TemporaryDirectory(prefix="fptq-") as tmp:
             path = save_model(model, Path(tmp) / "model.onnx")
-            return ort.InferenceSession(str(path), options, providers=providers)
-    return ort.InferenceSession(str(model), options, providers=providers)
+            return _create(str(path), options, providers, "<in-memory model>")
+    return _create(str(model), options, providers, str(model))
+
+
+def _create(model, options, providers, name: str) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
+    except Exception as exc:
+        text = str(exc)
+        if f"domain '{DOMAIN}'" in text or f"{DOMAIN}:" in text or "W4A8MatMul" in text:
+            try:
+                library_path()
+            except FptqError as missing:
+                raise FptqError(f"{name} uses the {DOMAIN}::W4A8MatMul op but {missing}") from None
+            raise FptqError(f"{name}: ONNX Runtime could not create the session: {text.splitlines()[-1] if text else exc}") from None
+        raise

@@ -127,3 +127,14 @@ def rel_err(out, ref) -> float:
 
 def ref_smoothquant_scale(act_max, weight_row_max, alpha):
     return np.power(np.asarray(act_max, np.float64), alpha) / np.power(np.asarray(weight_row_max, np.float64), 1 - alpha)
+
+
+def numpy_maxima(w, calib):
+    """Per-linear-input max|X| over the calibration feeds, from the float64 numpy forward."""
+    acc = {}
+    for f in calib:
+        fw = float_forward(w, f["x"], f["u"])
+        for key in ("y", "r", "us"):
+            m = np.abs(fw[key]).reshape(-1, fw[key].shape[-1]).max(0)
+            acc[key] = m if key not in acc else np.maximum(acc[key], m)
+    return acc

@@ -87,6 +87,32 @@ def test_quantize_report_and_inspect(tmp_path, capsys):
     assert code == 0 and "not quantized" in stdout and "proj" in stdout
 
 
+@pytest.mark.parametrize("recipe", ["fptq", "dynamic-w4a8", "rtn-w4a16"])
+def test_format_w4a8_from_the_command_line(recipe, tmp_path, capsys):
+    src, out = token_model(tmp_path), tmp_path / "w4a8.onnx"
+    code, stdout, _ = run_cli(["quantize", src, "-o", out, "--calib-random", "4", "--seq-len", "8",
+                               "--group-size", "16", "--recipe", recipe, "--format", "w4a8", "-q"], capsys)
+    assert code == 0, stdout
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    # weights-only layers keep the qdq weight form: the op quantizes its input to int8 by definition
+    assert ops.count("W4A8MatMul") == (0 if recipe == "rtn-w4a16" else 1), ops
+    assert ("fptq", 1) in [(o.domain, o.version) for o in model.opset_import] or recipe == "rtn-w4a16"
+    ids = np.random.default_rng(1).integers(0, 50, (2, 5))
+    from fptq_graph.runtime import session
+    assert np.all(np.isfinite(session(out).run(None, {"input_ids": ids})[0]))
+    code, stdout, _ = run_cli(["inspect", out], capsys)
+    assert code == 0 and "proj" in stdout and "emit_w4a8" in stdout
+
+
+def test_format_w4a8_with_asymmetric_weights_is_refused(tmp_path, capsys):
+    out = tmp_path / "w4a8.onnx"
+    code, _, err = run_cli(["quantize", token_model(tmp_path), "-o", out, "--calib-random", "2", "--format", "w4a8",
+                            "--asymmetric"], capsys)
+    assert_clean_failure(code, err, out, "symmetric")
+
+
 def _not_onnx(tmp_path):
     bad = tmp_path / "notes.onnx"
     bad.write_text("this is a text file, not a protobuf\n" * 20)

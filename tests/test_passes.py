@@ -9,17 +9,6 @@ from fptq_graph.runtime import session
 from helpers import run_until
 
 
-def numpy_maxima(w, calib):
-    """Per-linear-input max|X| over the calibration feeds, from the float64 numpy forward."""
-    acc = {}
-    for f in calib:
-        fw = C.float_forward(w, f["x"], f["u"])
-        for key in ("y", "r", "us"):
-            m = np.abs(fw[key]).reshape(-1, fw[key].shape[-1]).max(0)
-            acc[key] = m if key not in acc else np.maximum(acc[key], m)
-    return acc
-
-
 def layers_by_name(result):
     return {row["name"]: row for row in result.layers}
 
@@ -29,7 +18,7 @@ def test_default_bands_pick_the_specified_scheme(gamma_scale, expected):
     rng = np.random.default_rng(7)
     model, w = C.ln_block(gamma_scale, rng)
     calib = C.feeds(rng, 3)
-    v = numpy_maxima(w, calib)["y"].max()
+    v = C.numpy_maxima(w, calib)["y"].max()
     # The crafted range really is in the band under test (15 and 150 are the paper's bounds).
     assert {"static": v <= 15, "lae": 15 < v <= 150, "dynamic": v > 150}[expected], v
     rows = layers_by_name(quantize(model, calib, Config(progress=False)))
@@ -46,7 +35,7 @@ def test_lae_band_without_foldable_producer_falls_back_to_dynamic():
     rng = np.random.default_rng(3)
     model, w = C.ln_block(2.0, rng)
     calib = C.feeds(rng, 2)
-    v = {k: m.max() for k, m in numpy_maxima(w, calib).items()}
+    v = {k: m.max() for k, m in C.numpy_maxima(w, calib).items()}
     # bounds chosen so both the LN output and the residual sum are in the LAE band
     cfg = Config(static_bound=0.5 * min(v["y"], v["r"]), dynamic_bound=2 * max(v["y"], v["r"]), progress=False)
     rows = layers_by_name(quantize(model, calib, cfg))
@@ -86,7 +75,7 @@ def test_qdq_equals_numpy_fake_quant_reference(group, symmetric, tmp_path):
     rng = np.random.default_rng(21)
     model, w = C.ln_block(3.0, rng, u_scale=0.7)
     calib = C.feeds(rng, 3)
-    mx = numpy_maxima(w, calib)
+    mx = C.numpy_maxima(w, calib)
     v = {k: m.max() for k, m in mx.items()}
     assert v["us"] < v["y"] < v["r"], v
     cfg = Config(static_bound=(v["us"] + v["y"]) / 2, dynamic_bound=(v["y"] + v["r"]) / 2, group_size=group,
@@ -141,7 +130,7 @@ def test_smoothquant_recipe_scale_and_fold_equivalence():
     ln = next(n for n in folded.graph.node if n.op_type == "LayerNormalization")
     s = w["gamma"].astype(np.float64) / gains[ln.input[1]]
     row_max = np.maximum(np.abs(w["W1"]).max(1), np.abs(w["W2"]).max(1))
-    np.testing.assert_allclose(s, C.ref_smoothquant_scale(numpy_maxima(w, calib)["y"], row_max, 0.6), rtol=1e-4)
+    np.testing.assert_allclose(s, C.ref_smoothquant_scale(C.numpy_maxima(w, calib)["y"], row_max, 0.6), rtol=1e-4)
     test = C.feeds(np.random.default_rng(32), 1)[0]
     for o, r in zip(session(folded).run(None, test), session(model).run(None, test)):
         assert np.abs(o - r).max() / np.abs(r).max() <= 1e-4

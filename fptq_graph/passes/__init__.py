@@ -1,7 +1,8 @@
 """The compiler's passes, one per module, each a small rewrite or analysis over a `State`.
 
 Order (see pipeline.default_passes): find quantizable linears -> canonicalize their weights ->
-insert observers -> calibrate -> classify -> fold equalization (LAE) -> quantize weights -> emit QDQ.
+insert observers -> calibrate -> classify -> fold equalization (LAE) -> quantize weights -> emit
+(qdq: standard QuantizeLinear/DequantizeLinear; w4a8: the bundled fptq::W4A8MatMul op).
 """
 from .find_linears import FindQuantizableLinears
 from .canonicalize_weights import CanonicalizeWeights
@@ -11,6 +12,7 @@ from .classify import ClassifyActivations
 from .fold_equalization import FoldEqualizationScales
 from .quantize_weights import QuantizeWeightsInt4
 from .emit_qdq import EmitQDQ
+from .emit_w4a8 import EmitW4A8
 
 __all__ = [
     "FindQuantizableLinears",
@@ -21,4 +23,5 @@ __all__ = [
     "FoldEqualizationScales",
     "QuantizeWeightsInt4",
     "EmitQDQ",
+    "EmitW4A8",
 ]

@@ -15,9 +15,9 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..int4 import pack_int4
 from ..state import Linear, State
-
-# A per-token scale floor so an all-zero token row quantizes to zeros instead of dividing by zero.
-MIN_TOKEN_SCALE = 1e-12
+# A per-token scale floor so an all-zero token row quantizes to zeros instead of dividing by zero
+# (shared with the w4a8 op, whose kernels use the same floor).
+from ..w4a8_op import MIN_TOKEN_SCALE
 
 
 class EmitQDQ:
@@ -29,7 +29,7 @@ class EmitQDQ:
         int4_bytes = 0
         for linear in state.linears.values():
             node = linear.node
-            node.inputs[1], nbytes = self._dequantized_weight(graph, linear)
+            node.inputs[1], nbytes = dequantized_int4_weight(graph, linear)
             int4_bytes += nbytes
             if linear.scheme == "float":
                 continue
@@ -42,26 +42,6 @@ class EmitQDQ:
             node.inputs[0] = shared[key]
         graph.cleanup().toposort()
         return f"{len(state.linears)} linears emitted; INT4 weights {int4_bytes / 2**20:.2f} MiB packed"
-
-    @staticmethod
-    def _dequantized_weight(graph: gs.Graph, linear: Linear) -> tuple[gs.Variable, int]:
-        qw = linear.quantized
-        k, n = qw.q.shape
-        symmetric = qw.zero_point is None
-        kind = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
-        packed = pack_int4(qw.q)
-        weight = gs.Constant(f"{linear.name}.weight_int4", LazyValues(
-            onnx.helper.make_tensor(f"{linear.name}.weight_int4", kind, [k, n], packed, raw=True)))
-        inputs = [weight, gs.Constant(f"{linear.name}.weight_scale", qw.scale.astype(np.float32))]
-        if not symmetric:
-            zp = qw.zero_point
-            inputs.append(gs.Constant(f"{linear.name}.weight_zero_point", LazyValues(
-                onnx.helper.make_tensor(f"{linear.name}.weight_zero_point", onnx.TensorProto.UINT4,
-                                        list(zp.shape), pack_int4(zp), raw=True))))
-        out = graph.layer(op="DequantizeLinear", name=f"{linear.name}.weight_dq", inputs=inputs,
-                          outputs=[gs.Variable(f"{linear.name}.weight_dq", dtype=np.float32, shape=[k, n])],
-                          attrs={"axis": 0, "block_size": qw.group_size})[0]
-        return out, len(packed)
 
     @staticmethod
     def _per_tensor(graph: gs.Graph, linear: Linear, scale: float) -> gs.Variable:
@@ -94,6 +74,27 @@ class EmitQDQ:
                                                             gs.Constant(f"{tag}_hi", np.array(127.0, np.float32))],
                         outputs=[var("int8_values")])[0]
         return graph.layer(op="Mul", name=f"{tag}_dequant", inputs=[q, scale], outputs=[var("qdq", x.shape)])[0]
+
+
+def dequantized_int4_weight(graph: gs.Graph, linear: Linear) -> tuple[gs.Variable, int]:
+    """INT4 initializer (and zero point) -> DequantizeLinear(axis=0, block_size=g): the float [K, N] weight."""
+    qw = linear.quantized
+    k, n = qw.q.shape
+    symmetric = qw.zero_point is None
+    kind = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
+    packed = pack_int4(qw.q)
+    weight = gs.Constant(f"{linear.name}.weight_int4", LazyValues(
+        onnx.helper.make_tensor(f"{linear.name}.weight_int4", kind, [k, n], packed, raw=True)))
+    inputs = [weight, gs.Constant(f"{linear.name}.weight_scale", qw.scale.astype(np.float32))]
+    if not symmetric:
+        zp = qw.zero_point
+        inputs.append(gs.Constant(f"{linear.name}.weight_zero_point", LazyValues(
+            onnx.helper.make_tensor(f"{linear.name}.weight_zero_point", onnx.TensorProto.UINT4,
+                                    list(zp.shape), pack_int4(zp), raw=True))))
+    out = graph.layer(op="DequantizeLinear", name=f"{linear.name}.weight_dq", inputs=inputs,
+                      outputs=[gs.Variable(f"{linear.name}.weight_dq", dtype=np.float32, shape=[k, n])],
+                      attrs={"axis": 0, "block_size": qw.group_size})[0]
+    return out, len(packed)
 
 
 def static_scale(v: float) -> float:

@@ -1,0 +1,130 @@
+#include "w4a8_op.h"
+
+#include <sstream>
+#include <vector>
+
+namespace fptq {
+
+OrtStatusPtr Error(const std::string& node, const std::string& message) {
+  std::string text = "fptq::W4A8MatMul";
+  if (!node.empty()) text += " '" + node + "'";
+  text += ": " + message;
+  return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, text.c_str());
+}
+
+OrtStatusPtr ReadAttrs(const OrtKernelInfo* info, W4A8Attrs& attrs) {
+  Ort::ConstKernelInfo kernel_info(info);
+  try {
+    attrs.node = kernel_info.GetNodeName();
+  } catch (const std::exception&) {
+    attrs.node.clear();
+  }
+  for (auto [name, field] : {std::pair<const char*, int64_t*>{"K", &attrs.K}, {"N", &attrs.N}, {"group_size", &attrs.group}}) {
+    try {
+      *field = kernel_info.GetAttribute<int64_t>(name);
+    } catch (const std::exception&) {
+      return Error(attrs.node, std::string("missing integer attribute '") + name + "'");
+    }
+  }
+  if (attrs.K < 1 || attrs.N < 1) {
+    return Error(attrs.node, "attributes K and N must be >= 1, got K=" + std::to_string(attrs.K) + " N=" + std::to_string(attrs.N));
+  }
+  if (attrs.group < 2 || attrs.group % 2) {
+    return Error(attrs.node, "group_size must be an even number >= 2, got " + std::to_string(attrs.group));
+  }
+  return nullptr;
+}
+
+std::string TypeName(ONNXTensorElementDataType type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    default: return "element type " + std::to_string(static_cast<int>(type));
+  }
+}
+
+namespace {
+
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << "]";
+  return out.str();
+}
+
+OrtStatusPtr ExpectTensor(const W4A8Attrs& attrs, const Ort::ConstValue& value, const char* what,
+                          ONNXTensorElementDataType type, const std::vector<int64_t>& shape) {
+  auto info = value.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != type) {
+    return Error(attrs.node, std::string(what) + " is " + TypeName(info.GetElementType()) + ", expected " + TypeName(type));
+  }
+  std::vector<int64_t> got = info.GetShape();
+  if (got != shape) {
+    return Error(attrs.node, std::string(what) + " has shape " + ShapeText(got) + ", expected " + ShapeText(shape) +
+                                 " for K=" + std::to_string(attrs.K) + ", N=" + std::to_string(attrs.N) +
+                                 ", group_size=" + std::to_string(attrs.group));
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+OrtStatusPtr CheckInputs(const W4A8Attrs& attrs, const Ort::KernelContext& ctx, W4A8Dims& dims,
+                         ONNXTensorElementDataType& x_type) {
+  try {
+    Ort::ConstValue x = ctx.GetInput(0);
+    auto x_info = x.GetTensorTypeAndShapeInfo();
+    x_type = x_info.GetElementType();
+    if (x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+      return Error(attrs.node, "X must be float32 or float16, got " + TypeName(x_type));
+    }
+    std::vector<int64_t> x_shape = x_info.GetShape();
+    if (x_shape.empty() || x_shape.back() != attrs.K) {
+      return Error(attrs.node, "X has shape " + ShapeText(x_shape) + " but its last dimension must be K=" + std::to_string(attrs.K));
+    }
+    dims.K = attrs.K;
+    dims.N = attrs.N;
+    dims.group = attrs.group;
+    dims.groups = (attrs.K + attrs.group - 1) / attrs.group;
+    dims.Kp = dims.groups * attrs.group;
+    dims.M = 1;
+    for (size_t i = 0; i + 1 < x_shape.size(); ++i) dims.M *= x_shape[i];
+
+    if (OrtStatusPtr s = ExpectTensor(attrs, ctx.GetInput(1), "packed weight (input 1)", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {dims.N, dims.Kp / 2})) return s;
+    if (OrtStatusPtr s = ExpectTensor(attrs, ctx.GetInput(2), "weight scales (input 2)", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {dims.N, dims.groups})) return s;
+    if (ctx.GetInputCount() > 3) {
+      Ort::ConstValue act_scale = ctx.GetInput(3);
+      if (act_scale) {
+        auto info = act_scale.GetTensorTypeAndShapeInfo();
+        if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || info.GetElementCount() != 1) {
+          return Error(attrs.node, "act_scale (input 3) must be one float32 value, got " + std::to_string(info.GetElementCount()) +
+                                       " " + TypeName(info.GetElementType()) + " values");
+        }
+      }
+    }
+    if (ctx.GetInputCount() > 4) {
+      Ort::ConstValue bias = ctx.GetInput(4);
+      if (bias) {
+        if (OrtStatusPtr s = ExpectTensor(attrs, bias, "bias (input 4)", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {dims.N})) return s;
+      }
+    }
+    return nullptr;
+  } catch (const std::exception& e) {
+    return Error(attrs.node, e.what());
+  }
+}
+
+Ort::UnownedValue AllocateOutput(const W4A8Attrs& attrs, Ort::KernelContext& ctx) {
+  std::vector<int64_t> shape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
+  shape.back() = attrs.N;
+  return ctx.GetOutput(0, shape);
+}
+
+}  // namespace fptq
