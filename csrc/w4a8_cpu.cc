@@ -99,20 +99,14 @@ void TileProduct(const int8_t* xq, const int8_t* w8, const float* scales, const 
 }
 
 template <typename T>
-OrtStatusPtr Run(const W4A8Attrs& attrs, Ort::KernelContext& ctx, const W4A8Dims& d) {
-  const T* x = ctx.GetInput(0).GetTensorData<T>();
-  const uint8_t* packed = ctx.GetInput(1).GetTensorData<uint8_t>();
-  const float* scales = ctx.GetInput(2).GetTensorData<float>();
-  const float* act_scale = nullptr;
-  const float* bias = nullptr;
-  if (ctx.GetInputCount() > 3 && ctx.GetInput(3)) act_scale = ctx.GetInput(3).GetTensorData<float>();
-  if (ctx.GetInputCount() > 4 && ctx.GetInput(4)) bias = ctx.GetInput(4).GetTensorData<float>();
-  if (act_scale && !(std::isfinite(*act_scale) && *act_scale > 0.f)) {
-    return Error(attrs.node, "act_scale must be a positive finite number, got " + std::to_string(*act_scale));
-  }
-  T* y = AllocateOutput(attrs, ctx).GetTensorMutableData<T>();
-  if (d.M == 0) return nullptr;
-
+void Run(const Ort::KernelContext& ctx, const W4A8Run& run) {
+  const W4A8Dims& d = run.dims;
+  const T* x = static_cast<const T*>(run.x);
+  T* y = static_cast<T*>(run.y);
+  const float* act_scale = run.static_scale > 0.f ? &run.static_scale : nullptr;
+  const uint8_t* packed = run.weight;
+  const float* scales = run.scales;
+  const float* bias = run.bias;
   std::vector<int8_t> xq(static_cast<size_t>(d.M * d.Kp), 0);
   std::vector<float> row_scale(static_cast<size_t>(d.M));
   auto quantize = [&](size_t m) {
@@ -141,22 +135,19 @@ OrtStatusPtr Run(const W4A8Attrs& attrs, Ort::KernelContext& ctx, const W4A8Dims
     }
   };
   ParallelFor(ctx, static_cast<size_t>(tiles_m * tiles_n), tile);
-  return nullptr;
 }
 
 }  // namespace
 
 OrtStatusPtr W4A8CpuKernel::ComputeV2(OrtKernelContext* context) {
-  try {
-    Ort::KernelContext ctx(context);
-    W4A8Dims dims;
-    ONNXTensorElementDataType x_type;
-    if (OrtStatusPtr status = CheckInputs(attrs_, ctx, dims, x_type)) return status;
-    if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return Run<Ort::Float16_t>(attrs_, ctx, dims);
-    return Run<float>(attrs_, ctx, dims);
-  } catch (const std::exception& e) {
-    return Error(attrs_.node, e.what());
-  }
+  return ComputeChecked(attrs_, context, [](Ort::KernelContext& ctx, const W4A8Run& run) -> OrtStatusPtr {
+    if (run.x_half) {
+      Run<Ort::Float16_t>(ctx, run);
+    } else {
+      Run<float>(ctx, run);
+    }
+    return nullptr;
+  });
 }
 
 }  // namespace fptq

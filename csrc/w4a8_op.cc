@@ -1,5 +1,6 @@
 #include "w4a8_op.h"
 
+#include <cmath>
 #include <sstream>
 #include <vector>
 
@@ -76,55 +77,58 @@ OrtStatusPtr ExpectTensor(const W4A8Attrs& attrs, const Ort::ConstValue& value, 
 
 }  // namespace
 
-OrtStatusPtr CheckInputs(const W4A8Attrs& attrs, const Ort::KernelContext& ctx, W4A8Dims& dims,
-                         ONNXTensorElementDataType& x_type) {
+OrtStatusPtr ReadRun(const W4A8Attrs& attrs, Ort::KernelContext& ctx, W4A8Run& run) {
   try {
     Ort::ConstValue x = ctx.GetInput(0);
     auto x_info = x.GetTensorTypeAndShapeInfo();
-    x_type = x_info.GetElementType();
+    const ONNXTensorElementDataType x_type = x_info.GetElementType();
     if (x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
       return Error(attrs.node, "X must be float32 or float16, got " + TypeName(x_type));
     }
-    std::vector<int64_t> x_shape = x_info.GetShape();
-    if (x_shape.empty() || x_shape.back() != attrs.K) {
-      return Error(attrs.node, "X has shape " + ShapeText(x_shape) + " but its last dimension must be K=" + std::to_string(attrs.K));
+    std::vector<int64_t> shape = x_info.GetShape();
+    if (shape.empty() || shape.back() != attrs.K) {
+      return Error(attrs.node, "X has shape " + ShapeText(shape) + " but its last dimension must be K=" + std::to_string(attrs.K));
     }
+    W4A8Dims& dims = run.dims;
     dims.K = attrs.K;
     dims.N = attrs.N;
     dims.group = attrs.group;
     dims.groups = (attrs.K + attrs.group - 1) / attrs.group;
     dims.Kp = dims.groups * attrs.group;
     dims.M = 1;
-    for (size_t i = 0; i + 1 < x_shape.size(); ++i) dims.M *= x_shape[i];
+    for (size_t i = 0; i + 1 < shape.size(); ++i) dims.M *= shape[i];
 
     if (OrtStatusPtr s = ExpectTensor(attrs, ctx.GetInput(1), "packed weight (input 1)", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {dims.N, dims.Kp / 2})) return s;
     if (OrtStatusPtr s = ExpectTensor(attrs, ctx.GetInput(2), "weight scales (input 2)", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {dims.N, dims.groups})) return s;
-    if (ctx.GetInputCount() > 3) {
+    run.static_scale = 0.f;
+    if (ctx.GetInputCount() > 3 && ctx.GetInput(3)) {
       Ort::ConstValue act_scale = ctx.GetInput(3);
-      if (act_scale) {
-        auto info = act_scale.GetTensorTypeAndShapeInfo();
-        if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || info.GetElementCount() != 1) {
-          return Error(attrs.node, "act_scale (input 3) must be one float32 value, got " + std::to_string(info.GetElementCount()) +
-                                       " " + TypeName(info.GetElementType()) + " values");
-        }
+      auto info = act_scale.GetTensorTypeAndShapeInfo();
+      if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || info.GetElementCount() != 1) {
+        return Error(attrs.node, "act_scale (input 3) must be one float32 value, got " + std::to_string(info.GetElementCount()) +
+                                     " " + TypeName(info.GetElementType()) + " values");
+      }
+      run.static_scale = *act_scale.GetTensorData<float>();
+      if (!(std::isfinite(run.static_scale) && run.static_scale > 0.f)) {
+        return Error(attrs.node, "act_scale must be a positive finite number, got " + std::to_string(run.static_scale));
       }
     }
-    if (ctx.GetInputCount() > 4) {
+    run.bias = nullptr;
+    if (ctx.GetInputCount() > 4 && ctx.GetInput(4)) {
       Ort::ConstValue bias = ctx.GetInput(4);
-      if (bias) {
-        if (OrtStatusPtr s = ExpectTensor(attrs, bias, "bias (input 4)", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {dims.N})) return s;
-      }
+      if (OrtStatusPtr s = ExpectTensor(attrs, bias, "bias (input 4)", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {dims.N})) return s;
+      run.bias = bias.GetTensorData<float>();
     }
+    run.x_half = x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    run.x = x.GetTensorRawData();
+    run.weight = ctx.GetInput(1).GetTensorData<uint8_t>();
+    run.scales = ctx.GetInput(2).GetTensorData<float>();
+    shape.back() = attrs.N;
+    run.y = ctx.GetOutput(0, shape).GetTensorMutableRawData();
     return nullptr;
   } catch (const std::exception& e) {
     return Error(attrs.node, e.what());
   }
-}
-
-Ort::UnownedValue AllocateOutput(const W4A8Attrs& attrs, Ort::KernelContext& ctx) {
-  std::vector<int64_t> shape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
-  shape.back() = attrs.N;
-  return ctx.GetOutput(0, shape);
 }
 
 }  // namespace fptq

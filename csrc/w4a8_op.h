@@ -25,13 +25,36 @@ std::string TypeName(ONNXTensorElementDataType type);
 
 OrtStatusPtr ReadAttrs(const OrtKernelInfo* info, W4A8Attrs& attrs);
 
-// Checks one Run's inputs against the attributes (shapes, element types, optional inputs) and
-// derives the problem size. `x_type` is X's element type (float or float16).
-OrtStatusPtr CheckInputs(const W4A8Attrs& attrs, const Ort::KernelContext& ctx, W4A8Dims& dims,
-                         ONNXTensorElementDataType& x_type);
+// One Run's inputs, checked, and its output, allocated: what a kernel computes from.
+struct W4A8Run {
+  W4A8Dims dims;
+  bool x_half = false;            // X and Y are float16 (else float32)
+  const void* x = nullptr;
+  const uint8_t* weight = nullptr;
+  const float* scales = nullptr;
+  float static_scale = 0.f;       // > 0: per-tensor; 0: per-token dynamic (act_scale absent)
+  const float* bias = nullptr;    // may be null
+  void* y = nullptr;
+};
 
-// The output [..., N]: X's shape with its last dimension replaced by N.
-Ort::UnownedValue AllocateOutput(const W4A8Attrs& attrs, Ort::KernelContext& ctx);
+// Checks the inputs against the attributes (shapes, element types, optional inputs, a positive
+// finite act_scale, which both kernels ask for in host memory) and allocates Y [..., N].
+OrtStatusPtr ReadRun(const W4A8Attrs& attrs, Ort::KernelContext& ctx, W4A8Run& run);
+
+// The frame both kernels' ComputeV2 share: read and check the Run, skip empty inputs, compute, and
+// turn any exception into a status (nothing may be thrown across ORT's C ABI).
+template <typename Compute>
+OrtStatusPtr ComputeChecked(const W4A8Attrs& attrs, OrtKernelContext* context, Compute&& compute) {
+  try {
+    Ort::KernelContext ctx(context);
+    W4A8Run run;
+    if (OrtStatusPtr status = ReadRun(attrs, ctx, run)) return status;
+    if (run.dims.M == 0) return nullptr;
+    return compute(ctx, run);
+  } catch (const std::exception& e) {
+    return Error(attrs.node, e.what());
+  }
+}
 
 template <typename Kernel>
 struct W4A8MatMulOp : Ort::CustomOpBase<W4A8MatMulOp<Kernel>, Kernel, /*WithStatus=*/true> {
