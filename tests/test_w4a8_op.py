@@ -158,7 +158,8 @@ def test_w4a8_form_on_minilm_equals_qdq(minilm_onnx, calib_text, heldout_text):
     inputs, outputs = seen[: len(ops)], seen[len(ops):]
     alone = runtime.session(ops_alone(w4a8.model)).run(None, {f"in_{i}": x for i, x in enumerate(inputs)})
     worst = max(rel_err(got, want) for got, want in zip(alone, outputs))
-    assert worst <= 1e-4, worst      # measured 6.8e-7 (2-core x86 dev machine, onnxruntime 1.31.1)
+    print(f"largest per-layer difference, W4A8MatMul vs the qdq linear on the same input: {worst:.1e}")
+    assert worst <= 1e-4, worst      # measured 8.4e-7 (2-core x86 dev machine, onnxruntime 1.31.1)
 
     # End to end, a few int8 roundings flip at .5 boundaries (float sums in another order) and the
     # flips compound over 6 layers; compare that drift with the quantization error itself.
