@@ -68,8 +68,8 @@ void UnpackWeights(const uint8_t* packed, const W4A8Dims& d, int64_t n0, int64_t
       int8_t* lo = out + r * d.Kp + grp * d.group;
       int8_t* hi = lo + half;
       for (int64_t b = 0; b < half; ++b) {
-        lo[b] = static_cast<int8_t>(((src[b] & 0xF) ^ 8) - 8);
-        hi[b] = static_cast<int8_t>(((src[b] >> 4) ^ 8) - 8);
+        lo[b] = int4_value(src[b] & 0xF);
+        hi[b] = int4_value(src[b] >> 4);
       }
     }
   }

@@ -57,7 +57,9 @@ def main() -> int:
     print(f"exported {float_path} in {time.time() - t0:.1f} s")
     tokenizer = AutoTokenizer.from_pretrained(str(out / "minilm.tokenizer"))
     texts = heldout_passages(args.heldout)
+    t0 = time.time()
     reference = sentence_embeddings(session(float_path), tokenizer, texts, progress=True, desc="float")
+    print(f"float embeddings of {len(texts)} passages in {time.time() - t0:.1f} s")
     sizes = {"float": float_path.stat().st_size}
     rows = []
     # (label, recipe, output form): the last row is FPTQ again, emitted as the bundled W4A8MatMul op

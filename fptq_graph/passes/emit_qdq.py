@@ -35,7 +35,7 @@ class EmitQDQ:
                 continue
             # Siblings read the same tensor with the same scheme (and, under LAE, the same s): one QDQ.
             key = (linear.activation.name, linear.scheme)
-            linear.act_scale = None if linear.scheme == "dynamic" else static_scale(linear.v_after)
+            linear.act_scale = activation_scale(linear)
             if key not in shared:
                 shared[key] = (self._per_token(graph, linear) if linear.scheme == "dynamic"
                                else self._per_tensor(graph, linear, linear.act_scale))
@@ -95,6 +95,11 @@ def dequantized_int4_weight(graph: gs.Graph, linear: Linear) -> tuple[gs.Variabl
                       outputs=[gs.Variable(f"{linear.name}.weight_dq", dtype=np.float32, shape=[k, n])],
                       attrs={"axis": 0, "block_size": qw.group_size})[0]
     return out, len(packed)
+
+
+def activation_scale(linear: Linear) -> float | None:
+    """The static int8 scale a linear's activations get, or None when they are per-token dynamic."""
+    return None if linear.scheme == "dynamic" else static_scale(linear.v_after)
 
 
 def static_scale(v: float) -> float:

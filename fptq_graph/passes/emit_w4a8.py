@@ -14,7 +14,7 @@ from ..errors import FptqError
 from ..graph_match import constant_value
 from ..state import Linear, State
 from ..w4a8_op import DOMAIN, OP_TYPE, pack_weight
-from .emit_qdq import dequantized_int4_weight, static_scale
+from .emit_qdq import activation_scale, dequantized_int4_weight
 
 
 class EmitW4A8:
@@ -32,7 +32,7 @@ class EmitW4A8:
                 linear.node.inputs[1], nbytes = dequantized_int4_weight(graph, linear)
                 weights_only += 1
             else:
-                linear.act_scale = None if linear.scheme == "dynamic" else static_scale(linear.v_after)
+                linear.act_scale = activation_scale(linear)
                 nbytes = self._replace(graph, linear)
                 fused += 1
             int4_bytes += nbytes
