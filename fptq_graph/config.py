@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-RECIPES = ("fptq", "naive-w4a8", "dynamic-w4a8", "smoothquant-w4a8", "rtn-w4a16")
+RECIPES = ("fptq", "naive-w4a8", "dynamic-w4a8", "smoothquant-w4a8", "w8a8-smoothquant", "rtn-w4a16")
+# Recipes whose weights are int8 per output channel instead of INT4 group-wise.
+INT8_WEIGHT_RECIPES = ("w8a8-smoothquant",)
 FORMATS = ("qdq", "w4a8")
 
 
@@ -15,12 +17,18 @@ class Config:
                      linear per-tensor static with no equalization (the baseline FPTQ improves on);
                      "dynamic-w4a8" makes every linear per-token dynamic; "smoothquant-w4a8" folds
                      SmoothQuant scales (smooth_alpha) wherever a producer can take them, then static;
-                     "rtn-w4a16" quantizes weights only (activations stay float): the bound W4A8 aims at.
+                     "w8a8-smoothquant" is SmoothQuant with int8 per-output-channel weights (the W8A8
+                     reference point); "rtn-w4a16" quantizes weights only (activations stay float): the
+                     bound W4A8 aims at.
     static_bound:    v <= static_bound          -> int8 per-tensor static (paper's v0 = 15).
     dynamic_bound:   v >  dynamic_bound         -> int8 per-token dynamic (paper's v1 = 150);
                      in between                  -> LAE, then per-tensor static.
     group_size:      INT4 weight group along K (the reduction axis).
     symmetric:       int4 [-8, 7] with scale max|w|/7; False gives uint4 with a zero point.
+    quantize_lm_head: the LM head (the linear producing the model output `logits`) stays float unless this
+                     is set, as in GPTQ, AWQ and SmoothQuant: logits are the most error-sensitive product.
+    gptq:            quantize weights with GPTQ (error feedback through the calibration Hessian X^T X,
+                     which calibration then also records) instead of round-to-nearest.
     format:          "qdq" writes standard QuantizeLinear/DequantizeLinear (runs on any ONNX Runtime, the
                      reference numerics); "w4a8" writes the bundled fptq::W4A8MatMul op (same numerics,
                      integer kernels on CPU and CUDA; load it with fptq_graph.runtime.session).
@@ -37,6 +45,10 @@ class Config:
     format: str = "qdq"
     compensate_residual: bool = True
     smooth_alpha: float = 0.5
+    gptq: bool = False
+    quantize_lm_head: bool = False   # quantize the LM head (the linear producing `logits`) too
+    gptq_damp: float = 0.01          # GPTQ: dampening added to diag(H), as a fraction of its mean
+    sqnr_samples: int = 2            # calibration sequences the report's per-layer output SQNR is measured on
     # Calibration
     calib_batch_size: int = 8
     calib_seq_len: int = 512
@@ -51,6 +63,8 @@ class Config:
             raise FptqError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         if self.format not in FORMATS:
             raise FptqError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.format == "w4a8" and self.recipe in INT8_WEIGHT_RECIPES:
+            raise FptqError(f"format 'w4a8' takes INT4 weights; recipe {self.recipe!r} has int8 weights: use --format qdq")
         if self.format == "w4a8" and not self.symmetric:
             raise FptqError("format 'w4a8' needs symmetric int4 weights (its kernels take no zero points)")
         if not 0 <= self.static_bound < self.dynamic_bound:
@@ -61,9 +75,17 @@ class Config:
             raise FptqError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
         if self.group_size < 2 or self.group_size % 2:
             raise FptqError(f"group_size must be an even number >= 2, got {self.group_size}")
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise FptqError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
+        if self.sqnr_samples < 0:
+            raise FptqError(f"sqnr_samples must be >= 0, got {self.sqnr_samples}")
         for name in ("calib_batch_size", "calib_seq_len", "calib_samples"):
             if getattr(self, name) < 1:
                 raise FptqError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def weight_bits(self) -> int:
+        return 8 if self.recipe in INT8_WEIGHT_RECIPES else 4
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,6 +17,7 @@ class QuantizedWeight:
     scale: np.ndarray        # [ceil(K/g), N] float32
     zero_point: np.ndarray | None  # [ceil(K/g), N] uint8 in [0, 15], asymmetric only
     group_size: int
+    bits: int = 4            # 8 for int8 per-output-channel weights (int8.py): q in [-127, 127], one group of K
 
     def dequantize(self) -> np.ndarray:
         s = np.repeat(self.scale, self.group_size, axis=0)[: self.q.shape[0]]

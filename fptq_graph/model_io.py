@@ -11,7 +11,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import copy
+
 import onnx
+import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 from .errors import FptqError, ModelLoadError
@@ -67,6 +70,45 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         os.replace(staged, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def finish_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export the graph with the original's metadata, opset >= 21 and IR version 10."""
+    out = gs.export_onnx(graph)
+    out.ir_version = IR_VERSION
+    for opset in out.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, MIN_OPSET)
+    imported = {opset.domain for opset in out.opset_import}
+    for domain in sorted({node.domain for node in out.graph.node if node.domain} - imported - {"ai.onnx"}):
+        out.opset_import.append(onnx.helper.make_opsetid(domain, 1))   # our own op's domain, fptq
+    del out.metadata_props[:]
+    out.metadata_props.extend(copy.deepcopy(original.metadata_props))
+    from . import __version__
+
+    out.producer_name, out.producer_version = "fptq-graph", __version__
+    return out
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Writes a report, page or image to a temp name beside `path`, then renames it into place."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise FptqError(f"{path}: output directory {directory} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except PermissionError:
+        raise FptqError(f"{path}: output directory {directory} is not writable") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 

@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 
 from .passes import (Calibrate, CanonicalizeWeights, ClassifyActivations, EmitQDQ, EmitW4A8, FindQuantizableLinears,
-                     FoldEqualizationScales, InsertObservers, QuantizeWeightsInt4)
+                     FoldEqualizationScales, InsertObservers, MeasureOutputSQNR, QuantizeWeights)
 from .state import State
 
 
@@ -21,7 +21,7 @@ EMITTERS = {"qdq": EmitQDQ, "w4a8": EmitW4A8}   # Config.format -> the pass that
 
 def default_passes(form: str = "qdq") -> list:
     return [FindQuantizableLinears(), CanonicalizeWeights(), InsertObservers(), Calibrate(),
-            ClassifyActivations(), FoldEqualizationScales(), QuantizeWeightsInt4(), EMITTERS[form]()]
+            ClassifyActivations(), FoldEqualizationScales(), QuantizeWeights(), EMITTERS[form](), MeasureOutputSQNR()]
 
 
 def run_passes(state: State, passes: list, log=None) -> list[PassRecord]:

@@ -9,7 +9,7 @@ from .state import State
 REPORT_KEY = "fptq_graph.report"
 COLUMNS = [("name", "layer", "<"), ("K", "K", ">"), ("N", "N", ">"), ("act_max_before", "act max", ">"),
            ("act_max_after", "after LAE", ">"), ("scheme", "scheme", "<"), ("group_size", "group", ">"),
-           ("weight_sqnr_db", "W SQNR dB", ">"), ("reason", "reason", "<")]
+           ("weight_sqnr_db", "W SQNR dB", ">"), ("output_sqnr_db", "out SQNR dB", ">"), ("reason", "reason", "<")]
 
 
 def layer_rows(state: State) -> list[dict]:
@@ -26,6 +26,7 @@ def layer_rows(state: State) -> list[dict]:
             "reason": linear.reason,
             "group_size": state.config.group_size,
             "weight_sqnr_db": _num(linear.weight_sqnr_db),
+            "output_sqnr_db": _num(linear.output_sqnr_db),
             "act_scale": _num(linear.act_scale),
             "producer": (f"{linear.producer.kind} '{linear.producer.node.name}'" if linear.producer else None),
             "weight_source": linear.weight_note or "initializer",

@@ -40,6 +40,7 @@ class Linear:
     activation: gs.Variable        # the tensor the linear reads (quantized as its activation)
     group: str                     # name of the tensor shared by its siblings (producer output or activation)
     producer: NormProducer | None
+    output: str = ""               # name of the tensor the linear produces (kept by every emitter)
     weight_note: str = ""          # how the constant weight is reached (Transpose, transB, ...)
     act_max: np.ndarray | None = None         # per-input-channel max|X| from calibration [K]
     scheme: str | None = None                 # one of SCHEMES
@@ -48,6 +49,7 @@ class Linear:
     act_scale: float | None = None            # static int8 scale, when static or lae
     quantized: Any = None                     # int4.QuantizedWeight
     weight_sqnr_db: float | None = None       # SQNR of the INT4 weight against the float (LAE-scaled) one
+    output_sqnr_db: float | None = None       # SQNR of the linear's output in the quantized model vs the float one
 
     @property
     def v(self) -> float:
@@ -67,8 +69,12 @@ class State:
     graph: gs.Graph
     config: Config
     linears: dict[str, Linear] = field(default_factory=dict)
+    kept_float: dict[str, dict] = field(default_factory=dict)          # linears left float on purpose -> row
     producers: dict[str, NormProducer] = field(default_factory=dict)   # keyed by producer output name
     observed_model: Any = None                # onnx.ModelProto with observer outputs
     observers: dict[str, tuple[str, str]] = field(default_factory=dict)  # activation -> (max output, finite output)
     calibration: Any = None                   # calibration.CalibrationSet
+    source_model: Any = None                  # the float onnx.ModelProto (read only), for output SQNR
     act_max: dict[str, np.ndarray] = field(default_factory=dict)      # activation name -> [K]
+    gram_observers: dict[str, str] = field(default_factory=dict)      # activation -> X^T X output (gptq only)
+    gram: dict[str, np.ndarray] = field(default_factory=dict)         # activation name -> X^T X [K, K], float64

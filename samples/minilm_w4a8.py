@@ -41,7 +41,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     import fptq_graph as fq
-    from fptq_graph.cli import _minilm_dir
+    from fptq_graph.exporters.packaged import packaged_model
     from fptq_graph.evaluate import embedding_agreement, heldout_passages, sentence_embeddings
     from fptq_graph.exporters import export_hf
     from fptq_graph.runtime import session
@@ -53,7 +53,7 @@ def main() -> int:
     print("== all-MiniLM-L6-v2 (real pretrained weights) ==")
     float_path = out / "minilm.onnx"
     t0 = time.time()
-    export_hf(_minilm_dir(), float_path, fx=True)
+    export_hf(packaged_model("minilm"), float_path, fx=True)
     print(f"exported {float_path} in {time.time() - t0:.1f} s")
     tokenizer = AutoTokenizer.from_pretrained(str(out / "minilm.tokenizer"))
     texts = heldout_passages(args.heldout)

@@ -56,7 +56,7 @@ def assert_clean_failure(code, err, out_path, *needles):
     assert not [p for p in out_path.parent.iterdir() if p.name.startswith("." + out_path.name)], "temp file left"
 
 
-@pytest.mark.parametrize("recipe", ["fptq", "naive-w4a8", "dynamic-w4a8", "smoothquant-w4a8", "rtn-w4a16"])
+@pytest.mark.parametrize("recipe", ["fptq", "naive-w4a8", "dynamic-w4a8", "smoothquant-w4a8", "w8a8-smoothquant", "rtn-w4a16"])
 def test_every_recipe_from_the_command_line(recipe, tmp_path, capsys):
     out = tmp_path / "q.onnx"
     code, _, _ = run_cli(["quantize", token_model(tmp_path), "-o", out, "--calib-random", "4", "--seq-len", "8",
@@ -66,7 +66,7 @@ def test_every_recipe_from_the_command_line(recipe, tmp_path, capsys):
     scheme = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["fptq_graph.report"])["layers"][0]["scheme"]
     # The token model's LN output has v about 3 (unit gain), so FPTQ makes it static.
     expected = {"fptq": "static", "naive-w4a8": "static", "dynamic-w4a8": "dynamic", "smoothquant-w4a8": "smooth",
-                "rtn-w4a16": "float"}
+                "w8a8-smoothquant": "smooth", "rtn-w4a16": "float"}
     assert scheme == expected[recipe]
 
 

@@ -1,4 +1,4 @@
-"""Export a Hugging Face model (a local directory or an in-memory model) to ONNX.
+"""Export a Hugging Face model (a local directory, a GGUF file, or an in-memory model) to ONNX.
 
 A causal LM exports `input_ids` (+ `attention_mask`) -> `logits`; an encoder such as BERT/MiniLM
 exports -> `last_hidden_state`. The tokenizer, when there is one, is saved beside the ONNX and its
@@ -35,20 +35,10 @@ def export_hf(model_or_dir, path: str | os.PathLike, *, fx: bool = False, exampl
     path = Path(path)
     tokenizer = None
     if isinstance(model_or_dir, (str, os.PathLike)):
-        source = Path(model_or_dir)
-        if not (source / "config.json").is_file():
-            raise ExportError(f"{source}: not a Hugging Face model directory (no config.json)")
-        config = AutoConfig.from_pretrained(source)
-        causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
-        loader = AutoModelForCausalLM if causal else AutoModel
-        model = loader.from_pretrained(source, dtype=torch.float32)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError):
-            tokenizer = None
+        model, tokenizer = _load_pretrained(Path(model_or_dir), AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer)
     else:
         model = model_or_dir
-        causal = hasattr(model, "lm_head") or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    causal = hasattr(model, "lm_head") or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
     output = "logits" if causal else "last_hidden_state"
     vocab = int(model.config.vocab_size)
     ids = torch.randint(0, vocab, (2, example_seq_len), generator=torch.Generator().manual_seed(0))
@@ -61,6 +51,33 @@ def export_hf(model_or_dir, path: str | os.PathLike, *, fx: bool = False, exampl
     return export_module(_LogitsOnly(model, output), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, path,
                          [output], fx_path=path.with_suffix(".fx.txt") if fx else None, metadata=metadata,
                          strip_prefix="model.", max_sequence=_max_positions(model.config))
+
+
+def _load_pretrained(source: Path, AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer):
+    """Model (float32) and tokenizer (or None) from a model directory or a GGUF file.
+
+    A GGUF file is dequantized to float32 by transformers (it needs the gguf and accelerate packages).
+    """
+    if source.suffix == ".gguf" and source.is_file():
+        where, kwargs = source.parent, {"gguf_file": source.name}
+    elif (source / "config.json").is_file():
+        where, kwargs = source, {}
+    else:
+        raise ExportError(f"{source}: not a Hugging Face model directory (no config.json) nor a .gguf file")
+    config = AutoConfig.from_pretrained(where, **kwargs)
+    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
+    if kwargs and not config.architectures:
+        causal = True   # GGUF files hold decoders; their config carries no architectures list
+    loader = AutoModelForCausalLM if causal else AutoModel
+    try:
+        model = loader.from_pretrained(where, dtype=torch.float32, **kwargs)
+    except (ImportError, ValueError) as exc:
+        raise ExportError(f"{source}: could not load ({str(exc).splitlines()[0]})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
 
 
 def _max_positions(config) -> int:

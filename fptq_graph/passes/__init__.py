@@ -2,7 +2,8 @@
 
 Order (see pipeline.default_passes): find quantizable linears -> canonicalize their weights ->
 insert observers -> calibrate -> classify -> fold equalization (LAE) -> quantize weights -> emit
-(qdq: standard QuantizeLinear/DequantizeLinear; w4a8: the bundled fptq::W4A8MatMul op).
+(qdq: standard QuantizeLinear/DequantizeLinear; w4a8: the bundled fptq::W4A8MatMul op) -> measure
+each linear's output SQNR against the float model.
 """
 from .find_linears import FindQuantizableLinears
 from .canonicalize_weights import CanonicalizeWeights
@@ -10,9 +11,10 @@ from .insert_observers import InsertObservers
 from .calibrate import Calibrate
 from .classify import ClassifyActivations
 from .fold_equalization import FoldEqualizationScales
-from .quantize_weights import QuantizeWeightsInt4
+from .quantize_weights import QuantizeWeights
 from .emit_qdq import EmitQDQ
 from .emit_w4a8 import EmitW4A8
+from .measure_output_sqnr import MeasureOutputSQNR
 
 __all__ = [
     "FindQuantizableLinears",
@@ -21,7 +23,8 @@ __all__ = [
     "Calibrate",
     "ClassifyActivations",
     "FoldEqualizationScales",
-    "QuantizeWeightsInt4",
+    "QuantizeWeights",
     "EmitQDQ",
     "EmitW4A8",
+    "MeasureOutputSQNR",
 ]

@@ -17,7 +17,7 @@ class Calibrate:
             raise CalibrationError("no calibration set given")
         model = state.observed_model
         sess = session(model)
-        names = [name for pair in state.observers.values() for name in pair]
+        names = [name for pair in state.observers.values() for name in pair] + list(state.gram_observers.values())
         running: dict[str, np.ndarray] = {}
         bar = tqdm(state.calibration.feed_batches(model.graph.input), total=len(state.calibration),
                    desc="calibrating", unit="batch", disable=not state.config.progress)
@@ -31,6 +31,9 @@ class Calibrate:
                     )
                 batch_max = results[max_name].astype(np.float32)
                 running[activation] = batch_max if activation not in running else np.maximum(running[activation], batch_max)
+            for activation, gram_name in state.gram_observers.items():
+                gram = results[gram_name].astype(np.float64)
+                state.gram[activation] = gram if activation not in state.gram else state.gram[activation] + gram
         state.act_max = running
         for linear in state.linears.values():
             linear.act_max = running[linear.activation.name]

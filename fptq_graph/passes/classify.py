@@ -25,7 +25,7 @@ class ClassifyActivations:
                 linear.scheme, linear.reason = "float", "rtn-w4a16 recipe: weights only, activations stay float"
             elif cfg.recipe == "dynamic-w4a8":
                 linear.scheme, linear.reason = "dynamic", "dynamic-w4a8 recipe: every linear per-token dynamic"
-            elif cfg.recipe == "smoothquant-w4a8":
+            elif cfg.recipe in ("smoothquant-w4a8", "w8a8-smoothquant"):
                 if blocked:
                     linear.scheme, linear.reason = "static", f"SmoothQuant not foldable ({blocked}): plain static"
                 else:

@@ -1,5 +1,6 @@
-"""Emit the `qdq` form: INT4 weight initializers -> DequantizeLinear(axis=0, block_size=g), and int8
-activation quantize/dequantize per tensor (static) or per token (dynamic).
+"""Emit the `qdq` form: INT4 weight initializers -> DequantizeLinear(axis=0, block_size=g) (int8
+weights of the w8a8 recipe: per output channel, axis=1), and int8 activation quantize/dequantize
+per tensor (static) or per token (dynamic).
 
 Per-token dynamic quantization is written as its elementwise equivalent, s = max(|x|) / 127 over
 the last axis, then Round(x / s) clipped to [-128, 127], times s: QuantizeLinear takes no run-time
@@ -26,11 +27,11 @@ class EmitQDQ:
     def run(self, state: State) -> str:
         graph = state.graph
         shared: dict[tuple[str, str], gs.Variable] = {}   # (activation, scheme) -> quantized activation
-        int4_bytes = 0
+        weight_bytes = 0
         for linear in state.linears.values():
             node = linear.node
-            node.inputs[1], nbytes = dequantized_int4_weight(graph, linear)
-            int4_bytes += nbytes
+            node.inputs[1], nbytes = dequantized_weight(graph, linear)
+            weight_bytes += nbytes
             if linear.scheme == "float":
                 continue
             # Siblings read the same tensor with the same scheme (and, under LAE, the same s): one QDQ.
@@ -41,7 +42,8 @@ class EmitQDQ:
                                else self._per_tensor(graph, linear, linear.act_scale))
             node.inputs[0] = shared[key]
         graph.cleanup().toposort()
-        return f"{len(state.linears)} linears emitted; INT4 weights {int4_bytes / 2**20:.2f} MiB packed"
+        kind = "int8" if state.config.weight_bits == 8 else "INT4"
+        return f"{len(state.linears)} linears emitted; {kind} weights {weight_bytes / 2**20:.2f} MiB packed"
 
     @staticmethod
     def _per_tensor(graph: gs.Graph, linear: Linear, scale: float) -> gs.Variable:
@@ -76,10 +78,18 @@ class EmitQDQ:
         return graph.layer(op="Mul", name=f"{tag}_dequant", inputs=[q, scale], outputs=[var("qdq", x.shape)])[0]
 
 
-def dequantized_int4_weight(graph: gs.Graph, linear: Linear) -> tuple[gs.Variable, int]:
-    """INT4 initializer (and zero point) -> DequantizeLinear(axis=0, block_size=g): the float [K, N] weight."""
+def dequantized_weight(graph: gs.Graph, linear: Linear) -> tuple[gs.Variable, int]:
+    """INT4 initializer (and zero point) -> DequantizeLinear(axis=0, block_size=g): the float [K, N] weight.
+    Int8 per-channel weights -> DequantizeLinear(axis=1) with one scale per output channel."""
     qw = linear.quantized
     k, n = qw.q.shape
+    if qw.bits == 8:
+        weight = gs.Constant(f"{linear.name}.weight_int8", np.ascontiguousarray(qw.q, dtype=np.int8))
+        out = graph.layer(op="DequantizeLinear", name=f"{linear.name}.weight_dq",
+                          inputs=[weight, gs.Constant(f"{linear.name}.weight_scale", qw.scale.reshape(n).astype(np.float32))],
+                          outputs=[gs.Variable(f"{linear.name}.weight_dq", dtype=np.float32, shape=[k, n])],
+                          attrs={"axis": 1})[0]
+        return out, qw.q.nbytes
     symmetric = qw.zero_point is None
     kind = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
     packed = pack_int4(qw.q)

@@ -14,7 +14,7 @@ from ..errors import FptqError
 from ..graph_match import constant_value
 from ..state import Linear, State
 from ..w4a8_op import DOMAIN, OP_TYPE, pack_weight
-from .emit_qdq import activation_scale, dequantized_int4_weight
+from .emit_qdq import activation_scale, dequantized_weight
 
 
 class EmitW4A8:
@@ -29,7 +29,7 @@ class EmitW4A8:
         int4_bytes = 0
         for linear in state.linears.values():
             if linear.scheme == "float":
-                linear.node.inputs[1], nbytes = dequantized_int4_weight(graph, linear)
+                linear.node.inputs[1], nbytes = dequantized_weight(graph, linear)
                 weights_only += 1
             else:
                 linear.act_scale = activation_scale(linear)

@@ -1,4 +1,10 @@
-"""Find the quantizable linears, their normalization producer and their siblings (an analysis)."""
+"""Find the quantizable linears, their normalization producer and their siblings (an analysis).
+
+The LM head (the linear producing the model output `logits`, directly or through reshapes/casts:
+what our exporter and Hugging Face name it) is left float unless Config.quantize_lm_head, as weight-quantization practice does (GPTQ, AWQ,
+SmoothQuant keep it): logits are the most error-sensitive product, and in tied-embedding models
+its weight is the embedding table, which stays float for the lookup anyway.
+"""
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
@@ -8,12 +14,16 @@ from ..graph_match import NORM_OPS, constant_value, is_channel_passthrough, prod
 from ..state import Linear, NormProducer, State
 
 
+LOGITS = "logits"
+
+
 class FindQuantizableLinears:
     name = "find_linears"
 
     def run(self, state: State) -> str:
         graph = state.graph
         skipped = 0
+        outputs = {t.name for t in graph.outputs} & {LOGITS}
         for index, node in enumerate(graph.nodes):
             if node.op not in ("MatMul", "Gemm"):
                 continue
@@ -24,11 +34,17 @@ class FindQuantizableLinears:
             if not node.name or node.name in state.linears:
                 node.name = f"{node.op}_{index}"
             k, n = weight.shape
+            if not state.config.quantize_lm_head and _feeds_output(node, outputs):
+                state.kept_float[node.name] = {
+                    "name": node.name, "K": k, "N": n,
+                    "reason": f"LM head (produces the model output '{LOGITS}'): kept float; "
+                              "quantize_lm_head (--quantize-lm-head) quantizes it"}
+                continue
             activation = node.inputs[0]
             norm = self._find_producer(state, activation, k)
             group = norm.output.name if norm else activation.name
             linear = Linear(name=node.name, node=node, k=k, n=n, activation=activation, group=group,
-                            producer=norm, weight_note=note)
+                            producer=norm, output=node.outputs[0].name, weight_note=note)
             state.linears[linear.name] = linear
             if norm:
                 norm.linears.append(linear.name)
@@ -38,8 +54,10 @@ class FindQuantizableLinears:
             )
         for norm in state.producers.values():
             norm.other_consumers = self._other_consumers(state, norm)
+        kept = f", LM head kept float ({', '.join(state.kept_float)})" \
+            if state.kept_float else ""
         return (f"{len(state.linears)} quantizable linears, {len(state.producers)} normalization producers, "
-                f"{skipped} MatMul/Gemm with non-constant weights left in float")
+                f"{skipped} MatMul/Gemm with non-constant weights left in float{kept}")
 
     def _find_producer(self, state: State, activation: gs.Tensor, k: int) -> NormProducer | None:
         tensor = activation
@@ -96,3 +114,14 @@ def foldable(norm: NormProducer, graph_outputs: set[str], compensate: bool) -> s
         names = ", ".join(sorted({node.name or node.op for node, _ in norm.other_consumers}))
         return f"{norm.kind} '{norm.node.name}' also feeds {names} (residual compensation disabled)"
     return ""
+
+
+def _feeds_output(node: gs.Node, outputs: set[str]) -> str:
+    """The model output `node` produces, directly or through reshapes/casts; "" when it does not."""
+    tensor = node.outputs[0]
+    while tensor.name not in outputs:
+        consumers = list(tensor.outputs)
+        if len(consumers) != 1 or consumers[0].op not in ("Reshape", "Cast", "Identity"):
+            return ""
+        tensor = consumers[0].outputs[0]
+    return tensor.name

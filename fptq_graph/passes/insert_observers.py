@@ -4,7 +4,8 @@ Observers are reductions inside the graph, so calibration fetches K floats per a
 whole tensors. The observed model's only outputs are the observers, so ONNX Runtime skips work that
 feeds nothing observed (an lm_head whose input is observed but whose logits are not needed).
 ReduceMax in ONNX Runtime ignores NaN, hence the separate sentinel sum(X * 0): NaN when any element
-of X is NaN or infinite, 0 otherwise.
+of X is NaN or infinite, 0 otherwise. With Config.gptq, each activation also gets X^T X [K, K] (the
+GPTQ Hessian, summed over the batch's tokens): K^2 floats, still independent of the token count.
 """
 from __future__ import annotations
 
@@ -42,12 +43,21 @@ class InsertObservers:
                                  attrs={"keepdims": 0})[0]
             outputs += [amax, finite]
             state.observers[name] = (amax.name, finite.name)
+            if state.config.gptq:
+                rows = graph.layer(op="Reshape", inputs=[x, np.array([-1, linear.k], dtype=np.int64)],
+                                   outputs=[f"obs.{tag}.rows"])[0]
+                cols = graph.layer(op="Transpose", inputs=[rows], outputs=[f"obs.{tag}.cols"], attrs={"perm": [1, 0]})[0]
+                gram = graph.layer(op="MatMul", inputs=[cols, rows],
+                                   outputs=[gs.Variable(f"obs.{tag}.gram", dtype=dtype, shape=[linear.k, linear.k])])[0]
+                outputs.append(gram)
+                state.gram_observers[name] = gram.name
         graph.outputs = outputs
         graph.cleanup()
         model = gs.export_onnx(graph)
         model.ir_version = IR_VERSION
         state.observed_model = model
-        return f"{len(state.observers)} observed activations ({2 * len(state.observers)} observer outputs)"
+        grams = f", {len(state.gram_observers)} X^T X for GPTQ" if state.gram_observers else ""
+        return f"{len(state.observers)} observed activations ({2 * len(state.observers)} observer outputs{grams})"
 
 
 def _safe(name: str) -> str:

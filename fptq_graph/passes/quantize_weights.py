@@ -1,14 +1,19 @@
-"""Quantize each linear's [K, N] weight to group-wise INT4 (tensor by tensor, round to nearest)."""
+"""Quantize each linear's [K, N] weight, tensor by tensor: group-wise INT4 by round-to-nearest, or by
+GPTQ when Config.gptq (using the X^T X calibration recorded); int8 per output channel for the
+w8a8 recipe. The weight quantized is the one the linear now holds, i.e. after any equalization fold.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import FptqError
+from ..gptq import gptq_quantize
 from ..int4 import quantize_groupwise
-from ..state import State
+from ..int8 import quantize_per_channel_int8
+from ..state import Linear, State
 
 
-class QuantizeWeightsInt4:
+class QuantizeWeights:
     name = "quantize_weights"
 
     def run(self, state: State) -> str:
@@ -18,16 +23,43 @@ class QuantizeWeightsInt4:
             weight = linear.node.inputs[1].values
             if not np.all(np.isfinite(weight)):
                 raise FptqError(f"weight of linear '{linear.name}' contains NaN or Inf")
-            linear.quantized = quantize_groupwise(weight, cfg.group_size, cfg.symmetric)
+            if cfg.weight_bits == 8:
+                linear.quantized = quantize_per_channel_int8(weight)
+            elif cfg.gptq:
+                linear.quantized = gptq_quantize(weight, equalized_hessian(state, linear), cfg.group_size,
+                                                 cfg.symmetric, cfg.gptq_damp)
+            else:
+                linear.quantized = quantize_groupwise(weight, cfg.group_size, cfg.symmetric)
             sqnr = weight_sqnr(weight, linear.quantized.dequantize())
             linear.weight_sqnr_db = sqnr
             if sqnr < worst[1]:
                 worst = (linear.name, sqnr)
-        kind = "symmetric int4" if cfg.symmetric else "asymmetric uint4"
-        return f"{len(state.linears)} weights to {kind}, group {cfg.group_size}; lowest SQNR {worst[1]:.1f} dB ({worst[0]})"
+        if cfg.weight_bits == 8:
+            kind = "int8 per output channel"
+        else:
+            kind = ("symmetric int4" if cfg.symmetric else "asymmetric uint4") + f", group {cfg.group_size}"
+            kind += " by GPTQ" if cfg.gptq else " by round-to-nearest"
+        return f"{len(state.linears)} weights to {kind}; lowest SQNR {worst[1]:.1f} dB ({worst[0]})"
+
+
+def equalized_hessian(state: State, linear: Linear) -> np.ndarray:
+    """X^T X of what the linear reads now: an equalization fold divided X by s, so H becomes H / (s s^T)."""
+    gram = state.gram.get(linear.activation.name)
+    if gram is None:
+        raise FptqError(f"GPTQ needs X^T X for '{linear.name}', which calibration did not record")
+    if linear.eq_scale is None:
+        return gram
+    s = linear.eq_scale.astype(np.float64)
+    return gram / np.outer(s, s)
 
 
 def weight_sqnr(reference: np.ndarray, approx: np.ndarray) -> float:
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    noise = float(np.sum((reference.astype(np.float64) - approx) ** 2))
-    return float("inf") if noise == 0 else 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
+    reference = reference.astype(np.float64)
+    return sqnr_db(float(np.sum(reference ** 2)), float(np.sum((reference - approx) ** 2)))
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise): +inf without noise, -inf without signal."""
+    if noise == 0:
+        return float("inf")
+    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")

@@ -1,0 +1,62 @@
+"""Measure each linear's output SQNR in the quantized model against the float model (an analysis).
+
+Both models run on the first few calibration samples (Config.sqnr_samples), one sample at a time,
+with every linear's output made a model output. The error is end to end: a linear's output in the
+quantized model carries the error of every layer before it, so the column shows where the error
+grows. Outputs are fetched a chunk at a time (about OUTPUT_BUDGET bytes per run) so memory stays
+bounded whatever the model's size; the repeated forward passes are the price.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..model_io import finish_model
+from ..runtime import session
+from ..state import State
+from .quantize_weights import sqnr_db
+
+OUTPUT_BUDGET = 256 * 2**20
+
+
+class MeasureOutputSQNR:
+    name = "measure_output_sqnr"
+
+    def run(self, state: State) -> str:
+        count = state.config.sqnr_samples
+        if count == 0 or state.calibration is None or state.source_model is None:
+            return "skipped (no samples)"
+        linears = list(state.linears.values())
+        names = [linear.output for linear in linears]
+        quantized = finish_model(state.graph, state.source_model)
+        runs = [session(with_outputs(model, names)) for model in (state.source_model, quantized)]
+        signal = dict.fromkeys(names, 0.0)
+        noise = dict.fromkeys(names, 0.0)
+        samples = 0
+        for feeds in state.calibration.sample_feeds(state.source_model.graph.input, count):
+            tokens = int(np.prod(next(iter(feeds.values())).shape))
+            per_run = max(1, OUTPUT_BUDGET // (4 * tokens * max(l.n for l in linears)))
+            for start in range(0, len(names), per_run):
+                chunk = names[start:start + per_run]
+                reference, candidate = (sess.run(chunk, feeds) for sess in runs)
+                for name, ref, out in zip(chunk, reference, candidate):
+                    ref = ref.astype(np.float64)
+                    signal[name] += float(np.sum(ref * ref))
+                    noise[name] += float(np.sum((ref - out.astype(np.float64)) ** 2))
+            samples += 1
+        worst = ("", np.inf)
+        for linear in linears:
+            linear.output_sqnr_db = sqnr_db(signal[linear.output], noise[linear.output])
+            if linear.output_sqnr_db < worst[1]:
+                worst = (linear.name, linear.output_sqnr_db)
+        return f"output SQNR of {len(linears)} linears on {samples} samples; lowest {worst[1]:.1f} dB ({worst[0]})"
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` (sharing nothing) whose outputs are `names` (types left to the runtime)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.output[:]
+    out.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    return out
+
