@@ -40,10 +40,12 @@ RECIPES = {
     "dynamic-w4a8": {"recipe": "dynamic-w4a8"},
     "w8a8-smoothquant": {"recipe": "w8a8-smoothquant"},
     "rtn-w4a16": {"recipe": "rtn-w4a16"},
+    # SmolLM2's packaged weights are GGUF Q4_1 (asymmetric, blocks of 32): the matching grid
+    "fptq, g32 asym": {"recipe": "fptq", "group_size": 32, "symmetric": False},
 }
 # Per model: calibration (samples x tokens) and what is evaluated.
 MODELS = {
-    "smollm2": {"kind": "decoder", "calib_samples": 64, "seq_len": 512, "eval_tokens": 16384},
+    "smollm2": {"kind": "decoder", "calib_samples": 64, "seq_len": 512, "eval_tokens": 8192},
     "minilm": {"kind": "encoder", "calib_samples": 128, "seq_len": 256},
 }
 
@@ -98,7 +100,7 @@ def run_model(name: str, settings: dict, recipes: list[str], with_ort: bool, out
                            progress=False, sqnr_samples=0)
         start = time.perf_counter()
         result = fq.quantize(float_path, str(CALIB), config)
-        path = result.save(out / f"{name}.{label.replace(' + ', '-')}.onnx")
+        path = result.save(out / f"{name}.{label.replace(' + ', '-').replace(', ', '-').replace(' ', '-')}.onnx")
         seconds = time.perf_counter() - start
         schemes = {}
         for layer in result.layers:
@@ -191,9 +193,12 @@ def ort_quantized(name: str, float_path: Path, settings: dict, linears: list[str
 
     path = out / f"{name}.ort-static.onnx"
     start = time.perf_counter()
+    # Ranges are folded every `chunk` batches to bound memory. onnxruntime 1.31 raises "No data is
+    # collected" when the batch count is a multiple of the chunk (its last fold leaves nothing): avoid that.
+    chunk = next(c for c in (8, 7, 6, 5, 3) if calib.num_samples % c)
     quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=linears,
-                    extra_options={"CalibMaxIntermediateOutputs": 8})
+                    extra_options={"CalibMaxIntermediateOutputs": chunk})
     fix_ir_version(path)
     print(f"{name}: quantize_static took {time.perf_counter() - start:.0f} s", flush=True)
     yield "ort quantize_static (W8A8 QDQ)", path

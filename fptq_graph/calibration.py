@@ -2,7 +2,8 @@
 
 A CalibrationSet yields feed dicts one batch at a time, so calibration memory does not grow with
 the number of samples. Model inputs are filled by name: input_ids from the tokens, attention_mask
-with ones, token_type_ids with zeros, position_ids with 0..S-1; any other input is an error.
+with ones, token_type_ids with zeros, position_ids with 0..S-1, a KV cache's past_key_values.* empty
+(past length 0: the prompt step); any other input is an error.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import onnx
 from .errors import CalibrationError
 
 INT_TYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
 
 @dataclass
@@ -140,6 +142,9 @@ def feeds_for(model_inputs: Sequence[onnx.ValueInfoProto], tokens: np.ndarray, m
         dtype = INT_TYPES.get(elem)
         name = value.name
         lowered = name.lower()
+        if lowered.startswith("past_key_values") and elem in FLOAT_TYPES:
+            feeds[name] = empty_past(value, batch)
+            continue
         if dtype is None:
             raise CalibrationError(f"{model_name}: input '{name}' is not an integer token input; "
                                    "pass calibration feeds explicitly for this model")
@@ -154,6 +159,14 @@ def feeds_for(model_inputs: Sequence[onnx.ValueInfoProto], tokens: np.ndarray, m
         else:
             raise CalibrationError(f"{model_name}: don't know how to fill input '{name}' from tokens")
     return feeds
+
+
+def empty_past(value: onnx.ValueInfoProto, batch: int) -> np.ndarray:
+    """A zero-length past for a KV cache input [batch, kv_heads, past_sequence, head_dim]."""
+    dims = value.type.tensor_type.shape.dim
+    if len(dims) != 4 or not (dims[1].dim_value and dims[3].dim_value):
+        raise CalibrationError(f"KV cache input '{value.name}' is not [batch, heads, past, head_dim] with fixed heads")
+    return np.zeros((batch, dims[1].dim_value, 0, dims[3].dim_value), dtype=FLOAT_TYPES[value.type.tensor_type.elem_type])
 
 
 def vocab_size_of(model: onnx.ModelProto) -> int | None:

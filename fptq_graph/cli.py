@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "or a packaged sample: 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M-Instruct)")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")
     p.add_argument("--fx", action="store_true", help="also write the torch.export FX graph as <name>.fx.txt")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="causal LMs: export past keys/values as inputs and presents as outputs (for generate)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("quantize", help="quantize a float ONNX model to W4A8 with FPTQ",
@@ -51,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=defaults.recipe, choices=RECIPES, help="default: fptq")
     p.add_argument("--format", default=defaults.format, choices=FORMATS,
                    help="qdq: standard ONNX QDQ, runs anywhere (default); w4a8: the bundled integer op "
-                        "(load with fptq_graph.runtime.session or register fptq_graph.runtime.library_path())")
+                        "(load with fptq_graph.runtime.session or register fptq_graph.runtime.library_path()); "
+                        "ort: ONNX Runtime's MatMulNBits weights, activations as in qdq")
     p.add_argument("--group-size", type=int, default=defaults.group_size, help="INT4 weight group along K (default %(default)s)")
     p.add_argument("--asymmetric", action="store_true", help="uint4 weights with zero points instead of symmetric int4")
     p.add_argument("--static-bound", type=float, default=defaults.static_bound, help="v <= this: per-tensor static (default %(default)s)")
@@ -84,6 +87,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT.json", help="also write the result as JSON")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("generate", help="greedy generation from a causal LM (float or quantized) in ONNX Runtime",
+                       description="Greedy generation through ONNX Runtime with the fptq op library registered; "
+                                   "new tokens are streamed to stdout, timings to stderr. Export with --kv-cache "
+                                   "for one-token steps.")
+    p.add_argument("model", help="ONNX causal LM with a 'logits' output")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="default %(default)s")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the one recorded by export)")
+    p.set_defaults(func=_cmd_generate)
+
     p = sub.add_parser("inspect", help="print what the compiler decided for each layer of a model",
                        description="For a quantized model: the per-layer table (scheme, reason, activation max before "
                                    "and after LAE, weight SQNR) stored in it. For a float model: its quantizable linears.")
@@ -101,7 +115,7 @@ def _cmd_export(args) -> int:
     from .exporters.packaged import PACKAGED, packaged_model
 
     source = packaged_model(args.model_dir) if args.model_dir in PACKAGED else args.model_dir
-    model = export_hf(source, args.output, fx=args.fx)
+    model = export_hf(source, args.output, fx=args.fx, kv_cache=args.kv_cache)
     print(f"wrote {args.output} ({Path(args.output).stat().st_size / 2**20:.1f} MiB, "
           f"{len(model.graph.node)} nodes, opset {model.opset_import[0].version})")
     if args.fx:
@@ -152,6 +166,38 @@ def _cmd_eval(args) -> int:
           f"({used // args.seq_len} windows of {args.seq_len})")
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import onnx
+
+    from .calibration import load_tokenizer, tokenize_text
+    from .generate import greedy_generate
+    from .runtime import PROVIDERS, session
+
+    if not Path(args.model).is_file():
+        raise FptqError(f"{args.model}: no such file")
+    header = onnx.load(args.model, load_external_data=False)   # metadata only: the tokenizer link
+    tokenizer = load_tokenizer(args.tokenizer, header, args.model)
+    del header
+    sess = session(args.model, providers=PROVIDERS[args.provider])
+    prompt = tokenize_text(tokenizer, args.prompt)
+    print(args.prompt, end="", flush=True)
+    shown = ""
+    generated: list[int] = []
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)   # decode the whole tail: tokens can merge
+        shown = text
+
+    result = greedy_generate(sess, prompt, args.max_new_tokens, tokenizer.eos_token_id, stream)
+    print()
+    print(f"[{args.provider}] prompt {result.prompt_tokens} tokens: first token in {result.prefill_seconds * 1e3:.1f} ms; "
+          f"{len(result.decode_seconds)} more at {result.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
     return 0
 
 

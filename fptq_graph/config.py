@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 RECIPES = ("fptq", "naive-w4a8", "dynamic-w4a8", "smoothquant-w4a8", "w8a8-smoothquant", "rtn-w4a16")
 # Recipes whose weights are int8 per output channel instead of INT4 group-wise.
 INT8_WEIGHT_RECIPES = ("w8a8-smoothquant",)
-FORMATS = ("qdq", "w4a8")
+FORMATS = ("qdq", "w4a8", "ort")
 
 
 @dataclass
@@ -31,7 +31,9 @@ class Config:
                      which calibration then also records) instead of round-to-nearest.
     format:          "qdq" writes standard QuantizeLinear/DequantizeLinear (runs on any ONNX Runtime, the
                      reference numerics); "w4a8" writes the bundled fptq::W4A8MatMul op (same numerics,
-                     integer kernels on CPU and CUDA; load it with fptq_graph.runtime.session).
+                     integer kernels on CPU and CUDA; load it with fptq_graph.runtime.session); "ort" writes
+                     ONNX Runtime's com.microsoft.MatMulNBits weights (stock ORT, CPU and CUDA), activations
+                     as in qdq.
     compensate_residual: a LayerNorm that feeds linears AND something else (a post-LN residual add)
                      can still take the LAE scale if the other consumers get a Mul by s that undoes
                      it; False makes such linears fall back to dynamic instead.
@@ -63,8 +65,11 @@ class Config:
             raise FptqError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         if self.format not in FORMATS:
             raise FptqError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
-        if self.format == "w4a8" and self.recipe in INT8_WEIGHT_RECIPES:
-            raise FptqError(f"format 'w4a8' takes INT4 weights; recipe {self.recipe!r} has int8 weights: use --format qdq")
+        if self.format in ("w4a8", "ort") and self.recipe in INT8_WEIGHT_RECIPES:
+            raise FptqError(f"format {self.format!r} takes INT4 weights; recipe {self.recipe!r} has int8 weights: use --format qdq")
+        g = self.group_size
+        if self.format == "ort" and (g < 16 or g & (g - 1)):
+            raise FptqError(f"format 'ort' (MatMulNBits) needs a power-of-two group size >= 16, got {g}")
         if self.format == "w4a8" and not self.symmetric:
             raise FptqError("format 'w4a8' needs symmetric int4 weights (its kernels take no zero points)")
         if not 0 <= self.static_bound < self.dynamic_bound:

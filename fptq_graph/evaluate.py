@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .calibration import feeds_for
 from .errors import FptqError
 
 
@@ -69,16 +70,24 @@ def perplexity(sess, token_ids: np.ndarray, seq_len: int, max_tokens: int | None
     windows = len(ids) // seq_len
     if windows == 0:
         raise FptqError(f"text has {len(ids)} tokens, shorter than one window of {seq_len} (lower --seq-len)")
-    names = {i.name for i in sess.get_inputs()}
+    inputs = session_inputs(sess)
     nll, count = 0.0, 0
     for w in tqdm(range(windows), desc="perplexity", disable=not progress, unit="window"):
         chunk = ids[w * seq_len:(w + 1) * seq_len][None]
-        feeds = {"input_ids": chunk}
-        if "attention_mask" in names:
-            feeds["attention_mask"] = np.ones_like(chunk)
-        logits = sess.run(None, feeds)[0][0].astype(np.float64)
+        logits = sess.run(["logits"], feeds_for(inputs, chunk))[0][0].astype(np.float64)
         logits -= logits.max(axis=-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
         nll -= logp[np.arange(seq_len - 1), chunk[0, 1:]].sum()
         count += seq_len - 1
     return float(np.exp(nll / count))
+
+
+def session_inputs(sess) -> list:
+    """A session's inputs as ValueInfoProtos (name, element type, shape), for calibration.feeds_for."""
+    import onnx
+
+    types = {"tensor(int64)": onnx.TensorProto.INT64, "tensor(int32)": onnx.TensorProto.INT32,
+             "tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.TensorProto.FLOAT16}
+    return [onnx.helper.make_tensor_value_info(i.name, types.get(i.type, onnx.TensorProto.UNDEFINED),
+                                               [d if isinstance(d, int) else None for d in i.shape])
+            for i in sess.get_inputs()]

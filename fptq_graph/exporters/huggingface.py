@@ -1,7 +1,8 @@
 """Export a Hugging Face model (a local directory, a GGUF file, or an in-memory model) to ONNX.
 
-A causal LM exports `input_ids` (+ `attention_mask`) -> `logits`; an encoder such as BERT/MiniLM
-exports -> `last_hidden_state`. The tokenizer, when there is one, is saved beside the ONNX and its
+A causal LM exports `input_ids` (+ `attention_mask`) -> `logits`, or with kv_cache=True the
+generation graph of kv_cache.py (past keys and values in, presents out); an encoder such as
+BERT/MiniLM exports -> `last_hidden_state`. The tokenizer, when there is one, is saved beside the ONNX and its
 directory recorded in the model's metadata, so `quantize --calib FILE` finds it.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import onnx
 import torch
 
 from ..errors import ExportError
+from .kv_cache import kv_export_arguments
 from .torch_module import export_module
 
 
@@ -28,8 +30,10 @@ class _LogitsOnly(torch.nn.Module):
         return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs), self.output)
 
 
-def export_hf(model_or_dir, path: str | os.PathLike, *, fx: bool = False, example_seq_len: int = 16) -> onnx.ModelProto:
-    """Export a Hugging Face model to `path`; with fx=True also write `<path stem>.fx.txt`."""
+def export_hf(model_or_dir, path: str | os.PathLike, *, fx: bool = False, example_seq_len: int = 16,
+              kv_cache: bool = False) -> onnx.ModelProto:
+    """Export a Hugging Face model to `path`; with fx=True also write `<path stem>.fx.txt`; kv_cache=True
+    (causal LMs) exports past keys/values as inputs and presents as outputs, for generation."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -48,8 +52,15 @@ def export_hf(model_or_dir, path: str | os.PathLike, *, fx: bool = False, exampl
         tok_dir = path.with_name(path.stem + ".tokenizer")
         tokenizer.save_pretrained(str(tok_dir))
         metadata["fptq_graph.tokenizer"] = tok_dir.name
+    fx_path = path.with_suffix(".fx.txt") if fx else None
+    if kv_cache:
+        if not causal:
+            raise ExportError(f"{type(model).__name__} is not a causal LM: a KV cache export needs one")
+        arguments = kv_export_arguments(model, example_seq_len, vocab)
+        metadata.update(arguments.pop("metadata"))
+        return export_module(path=path, fx_path=fx_path, metadata=metadata, strip_prefix="model.", **arguments)
     return export_module(_LogitsOnly(model, output), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, path,
-                         [output], fx_path=path.with_suffix(".fx.txt") if fx else None, metadata=metadata,
+                         [output], fx_path=fx_path, metadata=metadata,
                          strip_prefix="model.", max_sequence=_max_positions(model.config))
 
 

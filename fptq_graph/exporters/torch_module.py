@@ -26,25 +26,29 @@ SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 def export_module(module: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor], path: str | os.PathLike,
                   output_names: list[str], *, dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
                   fx_path: str | os.PathLike | None = None, metadata: Mapping[str, str] | None = None,
-                  strip_prefix: str = "", max_sequence: int = 2**15) -> onnx.ModelProto:
+                  strip_prefix: str = "", max_sequence: int = 2**15,
+                  input_names: list[str] | None = None, dynamic_shapes: Mapping | None = None) -> onnx.ModelProto:
     """Export `module(**example_inputs)` to ONNX at `path` (atomically) and return the model.
 
-    dynamic_axes maps input name -> {axis: dim name}; the default makes axes 0 and 1 of every input
-    dynamic as "batch" and "sequence".
+    dynamic_axes maps ONNX input name -> {axis: dim name}; the default makes axes 0 and 1 of every input
+    dynamic as "batch" and "sequence". A module whose inputs nest (a list of cache tensors) passes the
+    flattened `input_names` and torch's `dynamic_shapes` structure itself; dynamic_axes then only names
+    the dims.
     """
     module = module.eval()
-    names = list(example_inputs)
+    names = input_names or list(example_inputs)
     if dynamic_axes is None:
         dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    dims = {}
-    dynamic_shapes = {}
-    for name in names:
-        spec = {}
-        for axis, dim_name in dynamic_axes.get(name, {}).items():
-            if dim_name not in dims:
-                dims[dim_name] = torch.export.Dim(dim_name, min=1, max=2**16) if dim_name == "batch" else torch.export.Dim(dim_name, min=2, max=max_sequence)
-            spec[axis] = dims[dim_name]
-        dynamic_shapes[name] = spec or None
+    if dynamic_shapes is None:
+        dims = {}
+        dynamic_shapes = {}
+        for name in names:
+            spec = {}
+            for axis, dim_name in dynamic_axes.get(name, {}).items():
+                if dim_name not in dims:
+                    dims[dim_name] = torch.export.Dim(dim_name, min=1, max=2**16) if dim_name == "batch" else torch.export.Dim(dim_name, min=2, max=max_sequence)
+                spec[axis] = dims[dim_name]
+            dynamic_shapes[name] = spec or None
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -102,3 +106,9 @@ def _rename_dims(model: onnx.ModelProto, dynamic_axes: Mapping[str, Mapping[int,
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in mapping:
                 dim.dim_param = mapping[dim.dim_param]
+    # Outputs named in dynamic_axes take the names given (a present cache's "past + sequence" expression).
+    for value in model.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim_name in dynamic_axes.get(value.name, {}).items():
+            if axis < len(dims) and dims[axis].dim_param:
+                dims[axis].dim_param = dim_name

@@ -2,7 +2,8 @@
 
 Order (see pipeline.default_passes): find quantizable linears -> canonicalize their weights ->
 insert observers -> calibrate -> classify -> fold equalization (LAE) -> quantize weights -> emit
-(qdq: standard QuantizeLinear/DequantizeLinear; w4a8: the bundled fptq::W4A8MatMul op) -> measure
+(qdq: standard QuantizeLinear/DequantizeLinear; w4a8: the bundled fptq::W4A8MatMul op; ort: ONNX
+Runtime's MatMulNBits) -> measure
 each linear's output SQNR against the float model.
 """
 from .find_linears import FindQuantizableLinears
@@ -14,6 +15,7 @@ from .fold_equalization import FoldEqualizationScales
 from .quantize_weights import QuantizeWeights
 from .emit_qdq import EmitQDQ
 from .emit_w4a8 import EmitW4A8
+from .emit_ort import EmitORT
 from .measure_output_sqnr import MeasureOutputSQNR
 
 __all__ = [
@@ -26,5 +28,6 @@ __all__ = [
     "QuantizeWeights",
     "EmitQDQ",
     "EmitW4A8",
+    "EmitORT",
     "MeasureOutputSQNR",
 ]

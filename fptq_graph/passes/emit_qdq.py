@@ -29,51 +29,59 @@ class EmitQDQ:
         shared: dict[tuple[str, str], gs.Variable] = {}   # (activation, scheme) -> quantized activation
         weight_bytes = 0
         for linear in state.linears.values():
-            node = linear.node
-            node.inputs[1], nbytes = dequantized_weight(graph, linear)
-            weight_bytes += nbytes
-            if linear.scheme == "float":
-                continue
-            # Siblings read the same tensor with the same scheme (and, under LAE, the same s): one QDQ.
-            key = (linear.activation.name, linear.scheme)
-            linear.act_scale = activation_scale(linear)
-            if key not in shared:
-                shared[key] = (self._per_token(graph, linear) if linear.scheme == "dynamic"
-                               else self._per_tensor(graph, linear, linear.act_scale))
-            node.inputs[0] = shared[key]
+            if linear.scheme != "float":
+                # Siblings read the same tensor with the same scheme (and, under LAE, the same s): one QDQ.
+                key = (linear.activation.name, linear.scheme)
+                linear.act_scale = activation_scale(linear)
+                if key not in shared:
+                    shared[key] = (self._per_token(graph, linear) if linear.scheme == "dynamic"
+                                   else self._per_tensor(graph, linear, linear.act_scale))
+                linear.node.inputs[0] = shared[key]
+            weight_bytes += self.emit_weight(graph, linear)
         graph.cleanup().toposort()
         kind = "int8" if state.config.weight_bits == 8 else "INT4"
         return f"{len(state.linears)} linears emitted; {kind} weights {weight_bytes / 2**20:.2f} MiB packed"
+
+    def emit_weight(self, graph: gs.Graph, linear: Linear) -> int:
+        """Rewires the linear to its quantized weight; returns the packed bytes."""
+        linear.node.inputs[1], nbytes = dequantized_weight(graph, linear)
+        return nbytes
 
     @staticmethod
     def _per_tensor(graph: gs.Graph, linear: Linear, scale: float) -> gs.Variable:
         x = linear.activation
         tag = f"{linear.name}.act"
-        scale_c = gs.Constant(f"{tag}_scale", np.array(scale, dtype=np.float32))
+        scale_c = gs.Constant(f"{tag}_scale", np.array(scale, dtype=activation_dtype(linear)))
         zero = gs.Constant(f"{tag}_zero_point", np.array(0, dtype=np.int8))
         q = graph.layer(op="QuantizeLinear", name=f"{tag}_q", inputs=[x, scale_c, zero],
                         outputs=[gs.Variable(f"{tag}_int8", dtype=np.int8, shape=x.shape)])[0]
         return graph.layer(op="DequantizeLinear", name=f"{tag}_dq", inputs=[q, scale_c, zero],
-                           outputs=[gs.Variable(f"{tag}_qdq", dtype=np.float32, shape=x.shape)])[0]
+                           outputs=[gs.Variable(f"{tag}_qdq", dtype=activation_dtype(linear), shape=x.shape)])[0]
 
     @staticmethod
     def _per_token(graph: gs.Graph, linear: Linear) -> gs.Variable:
         x = linear.activation
         tag = f"{linear.name}.act"
+        dtype = activation_dtype(linear)
+        # The scale floor must stay above zero in the activation's precision (1e-12 is 0 in float16).
+        floor = max(MIN_TOKEN_SCALE, float(np.finfo(dtype).smallest_subnormal))
+
         def var(suffix, shape=None):
-            return gs.Variable(f"{tag}_{suffix}", dtype=np.float32, shape=shape)
+            return gs.Variable(f"{tag}_{suffix}", dtype=dtype, shape=shape)
+
+        def const(suffix, value):
+            return gs.Constant(f"{tag}_{suffix}", np.array(value, dtype=dtype))
+
         amax = graph.layer(op="ReduceMax", name=f"{tag}_amax", attrs={"keepdims": 1},
                            inputs=[graph.layer(op="Abs", name=f"{tag}_abs", inputs=[x], outputs=[var("abs")])[0],
                                    gs.Constant(f"{tag}_last_axis", np.array([-1], dtype=np.int64))],
                            outputs=[var("amax")])[0]
-        scale = graph.layer(op="Div", name=f"{tag}_scale", inputs=[amax, gs.Constant(f"{tag}_127", np.array(127.0, np.float32))],
-                            outputs=[var("scale_raw")])[0]
-        scale = graph.layer(op="Max", name=f"{tag}_scale_floor", inputs=[scale, gs.Constant(f"{tag}_min_scale", np.array(MIN_TOKEN_SCALE, np.float32))],
+        scale = graph.layer(op="Div", name=f"{tag}_scale", inputs=[amax, const("127", 127.0)], outputs=[var("scale_raw")])[0]
+        scale = graph.layer(op="Max", name=f"{tag}_scale_floor", inputs=[scale, const("min_scale", floor)],
                             outputs=[var("token_scale")])[0]
         q = graph.layer(op="Div", name=f"{tag}_div", inputs=[x, scale], outputs=[var("scaled")])[0]
         q = graph.layer(op="Round", name=f"{tag}_round", inputs=[q], outputs=[var("rounded")])[0]
-        q = graph.layer(op="Clip", name=f"{tag}_clip", inputs=[q, gs.Constant(f"{tag}_lo", np.array(-128.0, np.float32)),
-                                                            gs.Constant(f"{tag}_hi", np.array(127.0, np.float32))],
+        q = graph.layer(op="Clip", name=f"{tag}_clip", inputs=[q, const("lo", -128.0), const("hi", 127.0)],
                         outputs=[var("int8_values")])[0]
         return graph.layer(op="Mul", name=f"{tag}_dequant", inputs=[q, scale], outputs=[var("qdq", x.shape)])[0]
 
@@ -83,11 +91,12 @@ def dequantized_weight(graph: gs.Graph, linear: Linear) -> tuple[gs.Variable, in
     Int8 per-channel weights -> DequantizeLinear(axis=1) with one scale per output channel."""
     qw = linear.quantized
     k, n = qw.q.shape
+    dtype = activation_dtype(linear)   # the dequantized weight meets the activation in one MatMul
     if qw.bits == 8:
         weight = gs.Constant(f"{linear.name}.weight_int8", np.ascontiguousarray(qw.q, dtype=np.int8))
         out = graph.layer(op="DequantizeLinear", name=f"{linear.name}.weight_dq",
-                          inputs=[weight, gs.Constant(f"{linear.name}.weight_scale", qw.scale.reshape(n).astype(np.float32))],
-                          outputs=[gs.Variable(f"{linear.name}.weight_dq", dtype=np.float32, shape=[k, n])],
+                          inputs=[weight, gs.Constant(f"{linear.name}.weight_scale", qw.scale.reshape(n).astype(dtype))],
+                          outputs=[gs.Variable(f"{linear.name}.weight_dq", dtype=dtype, shape=[k, n])],
                           attrs={"axis": 1})[0]
         return out, qw.q.nbytes
     symmetric = qw.zero_point is None
@@ -95,16 +104,21 @@ def dequantized_weight(graph: gs.Graph, linear: Linear) -> tuple[gs.Variable, in
     packed = pack_int4(qw.q)
     weight = gs.Constant(f"{linear.name}.weight_int4", LazyValues(
         onnx.helper.make_tensor(f"{linear.name}.weight_int4", kind, [k, n], packed, raw=True)))
-    inputs = [weight, gs.Constant(f"{linear.name}.weight_scale", qw.scale.astype(np.float32))]
+    inputs = [weight, gs.Constant(f"{linear.name}.weight_scale", qw.scale.astype(dtype))]
     if not symmetric:
         zp = qw.zero_point
         inputs.append(gs.Constant(f"{linear.name}.weight_zero_point", LazyValues(
             onnx.helper.make_tensor(f"{linear.name}.weight_zero_point", onnx.TensorProto.UINT4,
                                     list(zp.shape), pack_int4(zp), raw=True))))
     out = graph.layer(op="DequantizeLinear", name=f"{linear.name}.weight_dq", inputs=inputs,
-                      outputs=[gs.Variable(f"{linear.name}.weight_dq", dtype=np.float32, shape=[k, n])],
+                      outputs=[gs.Variable(f"{linear.name}.weight_dq", dtype=dtype, shape=[k, n])],
                       attrs={"axis": 0, "block_size": qw.group_size})[0]
     return out, len(packed)
+
+
+def activation_dtype(linear: Linear) -> np.dtype:
+    """The float type the linear computes in (float32 unless the model is float16)."""
+    return np.dtype(linear.activation.dtype) if linear.activation.dtype is not None else np.dtype(np.float32)
 
 
 def activation_scale(linear: Linear) -> float | None:

@@ -1,0 +1,67 @@
+"""Emit the `ort` form: every linear becomes ONNX Runtime's contrib com.microsoft.MatMulNBits (4-bit
+weights, blocks along K), which stock ONNX Runtime runs on CPU and CUDA with no library of ours.
+
+Activations keep their FPTQ scheme exactly as in the qdq form (int8 QuantizeLinear/DequantizeLinear
+per tensor, or per token), so this form computes what the qdq form computes. MatMulNBits layout:
+B uint8 [N, ceil(K/g), g/2], codes along K two a byte, the first in the low nibble, the last block
+zero padded; scales [N * ceil(K/g)]; unsigned codes with zero point 8 (symmetric: the default, no
+input) or the asymmetric zero points, packed two a byte per output channel. accuracy_level is 0:
+ONNX Runtime then computes in float what the graph says (4 would re-quantize activations per block).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import FptqError
+from ..state import Linear
+from .emit_qdq import EmitQDQ, activation_dtype
+
+
+def nbits_weight(q: np.ndarray, group: int, offset: int) -> np.ndarray:
+    """[K, N] 4-bit codes (int8 values; `offset` makes them unsigned) -> uint8 [N, ceil(K/g), g/2]."""
+    k, n = q.shape
+    blocks = -(-k // group)
+    codes = np.full((n, blocks * group), offset, dtype=np.uint8)   # padding decodes to 0
+    codes[:, :k] = (q.T.astype(np.int16) + offset).astype(np.uint8)
+    codes = codes.reshape(n, blocks, group // 2, 2)
+    return (codes[..., 0] | (codes[..., 1] << 4)).astype(np.uint8)
+
+
+def nbits_zero_points(zero_point: np.ndarray) -> np.ndarray:
+    """[ceil(K/g), N] uint4 zero points -> uint8 [N, ceil(blocks/2)], two a byte, low nibble first."""
+    zp = zero_point.T.astype(np.uint8)
+    if zp.shape[1] % 2:
+        zp = np.concatenate([zp, np.full((zp.shape[0], 1), 8, np.uint8)], axis=1)
+    return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+
+
+class EmitORT(EmitQDQ):
+    name = "emit_ort"
+
+    def emit_weight(self, graph: gs.Graph, linear: Linear) -> int:
+        node, qw = linear.node, linear.quantized
+        k, n = qw.q.shape
+        g = qw.group_size
+        if qw.bits != 4 or g < 16 or g & (g - 1):
+            raise FptqError(f"format 'ort' (MatMulNBits) needs INT4 weights in power-of-two groups >= 16; "
+                            f"'{linear.name}' has {qw.bits}-bit weights in groups of {g}")
+        symmetric = qw.zero_point is None
+        packed = nbits_weight(qw.q, g, 8 if symmetric else 0)
+        inputs = [node.inputs[0], gs.Constant(f"{linear.name}.weight_nbits", packed),
+                  gs.Constant(f"{linear.name}.weight_scale",   # MatMulNBits: scales in A's type
+                              np.ascontiguousarray(qw.scale.T, dtype=activation_dtype(linear)).reshape(-1))]
+        if not symmetric:
+            inputs.append(gs.Constant(f"{linear.name}.weight_zero_point", nbits_zero_points(qw.zero_point)))
+        bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name else None
+        outputs = list(node.outputs)
+        node.inputs.clear()
+        node.outputs.clear()
+        if bias is not None:   # after the product, as Gemm adds it (MatMulNBits' own bias input is newer)
+            product = gs.Variable(f"{linear.name}.nbits_out", dtype=outputs[0].dtype)
+            graph.layer(op="Add", name=f"{linear.name}.bias_add", inputs=[product, bias], outputs=outputs)
+            outputs = [product]
+        graph.nodes.append(gs.Node(op="MatMulNBits", name=linear.name, domain="com.microsoft",
+                                   attrs={"K": k, "N": n, "bits": 4, "block_size": g, "accuracy_level": 0},
+                                   inputs=inputs, outputs=outputs))
+        return packed.nbytes
