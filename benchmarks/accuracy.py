@@ -8,13 +8,15 @@ For each real pretrained model the project can load offline (fptq_graph.exporter
 Rows: float; our recipes (fptq, fptq with GPTQ weights, naive-w4a8, smoothquant-w4a8, dynamic-w4a8,
 w8a8-smoothquant, rtn-w4a16), all in the qdq form run by fptq_graph.runtime.session; and ONNX
 Runtime's tools on the same float ONNX, the same calibration windows and the same linears:
-`quantize_static` (QDQ, int8 per-channel weights, int8 MinMax activations) and `MatMulNBitsQuantizer`
+`quantize_static` (QDQ, int8 per-channel weights, uint8 MinMax activations: ORT's recommended U8S8;
+its int8-activation output fails ORT's own type check in 1.31) and `MatMulNBitsQuantizer`
 (4 bits, block 128, symmetric) run at accuracy_level 0 (float activations: W4A16) and 4 (int8
 activations per block: ORT's W4A8 on CPU). Evaluation text is held out: calibration never sees it.
 
     python benchmarks/accuracy.py [--models smollm2 minilm] [--out out/accuracy] [--json docs/accuracy.json]
 
-Prints one table per model and writes the JSON (the tables in docs/accuracy.md come from it).
+Prints one table per model and writes the JSON (the tables in docs/accuracy.md come from it) after
+every row; a rerun with the same settings reuses the rows its JSON already holds (--fresh: redo all).
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ def main() -> int:
     parser.add_argument("--eval-tokens", type=int, help="override the decoder's evaluated token count")
     parser.add_argument("--out", default=str(ROOT / "out" / "accuracy"), help="work folder for the models")
     parser.add_argument("--json", default=str(ROOT / "out" / "accuracy" / "accuracy.json"), help="result JSON")
+    parser.add_argument("--fresh", action="store_true", help="ignore rows the JSON already holds")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for path in (CALIB, HELDOUT):
@@ -66,23 +69,30 @@ def main() -> int:
             sys.exit(f"missing {path} (the project expects ../shared/data/text beside the checkout)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    json_path = Path(args.json)
+    previous = {} if args.fresh or not json_path.is_file() else json.loads(json_path.read_text())
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "date": time.strftime("%Y-%m-%d"), "calibration_text": CALIB.name, "heldout_text": HELDOUT.name,
-               "models": {}}
+               "models": previous.get("models", {})}
     for name in args.models:
         settings = dict(MODELS[name])
         if args.calib_samples:
             settings["calib_samples"] = args.calib_samples
         if args.eval_tokens and settings["kind"] == "decoder":
             settings["eval_tokens"] = args.eval_tokens
-        results["models"][name] = run_model(name, settings, args.recipes, not args.no_ort, out)
+        done = results["models"].get(name, {})
+        if done.get("settings") != settings:
+            done = {}
+        results["models"][name] = {"settings": settings, "rows": done.get("rows", {})}
+        run_model(name, results["models"][name]["rows"], settings, args.recipes, not args.no_ort, out,
+                  lambda: write_json(json_path, results))
         print_table(name, results["models"][name])
-        write_json(Path(args.json), results)
     print(f"\nwrote {args.json}")
     return 0
 
 
-def run_model(name: str, settings: dict, recipes: list[str], with_ort: bool, out: Path) -> dict:
+def run_model(name: str, rows: dict, settings: dict, recipes: list[str], with_ort: bool, out: Path, save) -> None:
+    """Fills `rows` (label -> result), skipping labels it already has; calls save() after each row."""
     import fptq_graph as fq
     from fptq_graph.exporters import export_hf
     from fptq_graph.exporters.packaged import packaged_model
@@ -92,10 +102,15 @@ def run_model(name: str, settings: dict, recipes: list[str], with_ort: bool, out
         print(f"exporting {name} ...", flush=True)
         export_hf(packaged_model(name), float_path)
     metric = Metric(name, settings, float_path)
-    rows = {"float": {**metric(float_path, ours=True), "bytes": float_path.stat().st_size}}
+    # the float row always runs: an encoder's metric compares with the float embeddings it computes
+    rows["float"] = {**metric(float_path, ours=True), "bytes": float_path.stat().st_size}
     print(f"{name} float: {fmt(rows['float'])}", flush=True)
+    save()
     quantized_names = None
     for label in recipes:
+        if label in rows:
+            print(f"{name} {label}: {fmt(rows[label])} (from the JSON)", flush=True)
+            continue
         config = fq.Config(**RECIPES[label], calib_samples=settings["calib_samples"], calib_seq_len=settings["seq_len"],
                            progress=False, sqnr_samples=0)
         start = time.perf_counter()
@@ -109,13 +124,14 @@ def run_model(name: str, settings: dict, recipes: list[str], with_ort: bool, out
         rows[label] = {**metric(path, ours=True), "schemes": schemes, "quantize_seconds": round(seconds, 1),
                        "bytes": path.stat().st_size}
         print(f"{name} {label}: {fmt(rows[label])} ({seconds:.0f} s to quantize)", flush=True)
+        save()
     if with_ort:
         if quantized_names is None:   # the same linears as ours: ask the pipeline which they are
             quantized_names = our_linears(float_path)
-        for label, path in ort_quantized(name, float_path, settings, quantized_names, out):
+        for label, path in ort_quantized(name, float_path, settings, quantized_names, out, skip=set(rows)):
             rows[label] = {**metric(path, ours=False), "bytes": path.stat().st_size}
             print(f"{name} {label}: {fmt(rows[label])}", flush=True)
-    return {"settings": settings, "rows": rows}
+            save()
 
 
 class Metric:
@@ -168,7 +184,11 @@ def our_linears(float_path: Path) -> list[str]:
     return list(state.linears)
 
 
-def ort_quantized(name: str, float_path: Path, settings: dict, linears: list[str], out: Path):
+STATIC = "ort quantize_static (W8A8 QDQ)"
+NBITS = "ort MatMulNBits 4-bit b128, accuracy_level {}"
+
+
+def ort_quantized(name: str, float_path: Path, settings: dict, linears: list[str], out: Path, skip: set):
     """ONNX Runtime's static QDQ quantizer and its MatMulNBits quantizer, on the linears we quantize."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -193,23 +213,28 @@ def ort_quantized(name: str, float_path: Path, settings: dict, linears: list[str
 
     path = out / f"{name}.ort-static.onnx"
     start = time.perf_counter()
+    if STATIC in skip:
+        path = None
     # Ranges are folded every `chunk` batches to bound memory. onnxruntime 1.31 raises "No data is
     # collected" when the batch count is a multiple of the chunk (its last fold leaves nothing): avoid that.
     chunk = next(c for c in (8, 7, 6, 5, 3) if calib.num_samples % c)
-    quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=linears,
-                    extra_options={"CalibMaxIntermediateOutputs": chunk})
-    fix_ir_version(path)
-    print(f"{name}: quantize_static took {time.perf_counter() - start:.0f} s", flush=True)
-    yield "ort quantize_static (W8A8 QDQ)", path
+    if path is not None:
+        quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=linears,
+                        extra_options={"CalibMaxIntermediateOutputs": chunk})
+        fix_ir_version(path)
+        print(f"{name}: quantize_static took {time.perf_counter() - start:.0f} s", flush=True)
+        yield STATIC, path
     for level in (0, 4):
+        if NBITS.format(level) in skip:
+            continue
         path = out / f"{name}.ort-nbits-acc{level}.onnx"
         quantizer = MatMulNBitsQuantizer(onnx.load(str(float_path)), bits=4, block_size=128, is_symmetric=True,
                                          accuracy_level=level, nodes_to_include=linears)
         quantizer.process()
         quantizer.model.model.ir_version = 10
         quantizer.model.save_model_to_file(str(path))
-        yield f"ort MatMulNBits 4-bit b128, accuracy_level {level}", path
+        yield NBITS.format(level), path
 
 
 def fix_ir_version(path: Path) -> None:

@@ -15,7 +15,7 @@ from . import __version__
 from .calibration import (CalibrationSet, FeedsCalibration, from_random, load_tokenizer, read_token_ids, vocab_size_of,
                           windows_of)
 from .config import Config
-from .errors import CalibrationError, FptqError, ModelLoadError
+from .errors import CalibrationError, ModelLoadError
 from .model_io import (MIN_OPSET, TOKENIZER_KEY, finish_model, get_metadata, load_model, save_model, set_metadata,
                        write_atomic)
 from .pipeline import PassRecord, default_passes, run_passes
@@ -90,6 +90,12 @@ def _load(model_or_path) -> tuple[onnx.ModelProto, str]:
         location = get_metadata(model, TOKENIZER_KEY)
         if location and not Path(location).is_absolute():
             set_metadata(model, TOKENIZER_KEY, str(Path(model_or_path).resolve().parent / location))
+    bf16 = [v.name for v in model.graph.input if v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16]
+    bf16 += [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.BFLOAT16]
+    if bf16:
+        raise ModelLoadError(f"{source}: bfloat16 tensors ({', '.join(bf16[:3])}{', ...' if len(bf16) > 3 else ''}) are "
+                             "not supported: calibration runs on ONNX Runtime's CPU kernels, which have no bfloat16 "
+                             "MatMul; export the model in float32 or float16")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         try:

