@@ -34,12 +34,10 @@ def export_hf(model_or_dir, path: str | os.PathLike, *, fx: bool = False, exampl
               kv_cache: bool = False) -> onnx.ModelProto:
     """Export a Hugging Face model to `path`; with fx=True also write `<path stem>.fx.txt`; kv_cache=True
     (causal LMs) exports past keys/values as inputs and presents as outputs, for generation."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
     tokenizer = None
     if isinstance(model_or_dir, (str, os.PathLike)):
-        model, tokenizer = _load_pretrained(Path(model_or_dir), AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer)
+        model, tokenizer = _load_pretrained(Path(model_or_dir))
     else:
         model = model_or_dir
     causal = hasattr(model, "lm_head") or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
@@ -64,11 +62,13 @@ def export_hf(model_or_dir, path: str | os.PathLike, *, fx: bool = False, exampl
                          strip_prefix="model.", max_sequence=_max_positions(model.config))
 
 
-def _load_pretrained(source: Path, AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer):
+def _load_pretrained(source: Path):
     """Model (float32) and tokenizer (or None) from a model directory or a GGUF file.
 
     A GGUF file is dequantized to float32 by transformers (it needs the gguf and accelerate packages).
     """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
     if source.suffix == ".gguf" and source.is_file():
         where, kwargs = source.parent, {"gguf_file": source.name}
     elif (source / "config.json").is_file():
