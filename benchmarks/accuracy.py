@@ -101,7 +101,7 @@ def run_model(name: str, rows: dict, settings: dict, recipes: list[str], with_or
     if not float_path.is_file():
         print(f"exporting {name} ...", flush=True)
         export_hf(packaged_model(name), float_path)
-    metric = Metric(name, settings, float_path)
+    metric = Metric(settings, float_path)
     # the float row always runs: an encoder's metric compares with the float embeddings it computes
     rows["float"] = {**metric(float_path, ours=True), "bytes": float_path.stat().st_size}
     print(f"{name} float: {fmt(rows['float'])}", flush=True)
@@ -128,7 +128,8 @@ def run_model(name: str, rows: dict, settings: dict, recipes: list[str], with_or
     if with_ort:
         if quantized_names is None:   # the same linears as ours: ask the pipeline which they are
             quantized_names = our_linears(float_path)
-        for label, path in ort_quantized(name, float_path, settings, quantized_names, out, skip=set(rows)):
+        for label, path in ort_quantized(name, float_path, metric.tokenizer, settings, quantized_names, out,
+                                         skip=set(rows)):
             rows[label] = {**metric(path, ours=False), "bytes": path.stat().st_size}
             print(f"{name} {label}: {fmt(rows[label])}", flush=True)
             save()
@@ -137,7 +138,7 @@ def run_model(name: str, rows: dict, settings: dict, recipes: list[str], with_or
 class Metric:
     """Perplexity (decoder) or embedding agreement with the float model (encoder) on held-out text."""
 
-    def __init__(self, name: str, settings: dict, float_path: Path):
+    def __init__(self, settings: dict, float_path: Path):
         from transformers import AutoTokenizer
 
         self.settings = settings
@@ -188,7 +189,7 @@ STATIC = "ort quantize_static (W8A8 QDQ)"
 NBITS = "ort MatMulNBits 4-bit b128, accuracy_level {}"
 
 
-def ort_quantized(name: str, float_path: Path, settings: dict, linears: list[str], out: Path, skip: set):
+def ort_quantized(name: str, float_path: Path, tokenizer, settings: dict, linears: list[str], out: Path, skip: set):
     """ONNX Runtime's static QDQ quantizer and its MatMulNBits quantizer, on the linears we quantize."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -197,10 +198,7 @@ def ort_quantized(name: str, float_path: Path, settings: dict, linears: list[str
     from fptq_graph.calibration import read_token_ids, windows_of
     from fptq_graph.model_io import load_model
 
-    from transformers import AutoTokenizer
-
     model = load_model(float_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(float_path.with_name(float_path.stem + ".tokenizer")))
     calib = windows_of(read_token_ids(CALIB, lambda: tokenizer), settings["seq_len"], settings["calib_samples"], 1,
                        str(CALIB))
 

@@ -161,6 +161,15 @@ def feeds_for(model_inputs: Sequence[onnx.ValueInfoProto], tokens: np.ndarray, m
     return feeds
 
 
+def session_inputs(sess) -> list:
+    """A session's inputs as ValueInfoProtos (name, element type, shape), for feeds_for."""
+    types = {"tensor(int64)": onnx.TensorProto.INT64, "tensor(int32)": onnx.TensorProto.INT32,
+             "tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.TensorProto.FLOAT16}
+    return [onnx.helper.make_tensor_value_info(i.name, types.get(i.type, onnx.TensorProto.UNDEFINED),
+                                               [d if isinstance(d, int) else None for d in i.shape])
+            for i in sess.get_inputs()]
+
+
 def empty_past(value: onnx.ValueInfoProto, batch: int) -> np.ndarray:
     """A zero-length past for a KV cache input [batch, kv_heads, past_sequence, head_dim]."""
     dims = value.type.tensor_type.shape.dim

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .calibration import feeds_for
+from .calibration import feeds_for, session_inputs
 from .errors import FptqError
 
 
@@ -81,13 +81,3 @@ def perplexity(sess, token_ids: np.ndarray, seq_len: int, max_tokens: int | None
         count += seq_len - 1
     return float(np.exp(nll / count))
 
-
-def session_inputs(sess) -> list:
-    """A session's inputs as ValueInfoProtos (name, element type, shape), for calibration.feeds_for."""
-    import onnx
-
-    types = {"tensor(int64)": onnx.TensorProto.INT64, "tensor(int32)": onnx.TensorProto.INT32,
-             "tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.TensorProto.FLOAT16}
-    return [onnx.helper.make_tensor_value_info(i.name, types.get(i.type, onnx.TensorProto.UNDEFINED),
-                                               [d if isinstance(d, int) else None for d in i.shape])
-            for i in sess.get_inputs()]

@@ -12,9 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from .calibration import feeds_for
+from .calibration import feeds_for, session_inputs
 from .errors import FptqError
-from .evaluate import session_inputs
 
 PAST = "past_key_values."
 

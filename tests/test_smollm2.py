@@ -35,8 +35,7 @@ def torch_model():
 
 
 def test_export_matches_pytorch(smollm2_onnx, heldout_ids, torch_model):
-    from fptq_graph.calibration import feeds_for
-    from fptq_graph.evaluate import session_inputs
+    from fptq_graph.calibration import feeds_for, session_inputs
 
     ids = heldout_ids[:128][None]
     with torch.no_grad():
@@ -66,8 +65,7 @@ def test_generate_same_greedy_tokens_as_pytorch_and_w4a8_beside(smollm2_onnx, ca
     print(f"\nfloat (ORT = PyTorch): {tokenizer.decode(ref)!r}\nw4a8:                  {tokenizer.decode(quantized)!r}")
     # Greedy paths part at the first different token, so compare next-token choices along the float
     # continuation instead (teacher forcing): 0.55 measured here; a broken model scores near 0.
-    from fptq_graph.calibration import feeds_for
-    from fptq_graph.evaluate import session_inputs
+    from fptq_graph.calibration import feeds_for, session_inputs
 
     sequence = np.array([ids + ref])
     choices = [s.run(["logits"], feeds_for(session_inputs(s), sequence))[0][0, len(ids) - 1:-1].argmax(-1)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..errors import FptqError
 from ..state import Linear
 from .emit_qdq import EmitQDQ, activation_dtype
+from .emit_w4a8 import replace_linear
 
 
 def nbits_weight(q: np.ndarray, group: int, offset: int) -> np.ndarray:
@@ -40,12 +40,10 @@ class EmitORT(EmitQDQ):
     name = "emit_ort"
 
     def emit_weight(self, graph: gs.Graph, linear: Linear) -> int:
+        # Config.validate has refused int8 weights and groups MatMulNBits cannot take.
         node, qw = linear.node, linear.quantized
         k, n = qw.q.shape
         g = qw.group_size
-        if qw.bits != 4 or g < 16 or g & (g - 1):
-            raise FptqError(f"format 'ort' (MatMulNBits) needs INT4 weights in power-of-two groups >= 16; "
-                            f"'{linear.name}' has {qw.bits}-bit weights in groups of {g}")
         symmetric = qw.zero_point is None
         packed = nbits_weight(qw.q, g, 8 if symmetric else 0)
         inputs = [node.inputs[0], gs.Constant(f"{linear.name}.weight_nbits", packed),
@@ -53,15 +51,9 @@ class EmitORT(EmitQDQ):
                               np.ascontiguousarray(qw.scale.T, dtype=activation_dtype(linear)).reshape(-1))]
         if not symmetric:
             inputs.append(gs.Constant(f"{linear.name}.weight_zero_point", nbits_zero_points(qw.zero_point)))
+        # A Gemm bias stays an Add after the product (MatMulNBits' own bias input is newer than ORT 1.17).
         bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name else None
-        outputs = list(node.outputs)
-        node.inputs.clear()
-        node.outputs.clear()
-        if bias is not None:   # after the product, as Gemm adds it (MatMulNBits' own bias input is newer)
-            product = gs.Variable(f"{linear.name}.nbits_out", dtype=outputs[0].dtype)
-            graph.layer(op="Add", name=f"{linear.name}.bias_add", inputs=[product, bias], outputs=outputs)
-            outputs = [product]
-        graph.nodes.append(gs.Node(op="MatMulNBits", name=linear.name, domain="com.microsoft",
-                                   attrs={"K": k, "N": n, "bits": 4, "block_size": g, "accuracy_level": 0},
-                                   inputs=inputs, outputs=outputs))
+        replace_linear(graph, linear, gs.Node(op="MatMulNBits", domain="com.microsoft", inputs=inputs,
+                                              attrs={"K": k, "N": n, "bits": 4, "block_size": g, "accuracy_level": 0}),
+                       bias)
         return packed.nbytes

@@ -59,14 +59,22 @@ class EmitW4A8:
                 add_bias = node.inputs[2]
         while isinstance(inputs[-1], gs.Variable) and not inputs[-1].name:
             inputs.pop()                              # no trailing empty optional inputs
-        outputs = list(node.outputs)
-        node.outputs.clear()
-        node.inputs.clear()
-        if add_bias is not None:
-            product = gs.Variable(f"{linear.name}.w4a8_out", dtype=outputs[0].dtype)
-            graph.layer(op="Add", name=f"{linear.name}.bias_add", inputs=[product, add_bias], outputs=outputs)
-            outputs = [product]
-        graph.nodes.append(gs.Node(op=OP_TYPE, name=node.name or linear.name, domain=DOMAIN,
-                                   attrs={"K": k, "N": n, "group_size": qw.group_size},
-                                   inputs=inputs, outputs=outputs))
+        replace_linear(graph, linear, gs.Node(op=OP_TYPE, domain=DOMAIN, inputs=inputs,
+                                              attrs={"K": k, "N": n, "group_size": qw.group_size}), add_bias)
         return packed.nbytes
+
+
+def replace_linear(graph: gs.Graph, linear: Linear, op: gs.Node, add_bias: gs.Tensor | None = None) -> None:
+    """Puts `op` (its inputs set, no outputs yet) where the linear's node was, producing the same tensor,
+    and `add_bias` after it as an Add when the op does not take the bias itself."""
+    node = linear.node
+    outputs = list(node.outputs)
+    node.outputs.clear()
+    node.inputs.clear()
+    if add_bias is not None:
+        product = gs.Variable(f"{linear.name}.product", dtype=outputs[0].dtype)
+        graph.layer(op="Add", name=f"{linear.name}.bias_add", inputs=[product, add_bias], outputs=outputs)
+        outputs = [product]
+    op.name = node.name or linear.name
+    op.outputs = outputs
+    graph.nodes.append(op)
