@@ -1,7 +1,7 @@
 """`quantize`: the one call from a float ONNX model to a W4A8 one with a per-layer report."""
 from __future__ import annotations
 
-import copy
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,8 +16,9 @@ from .calibration import (CalibrationSet, FeedsCalibration, from_random, load_to
                           windows_of)
 from .config import Config
 from .errors import CalibrationError, ModelLoadError
-from .model_io import (MIN_OPSET, TOKENIZER_KEY, finish_model, get_metadata, load_model, save_model, set_metadata,
-                       write_atomic)
+from .model_io import (MIN_OPSET, TOKENIZER_KEY, finish_model, finish_split, get_metadata, load_split, save_model,
+                       set_metadata, write_atomic)
+from .split_model import SplitModel, bind_arrays, split_proto
 from .pipeline import PassRecord, default_passes, run_passes
 from .report import REPORT_KEY, format_table, layer_rows, to_json
 from .state import State
@@ -25,13 +26,18 @@ from .state import State
 
 @dataclass
 class QuantizeResult:
-    model: onnx.ModelProto
+    split: SplitModel            # the quantized model; its large tensors (kept-float weights) as arrays
     layers: list[dict]
     passes: list[PassRecord]
     config: Config
     source: str = ""
     calibration: str = ""
     kept_float: list[dict] = field(default_factory=list)   # linears left float on purpose (lm_head), with why
+
+    @functools.cached_property
+    def model(self) -> onnx.ModelProto:
+        """The quantized model as one self-contained ModelProto (built on first use; save() streams instead)."""
+        return self.split.full()
 
     def report(self) -> dict:
         return {
@@ -49,12 +55,13 @@ class QuantizeResult:
 
     def save(self, path: str | os.PathLike, report_path: str | os.PathLike | None = None) -> Path:
         # The tokenizer is recorded relative to the model file: re-anchor it at the output's folder.
-        location = get_metadata(self.model, TOKENIZER_KEY)
+        proto = self.split.proto
+        location = get_metadata(proto, TOKENIZER_KEY)
         if location and Path(location).is_absolute():
-            set_metadata(self.model, TOKENIZER_KEY, os.path.relpath(location, Path(path).resolve().parent))
-        out = save_model(self.model, path)
+            set_metadata(proto, TOKENIZER_KEY, os.path.relpath(location, Path(path).resolve().parent))
+        out = save_model(self.split, path)
         if location:
-            set_metadata(self.model, TOKENIZER_KEY, location)
+            set_metadata(proto, TOKENIZER_KEY, location)
         if report_path:
             write_atomic(report_path, to_json(self.report()))
         return out
@@ -67,26 +74,45 @@ def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: An
     calibration: a CalibrationSet; a list of feed dicts (one per batch); an int N for N random-token
     sequences; or the path of a text file,
     tokenized with `tokenizer` (an HF tokenizer or its directory) or the one our exporter recorded.
-    The input model is never modified (a path is read; a ModelProto is copied).
+    The input model is never modified (a path is read, its weights mapped read-only; a ModelProto is
+    copied). One float copy of the weights lives through the run (see split_model).
     """
-    config = config or Config()
-    config.validate()
-    model, source = _load(model_or_path)
-    calib = _calibration_set(calibration, model, config, tokenizer, source)
-    state = State(graph=gs.import_onnx(model), config=config, calibration=calib, source_model=model)
-    records = run_passes(state, default_passes(config.format), log=log)
-    out = finish_model(state.graph, model)
-    result = QuantizeResult(model=out, layers=layer_rows(state), passes=records, config=config,
-                            source=source, calibration=calib.source, kept_float=list(state.kept_float.values()))
-    set_metadata(out, REPORT_KEY, json.dumps(result.report(), allow_nan=False, default=str))
+    state, source = _prepare(model_or_path, calibration, config, tokenizer)
+    records = run_passes(state, default_passes(state.config.format), log=log)
+    out = finish_split(state.graph, state.source_model.proto)
+    result = QuantizeResult(split=out, layers=layer_rows(state), passes=records, config=state.config, source=source,
+                            calibration=state.calibration.source, kept_float=list(state.kept_float.values()))
+    set_metadata(out.proto, REPORT_KEY, json.dumps(result.report(), allow_nan=False, default=str))
     return result
 
 
-def _load(model_or_path) -> tuple[onnx.ModelProto, str]:
+def calibrate(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: Any, config: Config | None = None,
+              *, tokenizer: Any = None, log=None) -> dict[str, Any]:
+    """Only the calibration `quantize` starts with: {activation name: per-channel max|X| [K]} for the
+    input of every quantizable linear (what ClassifyActivations and LAE will see)."""
+    state, _ = _prepare(model_or_path, calibration, config, tokenizer)
+    passes = default_passes(state.config.format)
+    last = next(i for i, p in enumerate(passes) if p.name == "calibrate")
+    run_passes(state, passes[: last + 1], log=log)
+    return dict(state.act_max)
+
+
+def _prepare(model_or_path, calibration, config: Config | None, tokenizer) -> tuple[State, str]:
+    config = config or Config()
+    config.validate()
+    split, source = _load(model_or_path)
+    calib = _calibration_set(calibration, split.proto, config, tokenizer, source)
+    graph = bind_arrays(gs.import_onnx(split.proto), split.arrays)
+    return State(graph=graph, config=config, calibration=calib, source_model=split), source
+
+
+def _load(model_or_path) -> tuple[SplitModel, str]:
     if isinstance(model_or_path, onnx.ModelProto):
-        model, source = copy.deepcopy(model_or_path), "<in-memory model>"
+        split, source = split_proto(model_or_path), "<in-memory model>"
     else:
-        model, source = load_model(model_or_path), str(model_or_path)
+        split, source = load_split(model_or_path), str(model_or_path)
+    model = split.proto
+    if source != "<in-memory model>":
         location = get_metadata(model, TOKENIZER_KEY)
         if location and not Path(location).is_absolute():
             set_metadata(model, TOKENIZER_KEY, str(Path(model_or_path).resolve().parent / location))
@@ -99,11 +125,11 @@ def _load(model_or_path) -> tuple[onnx.ModelProto, str]:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         try:
-            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+            split.proto = onnx.version_converter.convert_version(model, MIN_OPSET)
         except Exception as exc:  # the converter raises several types; all mean the same to the user
             raise ModelLoadError(f"{source}: opset {opset} could not be upgraded to {MIN_OPSET} "
                                  f"(needed for blocked INT4 DequantizeLinear): {str(exc).splitlines()[0]}") from None
-    return model, source
+    return split, source
 
 
 def _calibration_set(calibration, model, config: Config, tokenizer, source: str) -> CalibrationSet:

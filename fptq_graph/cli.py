@@ -170,15 +170,12 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    import onnx
-
     from .calibration import load_tokenizer, tokenize_text
     from .generate import greedy_generate
+    from .model_io import load_split
     from .runtime import PROVIDERS, session
 
-    if not Path(args.model).is_file():
-        raise FptqError(f"{args.model}: no such file")
-    header = onnx.load(args.model, load_external_data=False)   # metadata only: the tokenizer link
+    header = load_split(args.model).proto   # metadata only (the tokenizer link); one-line errors for a bad file
     tokenizer = load_tokenizer(args.tokenizer, header, args.model)
     del header
     sess = session(args.model, providers=PROVIDERS[args.provider])

@@ -50,4 +50,4 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, group_size: int, symmetric
             W[i + 1:b1] -= np.outer(U[i, i + 1:b1], e)
             err[i - b0] = e
         W[b1:] -= U[b0:b1, b1:].T @ err
-    return QuantizedWeight(q=q, scale=scale, zero_point=zero, group_size=group_size)
+    return QuantizedWeight.from_codes(q, scale, zero, group_size)

@@ -19,17 +19,37 @@ MIN_SCALE = float(np.finfo(np.float32).tiny)
 
 @dataclass
 class QuantizedWeight:
-    q: np.ndarray            # [K, N] int8 holding values in [-8, 7] (symmetric) or [0, 15] (asymmetric)
+    """A quantized [K, N] weight. 4-bit codes are kept packed two a byte (pack_int4, ONNX's INT4 layout):
+    int8 codes for every linear would add a quarter of the float weights to peak memory; `q` unpacks
+    one weight's codes when an emitter needs them."""
+
+    codes: np.ndarray        # bits 4: packed uint8 [ceil(K*N/2)]; bits 8: int8 [K, N]
+    shape: tuple[int, int]   # [K, N]
     scale: np.ndarray        # [ceil(K/g), N] float32
     zero_point: np.ndarray | None  # [ceil(K/g), N] uint8 in [0, 15], asymmetric only
     group_size: int
     bits: int = 4            # 8 for int8 per-output-channel weights (int8.py): q in [-127, 127], one group of K
 
+    @classmethod
+    def from_codes(cls, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, group_size: int,
+                   bits: int = 4) -> "QuantizedWeight":
+        codes = q.astype(np.int8) if bits == 8 else np.frombuffer(pack_int4(q), dtype=np.uint8)
+        return cls(codes=codes, shape=tuple(q.shape), scale=scale, zero_point=zero_point, group_size=group_size, bits=bits)
+
+    @property
+    def q(self) -> np.ndarray:
+        """[K, N] int8 codes: [-8, 7] (symmetric), [0, 15] (asymmetric) or [-127, 127] (bits 8)."""
+        if self.bits == 8:
+            return self.codes
+        k, n = self.shape
+        return unpack_int4(self.codes.tobytes(), k * n, signed=self.zero_point is None).reshape(k, n)
+
     def dequantize(self) -> np.ndarray:
-        s = np.repeat(self.scale, self.group_size, axis=0)[: self.q.shape[0]]
+        k = self.shape[0]
+        s = np.repeat(self.scale, self.group_size, axis=0)[:k]
         q = self.q.astype(np.float32)
         if self.zero_point is not None:
-            q = q - np.repeat(self.zero_point, self.group_size, axis=0)[: self.q.shape[0]].astype(np.float32)
+            q = q - np.repeat(self.zero_point, self.group_size, axis=0)[:k].astype(np.float32)
         return q * s
 
 
@@ -61,7 +81,7 @@ def quantize_groupwise(w: np.ndarray, group_size: int, symmetric: bool = True) -
         q = np.clip(np.round(blocks / scale[:, None, :]) + zero_point[:, None, :], 0, 15)
         zero_point = zero_point.astype(np.uint8)
     q = q.reshape(groups * group_size, n)[:k].astype(np.int8)
-    return QuantizedWeight(q=q, scale=scale.astype(np.float32), zero_point=zero_point, group_size=group_size)
+    return QuantizedWeight.from_codes(q, scale.astype(np.float32), zero_point, group_size)
 
 
 def pack_int4(values: np.ndarray) -> bytes:

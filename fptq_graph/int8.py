@@ -16,4 +16,4 @@ def quantize_per_channel_int8(w: np.ndarray) -> QuantizedWeight:
     amax = np.abs(w.astype(np.float64)).max(axis=0, keepdims=True)
     scale = np.where(amax > 0, np.maximum(amax / 127.0, MIN_SCALE), 1.0)
     q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
-    return QuantizedWeight(q=q, scale=scale.astype(np.float32), zero_point=None, group_size=w.shape[0], bits=8)
+    return QuantizedWeight.from_codes(q, scale.astype(np.float32), None, w.shape[0], bits=8)

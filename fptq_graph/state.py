@@ -71,10 +71,10 @@ class State:
     linears: dict[str, Linear] = field(default_factory=dict)
     kept_float: dict[str, dict] = field(default_factory=dict)          # linears left float on purpose -> row
     producers: dict[str, NormProducer] = field(default_factory=dict)   # keyed by producer output name
-    observed_model: Any = None                # onnx.ModelProto with observer outputs
+    observed_model: Any = None                # split_model.SplitModel with observer outputs
     observers: dict[str, tuple[str, str]] = field(default_factory=dict)  # activation -> (max output, finite output)
     calibration: Any = None                   # calibration.CalibrationSet
-    source_model: Any = None                  # the float onnx.ModelProto (read only), for output SQNR
+    source_model: Any = None                  # the float split_model.SplitModel (read only), for output SQNR
     act_max: dict[str, np.ndarray] = field(default_factory=dict)      # activation name -> [K]
     gram_observers: dict[str, str] = field(default_factory=dict)      # activation -> X^T X output (gptq only)
     gram: dict[str, np.ndarray] = field(default_factory=dict)         # activation name -> X^T X [K, K], float64

@@ -177,3 +177,10 @@ def test_real_process_exit_code_and_help(tmp_path):
     for cmd in ("export", "quantize", "inspect"):
         proc = subprocess.run([sys.executable, "-m", "fptq_graph.cli", cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: fptq-graph " + cmd in proc.stdout
+
+
+def test_generate_on_a_corrupt_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x08\x0a\x3a\xff\xff\xff\x0fgarbage")   # a graph field whose length runs past the end
+    code, _, err = run_cli(["generate", bad, "--prompt", "hello"], capsys)
+    assert_clean_failure(code, err, tmp_path / "none", "broken.onnx", "not a readable ONNX model")

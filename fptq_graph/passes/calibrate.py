@@ -16,15 +16,15 @@ class Calibrate:
         if state.calibration is None:
             raise CalibrationError("no calibration set given")
         model = state.observed_model
-        sess = session(model)
+        sess = session(model, early_reductions=True)   # each observer runs as soon as its input exists
         names = [name for pair in state.observers.values() for name in pair] + list(state.gram_observers.values())
         running: dict[str, np.ndarray] = {}
-        bar = tqdm(state.calibration.feed_batches(model.graph.input), total=len(state.calibration),
+        bar = tqdm(state.calibration.feed_batches(model.proto.graph.input), total=len(state.calibration),
                    desc="calibrating", unit="batch", disable=not state.config.progress)
         for index, feeds in enumerate(bar):
             results = dict(zip(names, sess.run(names, feeds)))
             for activation, (max_name, finite_name) in state.observers.items():
-                if not np.isfinite(results[finite_name]) or not np.all(np.isfinite(results[max_name])):
+                if np.isnan(results[finite_name]) or not np.all(np.isfinite(results[max_name])):
                     users = [l.name for l in state.linears.values() if l.activation.name == activation]
                     raise CalibrationError(
                         f"NaN or Inf during calibration (batch {index}) in '{activation}', the input of {', '.join(users)}"

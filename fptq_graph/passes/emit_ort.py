@@ -42,7 +42,7 @@ class EmitORT(EmitQDQ):
     def emit_weight(self, graph: gs.Graph, linear: Linear) -> int:
         # Config.validate has refused int8 weights and groups MatMulNBits cannot take.
         node, qw = linear.node, linear.quantized
-        k, n = qw.q.shape
+        k, n = qw.shape
         g = qw.group_size
         symmetric = qw.zero_point is None
         packed = nbits_weight(qw.q, g, 8 if symmetric else 0)

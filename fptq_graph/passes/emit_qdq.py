@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..int4 import pack_int4
+from ..split_model import PackedTensor
 from ..state import Linear, State
 # A per-token scale floor so an all-zero token row quantizes to zeros instead of dividing by zero
 # (shared with the w4a8 op, whose kernels use the same floor).
@@ -90,30 +90,28 @@ def dequantized_weight(graph: gs.Graph, linear: Linear) -> tuple[gs.Variable, in
     """INT4 initializer (and zero point) -> DequantizeLinear(axis=0, block_size=g): the float [K, N] weight.
     Int8 per-channel weights -> DequantizeLinear(axis=1) with one scale per output channel."""
     qw = linear.quantized
-    k, n = qw.q.shape
+    k, n = qw.shape
     dtype = activation_dtype(linear)   # the dequantized weight meets the activation in one MatMul
     if qw.bits == 8:
-        weight = gs.Constant(f"{linear.name}.weight_int8", np.ascontiguousarray(qw.q, dtype=np.int8))
+        weight = gs.Constant(f"{linear.name}.weight_int8", qw.codes)
         out = graph.layer(op="DequantizeLinear", name=f"{linear.name}.weight_dq",
                           inputs=[weight, gs.Constant(f"{linear.name}.weight_scale", qw.scale.reshape(n).astype(dtype))],
                           outputs=[gs.Variable(f"{linear.name}.weight_dq", dtype=dtype, shape=[k, n])],
                           attrs={"axis": 1})[0]
-        return out, qw.q.nbytes
+        return out, qw.codes.nbytes
     symmetric = qw.zero_point is None
     kind = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
-    packed = pack_int4(qw.q)
-    weight = gs.Constant(f"{linear.name}.weight_int4", LazyValues(
-        onnx.helper.make_tensor(f"{linear.name}.weight_int4", kind, [k, n], packed, raw=True)))
+    # The codes are already packed in ONNX's INT4 layout: the constant shares them (no copy).
+    weight = gs.Constant(f"{linear.name}.weight_int4", PackedTensor(qw.codes, [k, n], kind))
     inputs = [weight, gs.Constant(f"{linear.name}.weight_scale", qw.scale.astype(dtype))]
     if not symmetric:
         zp = qw.zero_point
-        inputs.append(gs.Constant(f"{linear.name}.weight_zero_point", LazyValues(
-            onnx.helper.make_tensor(f"{linear.name}.weight_zero_point", onnx.TensorProto.UINT4,
-                                    list(zp.shape), pack_int4(zp), raw=True))))
+        inputs.append(gs.Constant(f"{linear.name}.weight_zero_point", PackedTensor(
+            np.frombuffer(pack_int4(zp), dtype=np.uint8), list(zp.shape), onnx.TensorProto.UINT4)))
     out = graph.layer(op="DequantizeLinear", name=f"{linear.name}.weight_dq", inputs=inputs,
                       outputs=[gs.Variable(f"{linear.name}.weight_dq", dtype=dtype, shape=[k, n])],
                       attrs={"axis": 0, "block_size": qw.group_size})[0]
-    return out, len(packed)
+    return out, qw.codes.nbytes
 
 
 def activation_dtype(linear: Linear) -> np.dtype:

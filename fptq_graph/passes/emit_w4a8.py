@@ -43,7 +43,7 @@ class EmitW4A8:
     @staticmethod
     def _replace(graph: gs.Graph, linear: Linear) -> int:
         node, qw = linear.node, linear.quantized
-        k, n = qw.q.shape
+        k, n = qw.shape
         packed = pack_weight(qw.q, qw.group_size)
         inputs = [node.inputs[0],
                   gs.Constant(f"{linear.name}.weight_w4", packed),

@@ -3,9 +3,12 @@
 Observers are reductions inside the graph, so calibration fetches K floats per activation, never
 whole tensors. The observed model's only outputs are the observers, so ONNX Runtime skips work that
 feeds nothing observed (an lm_head whose input is observed but whose logits are not needed).
-ReduceMax in ONNX Runtime ignores NaN, hence the separate sentinel sum(X * 0): NaN when any element
-of X is NaN or infinite, 0 otherwise. With Config.gptq, each activation also gets X^T X [K, K] (the
-GPTQ Hessian, summed over the batch's tokens): K^2 floats, still independent of the token count.
+max|X| per channel is max(ReduceMax(X), -ReduceMin(X)) over the rows of X viewed as [-1, K]: no
+observer makes a tensor the size of X. ReduceMax in ONNX Runtime ignores NaN, hence the sentinel
+sum(X): NaN when any element is NaN; an infinite element shows in the max itself. (A sum of finite
+values that overflows gives Inf, not NaN, so it raises no false alarm.) With Config.gptq, each
+activation also gets X^T X [K, K] (the GPTQ Hessian, summed over the batch's tokens): K^2 floats,
+still independent of the token count.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..model_io import IR_VERSION
+from ..schedule import demand_order
+from ..split_model import export_split
 from ..state import State
 
 
@@ -31,14 +36,15 @@ class InsertObservers:
             x = tensors[name]
             dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
             tag = _safe(name)
-            flat = graph.layer(op="Abs", inputs=[x], outputs=[f"obs.{tag}.abs"])[0]
-            flat = graph.layer(op="Reshape", inputs=[flat, np.array([-1, linear.k], dtype=np.int64)],
+            flat = graph.layer(op="Reshape", inputs=[x, np.array([-1, linear.k], dtype=np.int64)],
                                outputs=[f"obs.{tag}.flat"])[0]
-            amax = graph.layer(op="ReduceMax", inputs=[flat, np.array([0], dtype=np.int64)],
-                               outputs=[gs.Variable(f"obs.{tag}.max", dtype=dtype, shape=[linear.k])],
-                               attrs={"keepdims": 0})[0]
-            zeroed = graph.layer(op="Mul", inputs=[x, np.array(0, dtype=dtype)], outputs=[f"obs.{tag}.zero"])[0]
-            finite = graph.layer(op="ReduceSum", inputs=[zeroed],
+            rows = np.array([0], dtype=np.int64)
+            hi = graph.layer(op="ReduceMax", inputs=[flat, rows], outputs=[f"obs.{tag}.hi"], attrs={"keepdims": 0})[0]
+            lo = graph.layer(op="ReduceMin", inputs=[flat, rows], outputs=[f"obs.{tag}.lo"], attrs={"keepdims": 0})[0]
+            lo = graph.layer(op="Neg", inputs=[lo], outputs=[f"obs.{tag}.neg_lo"])[0]
+            amax = graph.layer(op="Max", inputs=[hi, lo],
+                               outputs=[gs.Variable(f"obs.{tag}.max", dtype=dtype, shape=[linear.k])])[0]
+            finite = graph.layer(op="ReduceSum", inputs=[flat],
                                  outputs=[gs.Variable(f"obs.{tag}.finite", dtype=dtype, shape=[])],
                                  attrs={"keepdims": 0})[0]
             outputs += [amax, finite]
@@ -52,9 +58,10 @@ class InsertObservers:
                 outputs.append(gram)
                 state.gram_observers[name] = gram.name
         graph.outputs = outputs
-        graph.cleanup()
-        model = gs.export_onnx(graph)
-        model.ir_version = IR_VERSION
+        demand_order(graph.cleanup())   # observers right after what they observe (schedule.py)
+        # The observed graph shares its weights with the graph being rewritten: no copy (split_model).
+        model = export_split(graph)
+        model.proto.ir_version = IR_VERSION
         state.observed_model = model
         grams = f", {len(state.gram_observers)} X^T X for GPTQ" if state.gram_observers else ""
         return f"{len(state.observers)} observed activations ({2 * len(state.observers)} observer outputs{grams})"
