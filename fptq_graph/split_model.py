@@ -126,7 +126,10 @@ def open_split(path: str | os.PathLike) -> SplitModel:
             arrays[init.name] = _map(path, offset, init)
         elif init.data_location == onnx.TensorProto.EXTERNAL and _numpy_type(init) is not None:
             info = {e.key: e.value for e in init.external_data}
-            arrays[init.name] = _map(path.parent / info["location"], int(info.get("offset", 0)), init)
+            data = (path.parent / info["location"]).resolve()
+            if not data.is_relative_to(path.parent.resolve()):   # as onnx and ONNX Runtime refuse it too
+                raise ValueError(f"external data of '{init.name}' ({info['location']}) is outside the model's folder")
+            arrays[init.name] = _map(data, int(info.get("offset", 0)), init)
             init.CopyFrom(reference(init.name, arrays[init.name]))
     return SplitModel(proto, arrays)
 

@@ -140,3 +140,18 @@ def test_truncated_inline_file_is_refused_by_name(tmp_path):
 def test_varint_round_trip(value):
     encoded = varint(value)
     assert read_varint(encoded, 0) == (value, len(encoded))
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path):
+    model = model_with_weights(np.random.default_rng(7))
+    (tmp_path / "inner").mkdir()
+    onnx.save_model(model, str(tmp_path / "w.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="w.data", size_threshold=0)
+    header = onnx.load(str(tmp_path / "w.onnx"), load_external_data=False)
+    for init in header.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "../w.data"
+    onnx.save_model(header, str(tmp_path / "inner" / "escape.onnx"))
+    with pytest.raises(ModelLoadError, match="escape.onnx.*outside the model's folder"):
+        load_split(tmp_path / "inner" / "escape.onnx")
