@@ -108,16 +108,16 @@ def open_split(path: str | os.PathLike) -> SplitModel:
     Raises ValueError (bad encoding), onnx's DecodeError, or FileNotFoundError (external data missing).
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     spans: dict[str, tuple[int, int]] = {}
     structure = bytearray()
-    for number, wire_type, start, value_start, end in fields(buf, 0, len(buf)):
-        if number == _GRAPH and wire_type == LEN:
-            graph = _strip_graph(buf, value_start, end, spans)
-            structure += key(_GRAPH, LEN) + varint(len(graph)) + graph
-        else:
-            structure += buf[start:end]
+    # Only the walk reads this mapping; the weights get their own (np.memmap, below).
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for number, wire_type, start, value_start, end in fields(buf, 0, len(buf)):
+            if number == _GRAPH and wire_type == LEN:
+                graph = _strip_graph(buf, value_start, end, spans)
+                structure += key(_GRAPH, LEN) + varint(len(graph)) + graph
+            else:
+                structure += buf[start:end]
     proto = onnx.ModelProto.FromString(bytes(structure))
     arrays = {}
     for init in proto.graph.initializer:
