@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "data" / "text"
+# the sample text ships in samples/text; ../shared/data/text beside the checkout is a fallback
+TEXT = next((d for d in (ROOT / "samples" / "text", ROOT.parent / "shared" / "data" / "text")
+             if (d / "python-docstrings.calib.txt").is_file()), ROOT / "samples" / "text")
 CALIB = TEXT / "python-docstrings.calib.txt"
 HELDOUT = TEXT / "python-docstrings.heldout.txt"
 
@@ -66,7 +68,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for path in (CALIB, HELDOUT):
         if not path.is_file():
-            sys.exit(f"missing {path} (the project expects ../shared/data/text beside the checkout)")
+            sys.exit(f"missing {path} (the sample text ships in samples/text)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = Path(args.json)

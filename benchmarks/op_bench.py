@@ -1,15 +1,20 @@
-"""One linear layer, four ways, timed in ONNX Runtime: float MatMul, MatMulNBits (4 bits, block 128),
-the qdq W4A8 graph, and the bundled fptq::W4A8MatMul (static and per-token activations).
+"""One linear layer, timed in ONNX Runtime: float MatMul, MatMulNBits (4 bits, block = our group), the
+qdq W4A8 graph, and the bundled fptq::W4A8MatMul (static and per-token activations).
 
 Median microseconds per Run with inputs and outputs bound on the device (io binding), so transfers
-are not timed. On CUDA the float baseline is fp16; on CPU it is fp32 (ORT's CPU MatMul has no fp16
-kernel worth comparing) and MatMulNBits is also run with accuracy_level=4 (int8 activations).
+are not timed; all variants of a case are timed in alternating rounds (time_rounds), so that on a
+shared machine they see the same background load. On CUDA the float baseline is fp16; on CPU it is fp32 (ORT's CPU MatMul has no fp16
+kernel worth comparing) and MatMulNBits runs with accuracy_level=4 (int8 activations, its fastest
+CPU path). On CPU, W4A8MatMul is timed once per CPU kernel this machine runs (FPTQ_CPU_ISA set for
+each session; --isa picks some), with its speed-up over MatMulNBits acc 4 (= acc 4 time / ours)
+and the int8 multiply-accumulates per second it achieves (M·N·K / time).
 
-    python benchmarks/op_bench.py                       # CPU, a grid sized for a small machine
+    python benchmarks/op_bench.py                       # CPU: K 4096, N 4096 11008, M 1 4 16 128 512
     python benchmarks/op_bench.py --provider cuda       # the issue's full grid on a GPU
-    python benchmarks/op_bench.py --m 1 16 --n 4096 --json out.json
+    python benchmarks/op_bench.py --m 1 16 --n 4096 --isa avx512vnni --threads 2
+    python benchmarks/op_bench.py --json docs/op_bench-cpu.json   # what docs/benchmarks.md records
 
-Prints a markdown table and writes JSON (default docs/op_bench-<provider>.json).
+Prints a markdown table; writes JSON only where --json says.
 """
 from __future__ import annotations
 
@@ -45,8 +50,9 @@ def _model(nodes, inits, elem, K, N, opsets):
     return model
 
 
-def variants(K: int, N: int, cuda: bool, seed: int = 0) -> dict[str, onnx.ModelProto]:
-    """name -> single-layer model, all over the same random INT4 weights."""
+def variants(K: int, N: int, cuda: bool, seed: int = 0, extra: bool = False) -> dict[str, onnx.ModelProto]:
+    """name -> single-layer model, all over the same random INT4 weights. On CPU MatMulNBits acc 0
+    and the qdq graph (seconds a Run at large M) only with extra=True."""
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
     qw = quantize_groupwise(w, GROUP)
@@ -60,7 +66,7 @@ def variants(K: int, N: int, cuda: bool, seed: int = 0) -> dict[str, onnx.ModelP
     # MatMulNBits: uint4 with the default zero point 8, B [N, K/128, 64], scales [N, K/128] in A's type.
     blocks = K // GROUP
     packed_nbits = np.frombuffer(pack_int4((qw.q.T + 8).astype(np.uint8)), np.uint8).reshape(N, blocks, GROUP // 2)
-    for level in ([0] if cuda else [0, 4]):
+    for level in ([0] if cuda else [0, 4] if extra else [4]):
         node = helper.make_node("MatMulNBits", ["X", "B", "S"], ["Y"], domain="com.microsoft", K=K, N=N, bits=4,
                                 block_size=GROUP, accuracy_level=level)
         name = "MatMulNBits" + ("" if cuda else f" (acc {level})")
@@ -75,8 +81,9 @@ def variants(K: int, N: int, cuda: bool, seed: int = 0) -> dict[str, onnx.ModelP
              helper.make_node("DequantizeLinear", ["Xq", "a_scale", "a_zero"], ["Xd"]),
              helper.make_node("DequantizeLinear", ["W4", "W_scale"], ["Wd"], axis=0, block_size=GROUP),
              helper.make_node("MatMul", ["Xd", "Wd"], ["Y"])]
-    out["qdq W4A8"] = _model(nodes, [a_scale, zero, w4, numpy_helper.from_array(qw.scale.astype(act), "W_scale")],
-                             elem, K, N, onnx_ops)
+    if cuda or extra:
+        out["qdq W4A8"] = _model(nodes, [a_scale, zero, w4, numpy_helper.from_array(qw.scale.astype(act), "W_scale")],
+                                 elem, K, N, onnx_ops)
     for label, static in (("W4A8MatMul static", True), ("W4A8MatMul dynamic", False)):
         inits = [numpy_helper.from_array(pack_weight(qw.q, GROUP), "Wp"),
                  numpy_helper.from_array(np.ascontiguousarray(qw.scale.T), "Ws")]
@@ -89,23 +96,50 @@ def variants(K: int, N: int, cuda: bool, seed: int = 0) -> dict[str, onnx.ModelP
     return out
 
 
-def time_run(model: onnx.ModelProto, x: np.ndarray, cuda: bool, min_seconds: float, max_iters: int) -> float:
-    """Median µs of run_with_iobinding over repeated runs (after warm-up), inputs and outputs on the device."""
+def bound_session(model: onnx.ModelProto, x: np.ndarray, cuda: bool, threads: int | None = None,
+                  isa: str | None = None):
+    """(session, io binding) with X and Y bound on the device. isa: the W4A8MatMul CPU kernel
+    (FPTQ_CPU_ISA, read when the session creates the kernel)."""
     providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-    sess = runtime.session(model, providers=providers)
+    saved = os.environ.get(runtime.CPU_ISA_ENV)
+    if isa:
+        os.environ[runtime.CPU_ISA_ENV] = isa
+    try:
+        sess = runtime.session(model, providers=providers, threads=threads)
+    finally:
+        if saved is None:
+            os.environ.pop(runtime.CPU_ISA_ENV, None)
+        else:
+            os.environ[runtime.CPU_ISA_ENV] = saved
     device = "cuda" if cuda else "cpu"
     binding = sess.io_binding()
     binding.bind_ortvalue_input("X", ort.OrtValue.ortvalue_from_numpy(x, device, 0))
     binding.bind_output("Y", device)
-    for _ in range(3):
-        sess.run_with_iobinding(binding)
-    samples, start = [], time.perf_counter()
-    while len(samples) < max_iters and (len(samples) < 5 or time.perf_counter() - start < min_seconds):
-        t0 = time.perf_counter()
-        sess.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(samples)
+    return sess, binding
+
+
+def time_rounds(runs: dict, min_seconds: float, max_iters: int, burst: int = 3) -> dict[str, float]:
+    """Median µs per Run of each (session, binding) in `runs`, timed in rounds: each round runs every
+    variant once untimed (its weights back in cache) then `burst` times timed, so all variants see
+    the same background load (the machine is shared) and each is timed warm. A round's sample is
+    its burst's median; the result is the median over rounds (at least 3, until each variant has
+    run min_seconds, at most max_iters timed runs each)."""
+    samples = {name: [] for name in runs}
+    spent = {name: 0.0 for name in runs}
+    while True:
+        for name, (sess, binding) in runs.items():
+            sess.run_with_iobinding(binding)
+            burst_times = []
+            for _ in range(burst):
+                t0 = time.perf_counter()
+                sess.run_with_iobinding(binding)
+                binding.synchronize_outputs()
+                burst_times.append(time.perf_counter() - t0)
+            spent[name] += sum(burst_times)
+            samples[name].append(statistics.median(burst_times) * 1e6)
+        rounds = len(next(iter(samples.values())))
+        if rounds >= 3 and (min(spent.values()) >= min_seconds or rounds * burst >= max_iters):
+            return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def device_name(cuda: bool) -> str:
@@ -127,44 +161,70 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, nargs="+", default=None, help="default 4096 11008")
     p.add_argument("--m", type=int, nargs="+", default=None,
-                   help="default: 1 16 128 1024 4096 on cuda; 1 16 128 on cpu (larger M takes minutes per row there)")
-    p.add_argument("--min-seconds", type=float, default=0.5, help="time each case at least this long")
-    p.add_argument("--max-iters", type=int, default=200)
-    p.add_argument("--json", type=Path, default=None)
+                   help="default: 1 16 128 1024 4096 on cuda; 1 4 16 128 512 on cpu")
+    p.add_argument("--isa", nargs="+", default=None,
+                   help="CPU kernels of W4A8MatMul to time (default: every one this CPU runs, library_info()['cpu_isas'])")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's, one a core)")
+    p.add_argument("--extra", action="store_true", help="on CPU also MatMulNBits acc 0 and the qdq W4A8 graph")
+    p.add_argument("--min-seconds", type=float, default=0.5, help="time each variant at least this long a case")
+    p.add_argument("--max-iters", type=int, default=200, help="at most this many timed runs of a variant a case")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (nothing is written without it)")
     args = p.parse_args(argv)
     cuda = args.provider == "cuda"
     if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
         p.error(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider")
-    ms = args.m or ([1, 16, 128, 1024, 4096] if cuda else [1, 16, 128])
+    info = runtime.library_info()
+    isas = [None] if cuda else (args.isa or info["cpu_isas"])
+    unknown = [i for i in isas if i is not None and i not in info["cpu_isas"]]
+    if unknown:
+        p.error(f"--isa {' '.join(unknown)}: this CPU and library run {', '.join(info['cpu_isas'])}")
+    ms = args.m or ([1, 16, 128, 1024, 4096] if cuda else [1, 4, 16, 128, 512])
     ns = args.n or [4096, 11008]
+    ours = ("W4A8MatMul static", "W4A8MatMul dynamic")
     rows = []
     for n in ns:
-        models = variants(args.k, n, cuda)
+        models = variants(args.k, n, cuda, extra=args.extra)
         for m in ms:
             x = (np.random.default_rng(m).standard_normal((m, args.k))).astype(np.float16 if cuda else np.float32)
-            row = {"M": m, "K": args.k, "N": n}
-            for name, model in models.items():
-                row[name] = round(time_run(model, x, cuda, args.min_seconds, args.max_iters), 1)
-                print(f"  M={m} N={n} {name}: {row[name]} µs", file=sys.stderr, flush=True)
-            rows.append(row)
-    names = list(models)
-    base = names[0]
-    header = ["M", "N", "K"] + names + [f"W4A8MatMul static vs {base}"]
+            runs = {(name, None): bound_session(model, x, cuda, args.threads)
+                    for name, model in models.items() if name not in ours}
+            runs.update({(name, isa): bound_session(models[name], x, cuda, args.threads, isa)
+                         for isa in isas for name in ours})
+            times = time_rounds(runs, args.min_seconds, args.max_iters)
+            del runs
+            for (name, isa), t in times.items():
+                print(f"  M={m} N={n} {name}{f' [{isa}]' if isa else ''}: {t:.1f} µs", file=sys.stderr, flush=True)
+            base = {"M": m, "K": args.k, "N": n}
+            base.update({name: round(t, 1) for (name, isa), t in times.items() if name not in ours})
+            for isa in isas:
+                rows.append({**base, "isa": isa or "cuda", **{name: round(times[name, isa], 1) for name in ours}})
+    names = [n for n in models if n not in ours]
+    ref = names[0] if cuda else "MatMulNBits (acc 4)"
+    short = {"MatMulNBits (acc 4)": "acc 4", "W4A8MatMul static": "static", "W4A8MatMul dynamic": "dynamic"}
+    header = ["M", "N", "kernel"] + names + list(ours) + [f"static / {short.get(ref, ref)}",
+                                                            f"dynamic / {short.get(ref, ref)}", "G MAC/s static"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        speed = r[base] / r["W4A8MatMul static"]
-        lines.append("| " + " | ".join(str(r[h]) for h in ["M", "N", "K"] + names) + f" | {speed:.2f}x |")
+        # speed-up: the reference's time over ours (> 1: ours is faster); int8 MACs a second
+        r["static speedup"] = round(r[ref] / r["W4A8MatMul static"], 3)
+        r["dynamic speedup"] = round(r[ref] / r["W4A8MatMul dynamic"], 3)
+        r["G MAC/s static"] = round(r["M"] * r["N"] * r["K"] / r["W4A8MatMul static"] / 1e3, 1)
+        cells = [r["M"], r["N"], r["isa"]] + [r[h] for h in names + list(ours)]
+        cells += [f"{r['static speedup']:.2f}x", f"{r['dynamic speedup']:.2f}x", f"{r['G MAC/s static']:.0f}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     meta = {"device": device_name(cuda), "provider": args.provider, "date": datetime.date.today().isoformat(),
             "onnxruntime": ort.__version__, "unit": "median microseconds per Run (io binding)", "group_size": GROUP,
-            "library": runtime.library_info()}
-    print(f"\n{meta['device']} · onnxruntime {meta['onnxruntime']} · {meta['date']} · median µs per Run\n")
+            "threads": args.threads or "onnxruntime default", "speedup": f"{ref} time / W4A8MatMul time",
+            "library": info}
+    print(f"\n{meta['device']} · onnxruntime {meta['onnxruntime']} · {meta['date']} · threads {meta['threads']} · "
+          f"median µs per Run\n")
     print("\n".join(lines))
-    path = args.json or ROOT / "docs" / f"op_bench-{args.provider}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    os.replace(tmp, path)
-    print(f"\nwrote {path}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+        os.replace(tmp, args.json)
+        print(f"\nwrote {args.json}")
     return 0
 
 

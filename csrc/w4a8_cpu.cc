@@ -1,30 +1,19 @@
+// The CPU kernel's ONNX Runtime side: prepacking at creation, per-Run quantization and the split of
+// the product into tasks. The arithmetic is in the per-ISA files (w4a8_cpu_kernels.h).
 #include "w4a8_cpu.h"
 
 #include <algorithm>
-#include <cmath>
 #include <type_traits>
 #include <vector>
-
-// The int8 dot products are plain loops that gcc vectorizes; target_clones builds them for AVX-512,
-// AVX2 and baseline x86-64 and picks one at load time, so one wheel is fast on any x86 machine.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FPTQ_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define FPTQ_CLONES
-#endif
 
 namespace fptq {
 namespace {
 
-// Tile of the output one task computes: rows of X x output channels. 32 x 32 keeps both operand
-// tiles (32 x Kp int8 each, 128 KiB at K = 4096) within a core's L2.
-constexpr int64_t kTileM = 32;
-constexpr int64_t kTileN = 32;
-
-inline float ToFloat(float v) { return v; }
-inline float ToFloat(Ort::Float16_t v) { return v.ToFloat(); }
-template <typename T>
-inline T FromFloat(float v) { return T(v); }
+// Task sizes are constants, never derived from the thread count: which task computes an output
+// element then never changes, and each element's sum has one fixed order inside its task.
+constexpr int64_t kTaskChannels = 64;   // a multiple of every kernel's block (16, 8)
+constexpr int64_t kTaskRows = 64;       // rows a task takes against its channels (weights reused)
+constexpr int64_t kQuantizeRows = 4;    // rows a quantization task takes
 
 template <typename F>
 void ParallelFor(const Ort::KernelContext& ctx, size_t total, F& body) {
@@ -32,119 +21,126 @@ void ParallelFor(const Ort::KernelContext& ctx, size_t total, F& body) {
   ctx.ParallelFor([](void* data, size_t i) { (*static_cast<F*>(data))(i); }, total, 0, &body);
 }
 
-// One row of X to int8, padded with zeros to Kp. Division (not a reciprocal multiply) and rint
-// (round half to even) match QuantizeLinear and the qdq form's Div/Round/Clip exactly.
-// Within each group the values are stored even k first, then odd k: the order in which a packed
-// weight byte's low and high nibbles come out of a vectorized unpack, so weights never need
-// interleaving (the dot product is the same sum in another order).
-template <typename T>
-float QuantizeRow(const T* x, int64_t K, int64_t group, const float* static_scale, int8_t* out) {
-  float scale;
-  if (static_scale) {
-    scale = *static_scale;
-  } else {
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(ToFloat(x[k])));
-    scale = std::max(amax / 127.f, kMinTokenScale);
+// W and scales as constant initializers of the right type and shape, else false (then Run checks
+// them and says what is wrong, or packs them per Run when they are graph inputs).
+bool ConstantWeights(const OrtKernelInfo* info, const W4A8Dims& d, const uint8_t** weight, const float** scales) {
+  Ort::ConstKernelInfo kernel_info(info);
+  if (kernel_info.GetInputCount() < 3) return false;
+  int w_const = 0, s_const = 0;
+  Ort::ConstValue w = kernel_info.GetTensorConstantInput(1, &w_const);
+  Ort::ConstValue s = kernel_info.GetTensorConstantInput(2, &s_const);
+  if (!w_const || !s_const || !w || !s) return false;
+  auto w_info = w.GetTensorTypeAndShapeInfo();
+  auto s_info = s.GetTensorTypeAndShapeInfo();
+  if (w_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ||
+      w_info.GetShape() != std::vector<int64_t>{d.N, d.Kp / 2} ||
+      s_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+      s_info.GetShape() != std::vector<int64_t>{d.N, d.groups}) {
+    return false;
   }
-  const int64_t half = group / 2;
-  for (int64_t k = 0; k < K; ++k) {
-    float q = std::nearbyint(ToFloat(x[k]) / scale);
-    q = std::fmin(std::fmax(q, -128.f), 127.f);  // fmax/fmin also map NaN to a bound, never UB
-    const int64_t in_group = k % group;
-    out[k - in_group + (in_group % 2) * half + in_group / 2] = static_cast<int8_t>(q);
-  }
-  return scale;
+  *weight = w.GetTensorData<uint8_t>();
+  *scales = s.GetTensorData<float>();
+  return true;
 }
 
-// Rows [n0, n0 + rows) of the packed weight to one int8 per value, per group low nibbles (even k)
-// then high nibbles (odd k), matching QuantizeRow's order. Plain byte-wise loops: they vectorize.
-FPTQ_CLONES
-void UnpackWeights(const uint8_t* packed, const W4A8Dims& d, int64_t n0, int64_t rows, int8_t* out) {
-  const int64_t half = d.group / 2;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t grp = 0; grp < d.groups; ++grp) {
-      const uint8_t* src = packed + (n0 + r) * (d.Kp / 2) + grp * half;
-      int8_t* lo = out + r * d.Kp + grp * d.group;
-      int8_t* hi = lo + half;
-      for (int64_t b = 0; b < half; ++b) {
-        lo[b] = int4_value(src[b] & 0xF);
-        hi[b] = int4_value(src[b] >> 4);
-      }
-    }
-  }
-}
-
-// acc[m][n] = sum_g scale[n, g] * (int32 dot of group g). Integer within a group, float across.
-FPTQ_CLONES
-void TileProduct(const int8_t* xq, const int8_t* w8, const float* scales, const W4A8Dims& d,
-                 int64_t rows, int64_t cols, float* acc) {
-  const int64_t g = d.group;
-  for (int64_t m = 0; m < rows; ++m) {
-    const int8_t* xrow = xq + m * d.Kp;
-    for (int64_t n = 0; n < cols; ++n) {
-      const int8_t* wrow = w8 + n * d.Kp;
-      const float* srow = scales + n * d.groups;
-      float sum = 0.f;
-      for (int64_t grp = 0; grp < d.groups; ++grp) {
-        const int8_t* a = xrow + grp * g;
-        const int8_t* b = wrow + grp * g;
-        int32_t dot = 0;
-        for (int64_t i = 0; i < g; ++i) dot += static_cast<int32_t>(a[i]) * static_cast<int32_t>(b[i]);
-        sum += srow[grp] * static_cast<float>(dot);
-      }
-      acc[m * cols + n] = sum;
-    }
-  }
-}
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(Ort::Float16_t v) { return v.ToFloat(); }
 
 template <typename T>
-void Run(const Ort::KernelContext& ctx, const W4A8Run& run) {
+void Run(const Ort::KernelContext& ctx, const W4A8Run& run, const CpuKernels& kernels, const PackedWeights* packed) {
   const W4A8Dims& d = run.dims;
-  const T* x = static_cast<const T*>(run.x);
-  T* y = static_cast<T*>(run.y);
-  const float* act_scale = run.static_scale > 0.f ? &run.static_scale : nullptr;
-  const uint8_t* packed = run.weight;
-  const float* scales = run.scales;
-  const float* bias = run.bias;
-  std::vector<int8_t> xq(static_cast<size_t>(d.M * d.Kp), 0);
-  std::vector<float> row_scale(static_cast<size_t>(d.M));
-  auto quantize = [&](size_t m) {
-    row_scale[m] = QuantizeRow(x + m * d.K, d.K, d.group, act_scale, xq.data() + m * d.Kp);
-  };
-  ParallelFor(ctx, static_cast<size_t>(d.M), quantize);
+  PackedWeights per_run;
+  if (!packed) {
+    per_run = PackWeights(run.weight, run.scales, d, kernels.block, kernels.interleave);
+    packed = &per_run;
+  }
 
-  const int64_t tiles_m = (d.M + kTileM - 1) / kTileM;
-  const int64_t tiles_n = (d.N + kTileN - 1) / kTileN;
-  auto tile = [&](size_t t) {
-    const int64_t m0 = static_cast<int64_t>(t) / tiles_n * kTileM;
-    const int64_t n0 = static_cast<int64_t>(t) % tiles_n * kTileN;
-    const int64_t rows = std::min(kTileM, d.M - m0);
-    const int64_t cols = std::min(kTileN, d.N - n0);
-    std::vector<int8_t> w8(static_cast<size_t>(cols * d.Kp));
-    float acc[kTileM * kTileN];
-    UnpackWeights(packed, d, n0, cols, w8.data());
-    TileProduct(xq.data() + m0 * d.Kp, w8.data(), scales + n0 * d.groups, d, rows, cols, acc);
-    for (int64_t m = 0; m < rows; ++m) {
-      const float a = row_scale[m0 + m];
-      for (int64_t n = 0; n < cols; ++n) {
-        float v = acc[m * cols + n] * a;
-        if (bias) v += bias[n0 + n];
-        y[(m0 + m) * d.N + n0 + n] = FromFloat<T>(v);
+  // X to int8, rows in parallel.
+  const int64_t stride = d.groups * packed->group_padded;
+  AlignedBytes xq = AlignedBytes::Allocate(static_cast<size_t>(d.M * stride));
+  std::vector<int32_t> corr(static_cast<size_t>(d.M * d.groups));
+  std::vector<float> row_scale(static_cast<size_t>(d.M));
+  int8_t* xq_data = reinterpret_cast<int8_t*>(xq.data.get());
+  const T* x = static_cast<const T*>(run.x);
+  auto quantize = [&](size_t task) {
+    const int64_t m0 = static_cast<int64_t>(task) * kQuantizeRows;
+    const int64_t m1 = std::min(d.M, m0 + kQuantizeRows);
+    std::vector<float> row;  // float16 X is widened first (exact)
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xf;
+      if constexpr (std::is_same_v<T, float>) {
+        xf = x + m * d.K;
+      } else {
+        row.resize(static_cast<size_t>(d.K));
+        for (int64_t k = 0; k < d.K; ++k) row[k] = ToFloat(x[m * d.K + k]);
+        xf = row.data();
       }
+      row_scale[m] = kernels.quantize_row(xf, d, run.static_scale, xq_data + m * stride, corr.data() + m * d.groups);
     }
   };
-  ParallelFor(ctx, static_cast<size_t>(tiles_m * tiles_n), tile);
+  ParallelFor(ctx, static_cast<size_t>((d.M + kQuantizeRows - 1) / kQuantizeRows), quantize);
+
+  // The product, in tiles of up to kTaskRows rows x kTaskChannels output channels.
+  std::vector<float> y_float;
+  float* y;
+  if constexpr (std::is_same_v<T, float>) {
+    y = static_cast<float*>(run.y);
+  } else {
+    y_float.resize(static_cast<size_t>(d.M * d.N));
+    y = y_float.data();
+  }
+  TileArgs args;
+  args.w = packed;
+  args.x = {xq_data, corr.data(), row_scale.data(), stride};
+  args.bias = run.bias;
+  args.y = y;
+  args.ldy = d.N;
+  const int64_t blocks_per_task = kTaskChannels / kernels.block;
+  const int64_t blocks = (d.N + kernels.block - 1) / kernels.block;  // without the superblock padding
+  const int64_t tasks_n = (blocks + blocks_per_task - 1) / blocks_per_task;
+  const int64_t tasks_m = (d.M + kTaskRows - 1) / kTaskRows;
+  auto tile = [&](size_t task) {
+    TileArgs t = args;
+    t.m0 = static_cast<int64_t>(task) / tasks_n * kTaskRows;
+    t.rows = std::min(kTaskRows, d.M - t.m0);
+    t.b0 = static_cast<int64_t>(task) % tasks_n * blocks_per_task;
+    t.b1 = std::min(blocks, t.b0 + blocks_per_task);
+    kernels.tile(t);
+  };
+  ParallelFor(ctx, static_cast<size_t>(tasks_m * tasks_n), tile);
+
+  if constexpr (!std::is_same_v<T, float>) {
+    T* out = static_cast<T*>(run.y);
+    for (int64_t i = 0; i < d.M * d.N; ++i) out[i] = T(y_float[i]);
+  }
 }
 
 }  // namespace
 
+OrtStatusPtr W4A8CpuKernel::Init(const OrtKernelInfo* info) {
+  std::string error;
+  kernels_ = SelectCpuKernels(&error);
+  if (!kernels_) return Error(attrs_.node, error);
+  W4A8Dims d;
+  d.K = attrs_.K;
+  d.N = attrs_.N;
+  d.group = attrs_.group;
+  d.groups = (d.K + d.group - 1) / d.group;
+  d.Kp = d.groups * d.group;
+  const uint8_t* weight = nullptr;
+  const float* scales = nullptr;
+  if (ConstantWeights(info, d, &weight, &scales)) {
+    packed_ = std::make_unique<PackedWeights>(PackWeights(weight, scales, d, kernels_->block, kernels_->interleave));
+  }
+  return nullptr;
+}
+
 OrtStatusPtr W4A8CpuKernel::ComputeV2(OrtKernelContext* context) {
-  return ComputeChecked(attrs_, context, [](Ort::KernelContext& ctx, const W4A8Run& run) -> OrtStatusPtr {
+  return ComputeChecked(attrs_, context, [this](Ort::KernelContext& ctx, const W4A8Run& run) -> OrtStatusPtr {
     if (run.x_half) {
-      Run<Ort::Float16_t>(ctx, run);
+      Run<Ort::Float16_t>(ctx, run, *kernels_, packed_.get());
     } else {
-      Run<float>(ctx, run);
+      Run<float>(ctx, run, *kernels_, packed_.get());
     }
     return nullptr;
   });

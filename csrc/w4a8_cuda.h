@@ -19,6 +19,7 @@ class W4A8CudaKernel {
   }
 
   explicit W4A8CudaKernel(const W4A8Attrs& attrs) : attrs_(attrs) {}
+  OrtStatusPtr Init(const OrtKernelInfo* /*info*/) { return nullptr; }
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 
  private:

@@ -6,6 +6,7 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <memory>
 #include <string>
 
 #include "w4a8_layout.h"
@@ -62,8 +63,14 @@ struct W4A8MatMulOp : Ort::CustomOpBase<W4A8MatMulOp<Kernel>, Kernel, /*WithStat
     W4A8Attrs attrs;
     if (OrtStatusPtr status = ReadAttrs(info, attrs)) return status;
     if (OrtStatusPtr status = Kernel::CheckAttrs(attrs)) return status;
-    *kernel = new Kernel(attrs);
-    return nullptr;
+    try {
+      auto created = std::make_unique<Kernel>(attrs);
+      if (OrtStatusPtr status = created->Init(info)) return status;
+      *kernel = created.release();
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Error(attrs.node, e.what());
+    }
   }
 
   const char* GetName() const { return "W4A8MatMul"; }

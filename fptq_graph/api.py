@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,15 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .calibration import (CalibrationSet, FeedsCalibration, from_random, load_tokenizer, read_token_ids, vocab_size_of,
+from .calibration import (CalibrationSet, CalibrationWarning, FeedsCalibration, check_token_ids, feeds_from_npz,
+                          from_random, leading_bos, load_tokenizer, random_feeds, read_token_ids, takes_tokens, vocab_size_of,
                           windows_of)
 from .config import Config
 from .errors import CalibrationError, ModelLoadError
 from .model_io import (MIN_OPSET, TOKENIZER_KEY, finish_model, finish_split, get_metadata, load_split, save_model,
-                       set_metadata, write_atomic)
+                       set_metadata, upgrade_opset, validate_model, write_atomic)
 from .split_model import SplitModel, bind_arrays, split_proto
+from .run_outputs import Output, RunOutputs, model_files
 from .pipeline import PassRecord, default_passes, run_passes
 from .report import REPORT_KEY, format_table, layer_rows, to_json
 from .state import State
@@ -54,17 +57,34 @@ class QuantizeResult:
         return format_table(self.layers)
 
     def save(self, path: str | os.PathLike, report_path: str | os.PathLike | None = None) -> Path:
-        # The tokenizer is recorded relative to the model file: re-anchor it at the output's folder.
+        """Writes the model (external data beside it when over 2 GB) and, if asked, the JSON report:
+        both staged and renamed into place together, so a failure leaves neither. Refuses a path that
+        is the source model, a special file, or the other output (see run_outputs)."""
+        outputs = RunOutputs()
+        if Path(self.source).is_file():
+            for source_file in model_files(self.source):
+                outputs.add_input(source_file)
+        model = outputs.add(path, "model", companions=(Path(path).name + ".data",))
+        report = outputs.add(report_path, "report") if report_path is not None else None
+        with outputs:
+            self.write(model, report)
+        return Path(path)
+
+    def write(self, model: Output, report: Output | None = None) -> None:
+        """Writes into the staged paths of a RunOutputs (which commits them); `save` for one call."""
+        # The tokenizer is recorded relative to the model file: re-anchor it at the final output's folder.
         proto = self.split.proto
         location = get_metadata(proto, TOKENIZER_KEY)
         if location and Path(location).is_absolute():
-            set_metadata(proto, TOKENIZER_KEY, os.path.relpath(location, Path(path).resolve().parent))
-        out = save_model(self.split, path)
-        if location:
-            set_metadata(proto, TOKENIZER_KEY, location)
-        if report_path:
-            write_atomic(report_path, to_json(self.report()))
-        return out
+            set_metadata(proto, TOKENIZER_KEY, os.path.relpath(location, model.final.resolve().parent))
+        validate_model(self.split, str(model.final))   # what we write loads where the input did
+        try:
+            save_model(self.split, model.staged)
+        finally:
+            if location:
+                set_metadata(proto, TOKENIZER_KEY, location)
+        if report is not None:
+            write_atomic(report.staged, to_json(self.report()))
 
 
 def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: Any, config: Config | None = None,
@@ -116,35 +136,102 @@ def _load(model_or_path) -> tuple[SplitModel, str]:
         location = get_metadata(model, TOKENIZER_KEY)
         if location and not Path(location).is_absolute():
             set_metadata(model, TOKENIZER_KEY, str(Path(model_or_path).resolve().parent / location))
-    bf16 = [v.name for v in model.graph.input if v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16]
-    bf16 += [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.BFLOAT16]
-    if bf16:
-        raise ModelLoadError(f"{source}: bfloat16 tensors ({', '.join(bf16[:3])}{', ...' if len(bf16) > 3 else ''}) are "
-                             "not supported: calibration runs on ONNX Runtime's CPU kernels, which have no bfloat16 "
-                             "MatMul; export the model in float32 or float16")
+    _refuse_unsupported_types(model, source)
+    _refuse_quantized(model, source)
+    _infer_types(split)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
-        try:
-            split.proto = onnx.version_converter.convert_version(model, MIN_OPSET)
-        except Exception as exc:  # the converter raises several types; all mean the same to the user
-            raise ModelLoadError(f"{source}: opset {opset} could not be upgraded to {MIN_OPSET} "
-                                 f"(needed for blocked INT4 DequantizeLinear): {str(exc).splitlines()[0]}") from None
+        split.proto = upgrade_opset(model, MIN_OPSET, source)
     return split, source
+
+
+def _infer_types(split: SplitModel) -> None:
+    """Declares the type and shape of every activation ONNX's inference can tell (an fp16 model exported
+    without value_info would otherwise get float32 scales and observers). Inference reads only the
+    structure: the weights stay where they are. A model it cannot follow (contrib ops) is left as is."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(split.proto)
+    except Exception:   # inference is an aid here, never a reason to refuse a model ORT runs
+        return
+    known = {v.name for v in split.proto.graph.value_info}
+    split.proto.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
+
+
+# Element types we cannot quantize, and why (each a one-line refusal before any work).
+_UNSUPPORTED_TYPES = {
+    onnx.TensorProto.BFLOAT16: "calibration runs on ONNX Runtime's CPU kernels, which have no bfloat16 MatMul",
+    onnx.TensorProto.DOUBLE: "the quantized forms compute in float32 or float16 (QuantizeLinear and the W4A8 "
+                             "kernels take no float64)",
+}
+
+
+def _refuse_unsupported_types(model: onnx.ModelProto, source: str) -> None:
+    for elem, why in _UNSUPPORTED_TYPES.items():
+        names = [v.name for v in model.graph.input if v.type.tensor_type.elem_type == elem]
+        names += [i.name for i in model.graph.initializer if i.data_type == elem]
+        if names:
+            kind = onnx.helper.tensor_dtype_to_string(elem).removeprefix("TensorProto.").lower()
+            kind = "float64" if kind == "double" else kind
+            raise ModelLoadError(f"{source}: {kind} tensors ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) are "
+                                 f"not supported: {why}; export the model in float32 or float16")
+
+
+# Ops whose presence means the weights are already quantized (ours, ONNX Runtime's, or a QDQ model's).
+_QUANTIZED_OPS = {"W4A8MatMul", "MatMulNBits", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul",
+                  "MatMulIntegerToFloat", "GatherBlockQuantized"}
+
+
+def _refuse_quantized(model: onnx.ModelProto, source: str) -> None:
+    """Quantizing a quantized model would find only its float leftovers (an LM head) and store a report
+    describing just those; refuse with what the model is instead."""
+    if get_metadata(model, REPORT_KEY) is not None:
+        raise ModelLoadError(f"{source}: already quantized by fptq-graph (it carries a report: fptq-graph inspect "
+                             f"{Path(source).name}); quantize the float model it came from")
+    low_bit = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    weights = {i.name for i in model.graph.initializer if i.data_type in low_bit}
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS
+                    or (n.op_type == "DequantizeLinear" and n.input and n.input[0] in weights)})
+    if found:
+        raise ModelLoadError(f"{source}: already has quantized weights ({', '.join(found)} nodes); "
+                             "quantize the float model it came from")
 
 
 def _calibration_set(calibration, model, config: Config, tokenizer, source: str) -> CalibrationSet:
     if isinstance(calibration, (CalibrationSet, FeedsCalibration)):
         return calibration
+    if not list(model.graph.input):
+        raise CalibrationError(f"{source}: the model has no inputs, so there is nothing to calibrate "
+                               "(its activations do not depend on data)")
     if isinstance(calibration, list):
         return FeedsCalibration(calibration)
     if isinstance(calibration, bool):
         raise CalibrationError("calibration must be a CalibrationSet, a count of random sequences or a text path")
     if isinstance(calibration, int):
+        if not takes_tokens(model.graph.input):
+            return random_feeds(model.graph.input, calibration, config.calib_seq_len, config.calib_batch_size,
+                                config.seed, vocab_size_of(model), source)
         vocab = vocab_size_of(model)
         if vocab is None:
-            raise CalibrationError(f"{source}: cannot tell the vocabulary size for random tokens; pass a CalibrationSet")
+            raise CalibrationError(f"{source}: cannot tell the vocabulary size for random tokens (no embedding "
+                                   "Gather reads input_ids); calibrate from text (--calib) instead")
         return from_random(calibration, vocab, config.calib_seq_len, config.calib_batch_size, config.seed)
+    if isinstance(calibration, (str, os.PathLike)) and str(calibration).endswith(".npz"):
+        return feeds_from_npz(calibration, model.graph.input, config.calib_batch_size)
     if isinstance(calibration, (str, os.PathLike)):
-        ids = read_token_ids(calibration, lambda: load_tokenizer(tokenizer, model, source))
-        return windows_of(ids, config.calib_seq_len, config.calib_samples, config.calib_batch_size, str(calibration))
+        if not takes_tokens(model.graph.input):
+            raise CalibrationError(f"{source}: its inputs ({', '.join(v.name for v in model.graph.input)}) are not "
+                                   "token ids, so text cannot calibrate it; use random inputs (--calib-random N) or a "
+                                   ".npz of feeds")
+        get_tokenizer = functools.cache(lambda: load_tokenizer(tokenizer, model, source))
+        ids = read_token_ids(calibration, get_tokenizer)
+        check_token_ids(ids, vocab_size_of(model), str(calibration), source)
+        calib = windows_of(ids, config.calib_seq_len, config.calib_samples, config.calib_batch_size, str(calibration),
+                           bos=leading_bos(get_tokenizer()))
+        asked, got = config.calib_samples * config.calib_seq_len, calib.tokens.size
+        if got < asked:
+            warnings.warn(CalibrationWarning(
+                f"{calibration}: {len(ids)} tokens give {calib.num_samples} window(s) of {calib.tokens.shape[1]} "
+                f"tokens ({got} tokens), fewer than the {config.calib_samples} x {config.calib_seq_len} asked; "
+                "calibrating on those (more text calibrates better)"), stacklevel=3)
+        return calib
     raise CalibrationError(f"unsupported calibration argument of type {type(calibration).__name__}")

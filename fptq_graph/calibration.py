@@ -28,6 +28,7 @@ class CalibrationSet:
     tokens: np.ndarray
     batch_size: int
     source: str
+    bos: int | None = None   # the BOS id each window starts with (the tokenizer adds one), else None
 
     def __post_init__(self):
         if self.tokens.ndim != 2 or self.tokens.shape[0] == 0 or self.tokens.shape[1] == 0:
@@ -92,18 +93,40 @@ class FeedsCalibration:
 
 def from_text(path: str | os.PathLike, tokenizer, seq_len: int, samples: int, batch_size: int) -> CalibrationSet:
     """Calibration windows from a text file and a tokenizer in hand (see windows_of)."""
-    return windows_of(read_token_ids(path, lambda: tokenizer), seq_len, samples, batch_size, str(path))
+    return windows_of(read_token_ids(path, lambda: tokenizer), seq_len, samples, batch_size, str(path),
+                      bos=leading_bos(tokenizer))
 
 
-def windows_of(ids: np.ndarray, seq_len: int, samples: int, batch_size: int, source: str) -> CalibrationSet:
+def windows_of(ids: np.ndarray, seq_len: int, samples: int, batch_size: int, source: str,
+               bos: int | None = None) -> CalibrationSet:
     """Cuts token ids into `samples` consecutive windows of `seq_len` tokens.
 
-    If the ids are fewer than `samples` windows, fewer windows are used (at least one); ids shorter
+    With `bos`, each window is BOS followed by seq_len - 1 text tokens: what the model saw in training
+    when its tokenizer adds BOS (LLaMA-3, Gemma), as Hugging Face's perplexity recipe and lm-eval feed
+    it. If the ids are fewer than `samples` windows, fewer windows are used (at least one); ids shorter
     than one window become one shorter window.
     """
-    window = min(seq_len, len(ids))
+    body = max(1, seq_len - 1) if bos is not None else seq_len
+    window = min(body, len(ids))
     count = max(1, min(samples, len(ids) // window))
-    return CalibrationSet(tokens=ids[: count * window].reshape(count, window), batch_size=batch_size, source=source)
+    tokens = ids[: count * window].reshape(count, window)
+    if bos is not None:
+        tokens = np.concatenate([np.full((count, 1), bos, dtype=tokens.dtype), tokens], axis=1)
+        source += f" (each window starts with BOS {bos})"
+    return CalibrationSet(tokens=tokens, batch_size=batch_size, source=source, bos=bos)
+
+
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id if the tokenizer puts one first when it adds its special tokens (its own setting:
+    LLaMA-3 and Gemma tokenizers do, GPT-2-style ones do not; BERT's [CLS] is not a BOS), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        ids = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    except Exception:   # a tokenizer we cannot probe adds nothing we know of
+        return None
+    return int(bos) if ids and ids[0] == bos else None
 
 
 def read_token_ids(path: str | os.PathLike, get_tokenizer: Callable[[], Any], role: str = "calibration text") -> np.ndarray:
@@ -133,6 +156,29 @@ def from_random(count: int, vocab_size: int, seq_len: int, batch_size: int, seed
     return CalibrationSet(tokens=tokens, batch_size=batch_size, source=f"{count} random-token sequences")
 
 
+class CalibrationWarning(UserWarning):
+    """Calibration goes on, but not as asked (less text than the samples requested)."""
+
+
+def is_token_input(value: onnx.ValueInfoProto) -> bool:
+    lowered = value.name.lower()
+    return value.type.tensor_type.elem_type in INT_TYPES and ("input_ids" in lowered or lowered in ("ids", "tokens"))
+
+
+def takes_tokens(model_inputs: Sequence[onnx.ValueInfoProto]) -> bool:
+    """Whether the model reads token ids (text calibrates it), not images, audio or hidden states."""
+    return any(is_token_input(v) for v in model_inputs)
+
+
+def check_token_ids(ids: np.ndarray, vocab: int | None, text: str, source: str) -> None:
+    """Token ids past the model's vocabulary mean a tokenizer made for another model: say so before
+    ONNX Runtime fails inside the embedding Gather."""
+    if vocab is not None and ids.size and int(ids.max()) >= vocab:
+        raise CalibrationError(f"{text}: the tokenizer gives token id {int(ids.max())}, but {source} has a vocabulary "
+                               f"of {vocab}: the tokenizer does not match the model (pass the model's own with "
+                               "--tokenizer DIR)")
+
+
 def feeds_for(model_inputs: Sequence[onnx.ValueInfoProto], tokens: np.ndarray, model_name: str = "model") -> dict:
     """Model feeds for one [B, S] token batch, filled by input name."""
     batch, seq = tokens.shape
@@ -147,7 +193,12 @@ def feeds_for(model_inputs: Sequence[onnx.ValueInfoProto], tokens: np.ndarray, m
             continue
         if dtype is None:
             raise CalibrationError(f"{model_name}: input '{name}' is not an integer token input; "
-                                   "pass calibration feeds explicitly for this model")
+                                   "calibrate it with random inputs (--calib-random N) or a .npz of feeds")
+        rank = len(value.type.tensor_type.shape.dim) if value.type.tensor_type.HasField("shape") else None
+        if rank is not None and rank != 2:
+            dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            raise CalibrationError(f"{model_name}: input '{name}' has rank {rank} ({dims}); token inputs are filled "
+                                   "as [batch, sequence]; calibrate this model with a .npz of feeds")
         if "input_ids" in lowered or lowered in ("ids", "tokens"):
             feeds[name] = tokens.astype(dtype)
         elif "attention_mask" in lowered:
@@ -170,11 +221,83 @@ def session_inputs(sess) -> list:
             for i in sess.get_inputs()]
 
 
+def random_feeds(model_inputs: Sequence[onnx.ValueInfoProto], count: int, seq_len: int, batch_size: int, seed: int,
+                 vocab: int | None, source: str) -> FeedsCalibration:
+    """`count` random samples for a model whose inputs are not (only) tokens: a vision or audio encoder,
+    a sub-graph. Each input gets values of its own type and shape: standard normal floats, random token
+    ids (within the vocabulary), ones for a mask, 0..S-1 for positions. Fixed dimensions are kept; a
+    symbolic first dimension is the batch and any other symbolic one is `seq_len`."""
+    if count < 1:
+        raise CalibrationError(f"random calibration needs at least one sample, got {count}")
+    rng = np.random.default_rng(seed)
+    batches = []
+    for start in range(0, count, batch_size):
+        batch = min(batch_size, count - start)
+        feeds = {}
+        for value in model_inputs:
+            tensor = value.type.tensor_type
+            if not tensor.HasField("shape"):
+                raise CalibrationError(f"{source}: input '{value.name}' has no declared shape, so random inputs cannot "
+                                       "be drawn for it; calibrate with a .npz of feeds")
+            shape = [d.dim_value if d.dim_value > 0 else (batch if i == 0 else seq_len)
+                     for i, d in enumerate(tensor.shape.dim)]
+            lowered = value.name.lower()
+            if tensor.elem_type in FLOAT_TYPES:
+                feeds[value.name] = rng.standard_normal(shape).astype(FLOAT_TYPES[tensor.elem_type])
+            elif tensor.elem_type in INT_TYPES and is_token_input(value):
+                if vocab is None:
+                    raise CalibrationError(f"{source}: cannot tell the vocabulary size for random tokens in "
+                                           f"'{value.name}'; calibrate with a .npz of feeds")
+                feeds[value.name] = rng.integers(0, vocab, size=shape).astype(INT_TYPES[tensor.elem_type])
+            elif tensor.elem_type in INT_TYPES and "mask" in lowered:
+                feeds[value.name] = np.ones(shape, INT_TYPES[tensor.elem_type])
+            elif tensor.elem_type in INT_TYPES and "position" in lowered:
+                feeds[value.name] = np.broadcast_to(np.arange(shape[-1]), shape).astype(INT_TYPES[tensor.elem_type])
+            else:
+                raise CalibrationError(f"{source}: don't know how to draw random values for input '{value.name}' "
+                                       f"({onnx.helper.tensor_dtype_to_string(tensor.elem_type)}); calibrate with a "
+                                       ".npz of feeds")
+        batches.append(feeds)
+    return FeedsCalibration(batches, source=f"{count} random samples of each input's type and shape")
+
+
+def feeds_from_npz(path: str | os.PathLike, model_inputs: Sequence[onnx.ValueInfoProto], batch_size: int) -> FeedsCalibration:
+    """Calibration feeds from a .npz file: one array per model input, named as the input, samples along
+    the first axis (numpy.savez(path, pixel_values=..., ...))."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"{path}: calibration feeds not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise CalibrationError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    missing = [v.name for v in model_inputs if v.name not in arrays]
+    if missing:
+        raise CalibrationError(f"{path}: no array for model input(s) {', '.join(missing)} (it has {', '.join(arrays) or 'none'})")
+    counts = {name: a.shape[0] if a.ndim else 0 for name, a in arrays.items() if name in {v.name for v in model_inputs}}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise CalibrationError(f"{path}: the arrays must hold the same number (> 0) of samples along their first axis; "
+                               f"got {counts}")
+    for value in model_inputs:
+        want = {**FLOAT_TYPES, **INT_TYPES}.get(value.type.tensor_type.elem_type)
+        if want is not None and arrays[value.name].dtype != want:
+            raise CalibrationError(f"{path}: array '{value.name}' is {arrays[value.name].dtype}, the model input takes "
+                                   f"{np.dtype(want)}")
+    total = next(iter(counts.values()))
+    batches = [{v.name: arrays[v.name][start:start + batch_size] for v in model_inputs}
+               for start in range(0, total, batch_size)]
+    return FeedsCalibration(batches, source=str(path))
+
+
 def empty_past(value: onnx.ValueInfoProto, batch: int) -> np.ndarray:
     """A zero-length past for a KV cache input [batch, kv_heads, past_sequence, head_dim]."""
+    from .exporters.kv_layout import past_problem
+
+    problem = past_problem(value)
+    if problem:
+        raise CalibrationError(problem)
     dims = value.type.tensor_type.shape.dim
-    if len(dims) != 4 or not (dims[1].dim_value and dims[3].dim_value):
-        raise CalibrationError(f"KV cache input '{value.name}' is not [batch, heads, past, head_dim] with fixed heads")
     return np.zeros((batch, dims[1].dim_value, 0, dims[3].dim_value), dtype=FLOAT_TYPES[value.type.tensor_type.elem_type])
 
 
@@ -190,6 +313,11 @@ def vocab_size_of(model: onnx.ModelProto) -> int | None:
             dims = shapes.get(node.input[0])
             if dims and len(dims) == 2:
                 return dims[0]
+    # A decoder's logits end in the vocabulary (the GenAI builder's embedding is not a plain Gather).
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim if out.type.tensor_type.HasField("shape") else []
+        if out.name == "logits" and dims and dims[-1].dim_value > 0:
+            return dims[-1].dim_value
     return None
 
 

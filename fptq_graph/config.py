@@ -7,6 +7,10 @@ RECIPES = ("fptq", "naive-w4a8", "dynamic-w4a8", "smoothquant-w4a8", "w8a8-smoot
 # Recipes whose weights are int8 per output channel instead of INT4 group-wise.
 INT8_WEIGHT_RECIPES = ("w8a8-smoothquant",)
 FORMATS = ("qdq", "w4a8", "ort")
+# The block sizes ONNX Runtime's MatMulNBits kernels accept (onnxruntime 1.31, CPU and CUDA).
+ORT_BLOCK_SIZES = (16, 32, 64, 128, 256)
+# How the LM head (the linear producing `logits`) is stored: float, int8 per output channel, or INT4 group-wise.
+LM_HEAD_MODES = ("float", "int8", "int4")
 
 
 @dataclass
@@ -26,8 +30,14 @@ class Config:
     group_size:      INT4 weight group along K (the reduction axis).
     symmetric:       int4 [-8, 7], the group's largest-magnitude weight m on -8 (scale m / -8); False gives
                      uint4 with a zero point.
-    quantize_lm_head: the LM head (the linear producing the model output `logits`) stays float unless this
-                     is set, as in GPTQ, AWQ and SmoothQuant: logits are the most error-sensitive product.
+    lm_head:         the LM head (the linear producing the model output `logits`): "float" keeps it float (as
+                     GPTQ, AWQ and SmoothQuant do: logits are the most error-sensitive product); "int8" stores
+                     int8 per-output-channel symmetric weights, activations by its classified scheme; "int4"
+                     quantizes it like every other linear (INT4, group lm_head_group_size or group_size). When
+                     its weight is also an embedding Gather's table (tied embeddings), the int8 head and the
+                     lookup read one quantized table (passes/plan_lm_head.py).
+    lm_head_group_size: the INT4 group of an int4 head (None: group_size).
+    quantize_lm_head: the older switch, an alias of lm_head="int4" (it wins over lm_head).
     gptq:            quantize weights with GPTQ (error feedback through the calibration Hessian X^T X,
                      which calibration then also records) instead of round-to-nearest.
     format:          "qdq" writes standard QuantizeLinear/DequantizeLinear (runs on any ONNX Runtime, the
@@ -49,7 +59,9 @@ class Config:
     compensate_residual: bool = True
     smooth_alpha: float = 0.5
     gptq: bool = False
-    quantize_lm_head: bool = False   # quantize the LM head (the linear producing `logits`) too
+    lm_head: str = "float"           # "float", "int8" or "int4": how the LM head (the linear producing `logits`) is stored
+    lm_head_group_size: int | None = None   # INT4 group of an int4 LM head (None: group_size)
+    quantize_lm_head: bool = False   # alias of lm_head="int4"
     gptq_damp: float = 0.01          # GPTQ: dampening added to diag(H), as a fraction of its mean
     sqnr_samples: int = 2            # calibration sequences the report's per-layer output SQNR is measured on
     # Calibration
@@ -69,8 +81,17 @@ class Config:
         if self.format in ("w4a8", "ort") and self.recipe in INT8_WEIGHT_RECIPES:
             raise FptqError(f"format {self.format!r} takes INT4 weights; recipe {self.recipe!r} has int8 weights: use --format qdq")
         g = self.group_size
-        if self.format == "ort" and (g < 16 or g & (g - 1)):
-            raise FptqError(f"format 'ort' (MatMulNBits) needs a power-of-two group size >= 16, got {g}")
+        if self.format == "ort" and g not in ORT_BLOCK_SIZES:
+            raise FptqError(f"format 'ort' (ONNX Runtime's MatMulNBits) takes group sizes "
+                            f"{', '.join(map(str, ORT_BLOCK_SIZES))}, got {g}")
+        if self.lm_head not in LM_HEAD_MODES:
+            raise FptqError(f"unknown lm_head {self.lm_head!r}; choose one of {', '.join(LM_HEAD_MODES)}")
+        hg = self.lm_head_group
+        if self.lm_head_mode == "int4" and (hg < 2 or hg % 2):
+            raise FptqError(f"lm_head_group_size must be an even number >= 2, got {hg}")
+        if self.lm_head_mode == "int4" and self.format == "ort" and hg not in ORT_BLOCK_SIZES:
+            raise FptqError(f"format 'ort' (ONNX Runtime's MatMulNBits) takes group sizes "
+                            f"{', '.join(map(str, ORT_BLOCK_SIZES))}, got {hg} for the LM head")
         if self.format == "w4a8" and not self.symmetric:
             raise FptqError("format 'w4a8' needs symmetric int4 weights (its kernels take no zero points)")
         if not 0 <= self.static_bound < self.dynamic_bound:
@@ -88,6 +109,15 @@ class Config:
         for name in ("calib_batch_size", "calib_seq_len", "calib_samples"):
             if getattr(self, name) < 1:
                 raise FptqError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def lm_head_mode(self) -> str:
+        """How the LM head is stored: quantize_lm_head (the older switch) means "int4"."""
+        return "int4" if self.quantize_lm_head else self.lm_head
+
+    @property
+    def lm_head_group(self) -> int:
+        return self.lm_head_group_size if self.lm_head_group_size is not None else self.group_size
 
     @property
     def weight_bits(self) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import ort_errors
 from .calibration import feeds_for, session_inputs
 from .errors import FptqError
 
@@ -64,20 +65,34 @@ def _nearest(emb: np.ndarray) -> np.ndarray:
     return sim.argmax(axis=1)
 
 
-def perplexity(sess, token_ids: np.ndarray, seq_len: int, max_tokens: int | None = None, progress: bool = False) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of `seq_len` tokens; float64 log-softmax."""
-    ids = np.asarray(token_ids, dtype=np.int64)[: max_tokens or None]
-    windows = len(ids) // seq_len
+def perplexity(sess, token_ids: np.ndarray, seq_len: int, max_tokens: int | None = None, progress: bool = False,
+               bos: int | None = None, inputs=None) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of `seq_len` tokens; float64 log-softmax.
+
+    With `bos` (the tokenizer adds one: see calibration.leading_bos), each window is BOS followed by
+    seq_len - 1 text tokens and every text token is scored, as Hugging Face's perplexity recipe and
+    lm-eval do; a model trained always to see BOS first scores 2-3x worse without it. `max_tokens`
+    counts text tokens. `inputs`: the model's input value infos, where they say more than the session
+    does (a KV cache's sizes the loader filled in, see exporters/kv_layout)."""
+    if seq_len < 2:
+        raise FptqError(f"perplexity needs windows of at least 2 tokens, got {seq_len}")
+    if max_tokens is not None and max_tokens < 1:
+        raise FptqError(f"max_tokens must be at least 1, got {max_tokens}")
+    ids = np.asarray(token_ids, dtype=np.int64)[: max_tokens]
+    body = seq_len - 1 if bos is not None else seq_len
+    windows = len(ids) // body
     if windows == 0:
         raise FptqError(f"text has {len(ids)} tokens, shorter than one window of {seq_len} (lower --seq-len)")
-    inputs = session_inputs(sess)
+    inputs = list(inputs) if inputs is not None else session_inputs(sess)
     nll, count = 0.0, 0
     for w in tqdm(range(windows), desc="perplexity", disable=not progress, unit="window"):
-        chunk = ids[w * seq_len:(w + 1) * seq_len][None]
-        logits = sess.run(["logits"], feeds_for(inputs, chunk))[0][0].astype(np.float64)
+        chunk = ids[w * body:(w + 1) * body]
+        if bos is not None:
+            chunk = np.concatenate([[bos], chunk])
+        chunk = chunk[None]
+        logits = ort_errors.run(sess, ["logits"], feeds_for(inputs, chunk), f"perplexity window {w}")[0][0].astype(np.float64)
         logits -= logits.max(axis=-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
         nll -= logp[np.arange(seq_len - 1), chunk[0, 1:]].sum()
         count += seq_len - 1
     return float(np.exp(nll / count))
-

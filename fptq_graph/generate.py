@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import ort_errors
 from .calibration import feeds_for, session_inputs
 from .errors import FptqError
 
@@ -31,13 +32,15 @@ class Generation:
 
 
 def greedy_generate(sess, prompt_ids, max_new_tokens: int, eos_token_id: int | None = None,
-                    on_token: Callable[[int], None] | None = None) -> Generation:
+                    on_token: Callable[[int], None] | None = None, inputs=None) -> Generation:
+    """Greedy tokens after `prompt_ids`. `inputs`: the model's input value infos where they say more than
+    the session (a KV cache's sizes the loader filled in, see exporters/kv_layout)."""
     prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1)
     if prompt.shape[1] == 0:
         raise FptqError("the prompt is empty: generation needs at least one token")
     if max_new_tokens < 1:
         raise FptqError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    inputs = session_inputs(sess)
+    inputs = list(inputs) if inputs is not None else session_inputs(sess)
     outputs = [o.name for o in sess.get_outputs()]
     if "logits" not in outputs:
         raise FptqError(f"the model has no 'logits' output (outputs: {', '.join(outputs)}): it is not a causal LM")
@@ -55,7 +58,7 @@ def greedy_generate(sess, prompt_ids, max_new_tokens: int, eos_token_id: int | N
             feeds = _cached_step_feeds(inputs, step_ids, past, length)
         else:
             feeds = feeds_for(inputs, np.concatenate([prompt, np.array([tokens], dtype=np.int64)], axis=1))
-        results = sess.run(["logits"] + presents, feeds)
+        results = ort_errors.run(sess, ["logits"] + presents, feeds, f"generation step {len(tokens)}")
         token = int(np.argmax(results[0][0, -1]))
         timings.append(time.perf_counter() - start)
         tokens.append(token)

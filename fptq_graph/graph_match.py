@@ -4,7 +4,17 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-NORM_OPS = {"LayerNormalization": (1, 2), "SimplifiedLayerNormalization": (1, None), "RMSNormalization": (1, None)}
+# Normalizations whose output 0 is norm(x) * gain (+ bias): op -> (gain input, bias input or None).
+# The Skip forms (ONNX Runtime contrib ops) normalize input + skip (+ bias, their input 3 or 4): their
+# output 3, when present, is that residual sum, which a fold into the gain and bias leaves untouched.
+NORM_OPS = {"LayerNormalization": (1, 2), "SimplifiedLayerNormalization": (1, None), "RMSNormalization": (1, None),
+            "SkipSimplifiedLayerNormalization": (2, None), "SkipLayerNormalization": (2, 3)}
+# The domains each is defined in: ONNX (LayerNormalization, RMSNormalization from opset 23), ONNX Runtime
+# in the default domain (SimplifiedLayerNormalization, as its GenAI builder writes it) or com.microsoft.
+NORM_DOMAINS = {"LayerNormalization": ("",), "RMSNormalization": ("",),
+                "SimplifiedLayerNormalization": ("", "com.microsoft"),
+                "SkipSimplifiedLayerNormalization": ("com.microsoft",), "SkipLayerNormalization": ("com.microsoft",)}
+FLOAT_TYPES = {1, 10, 11, 16}   # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
@@ -22,9 +32,28 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 else None
 
 
+def norm_inputs(node: gs.Node) -> tuple[int, int | None] | None:
+    """(gain input, bias input or None) if `node` is one of NORM_OPS in a domain that defines it, with
+    its gain present; a bias input left empty (an omitted optional input) counts as none."""
+    if node.op not in NORM_OPS or (node.domain or "").replace("ai.onnx", "") not in NORM_DOMAINS[node.op]:
+        return None
+    gamma_index, beta_index = NORM_OPS[node.op]
+    if len(node.inputs) <= gamma_index or not node.inputs[gamma_index].name:
+        return None
+    if beta_index is not None and (len(node.inputs) <= beta_index or not node.inputs[beta_index].name):
+        beta_index = None
+    return gamma_index, beta_index
+
+
+def is_float_cast(node: gs.Node) -> bool:
+    """A Cast from one floating-point type to another (fp16 exports cast around their normalizations)."""
+    return node.op == "Cast" and int(node.attrs.get("to", 0)) in FLOAT_TYPES
+
+
 def is_channel_passthrough(node: gs.Node, k: int) -> bool:
-    """Identity, or a Reshape whose target keeps the last axis at length k (GPT-2's view before Gemm)."""
-    if node.op == "Identity":
+    """Identity, a float-to-float Cast, or a Reshape whose target keeps the last axis at length k (GPT-2's
+    view before Gemm)."""
+    if node.op == "Identity" or is_float_cast(node):
         return True
     if node.op == "Reshape":
         shape = constant_value(node.inputs[1])
@@ -36,14 +65,16 @@ def rms_norm_gain(node: gs.Node, k: int) -> int | None:
     """If `node` is the gain Mul of a decomposed RMSNorm, the index of its gain input.
 
     The pattern (HF LLaMA through torch.export): y = x * Reciprocal(Sqrt(ReduceMean(Pow(x, 2)) + eps)),
-    or with Div / Rsqrt forms, then out = y * gamma. We accept a Mul with a 1-D constant of length k whose
-    other operand reaches a ReduceMean of Pow(., 2) or Mul(a, a) within a few steps.
+    or with Div / Rsqrt forms, then out = y * gamma. We accept a Mul with a constant of k values along
+    its last axis whose other operand reaches a ReduceMean of Pow(., 2) or Mul(a, a) within a few steps.
+    Float Casts do not count as steps: optimum's fp16 exports compute the statistics in float32,
+    x -> Cast(float) -> Pow/ReduceMean/Add/Sqrt/Reciprocal (or Div)/Mul -> Cast(fp16) -> Mul(gamma).
     """
     if node.op != "Mul":
         return None
     for gain_index in (0, 1):
         gain = constant_value(node.inputs[gain_index])
-        if gain is None or gain.ndim != 1 or gain.shape[0] != k:
+        if gain is None or gain.ndim < 1 or gain.shape[-1] != k or gain.size != k:
             continue
         if _reaches_mean_square(node.inputs[1 - gain_index], depth=5):
             return gain_index
@@ -52,6 +83,8 @@ def rms_norm_gain(node: gs.Node, k: int) -> int | None:
 
 def _reaches_mean_square(tensor: gs.Tensor, depth: int) -> bool:
     node = producer(tensor)
+    if node is not None and is_float_cast(node):
+        return _reaches_mean_square(node.inputs[0], depth)
     if node is None or depth == 0:
         return False
     if node.op == "ReduceMean":

@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 
 from .passes import (Calibrate, CanonicalizeWeights, ClassifyActivations, EmitORT, EmitQDQ, EmitW4A8, FindQuantizableLinears,
-                     FoldEqualizationScales, InsertObservers, MeasureOutputSQNR, QuantizeWeights)
+                     FoldEqualizationScales, InsertObservers, MeasureOutputSQNR, PlanLMHead, QuantizeWeights)
 from .state import State
 
 
@@ -21,7 +21,7 @@ EMITTERS = {"qdq": EmitQDQ, "w4a8": EmitW4A8, "ort": EmitORT}   # Config.format 
 
 def default_passes(form: str = "qdq") -> list:
     return [FindQuantizableLinears(), CanonicalizeWeights(), InsertObservers(), Calibrate(),
-            ClassifyActivations(), FoldEqualizationScales(), QuantizeWeights(), EMITTERS[form](), MeasureOutputSQNR()]
+            ClassifyActivations(), PlanLMHead(), FoldEqualizationScales(), QuantizeWeights(), EMITTERS[form](), MeasureOutputSQNR()]
 
 
 def run_passes(state: State, passes: list, log=None) -> list[PassRecord]:

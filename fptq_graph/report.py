@@ -54,6 +54,50 @@ def format_table(rows: list[dict], max_reason: int = 60) -> str:
     return "\n".join(out)
 
 
+# What inspect's table, page and plot read from a stored report, checked before they read it.
+_REQUIRED = {"config": dict, "calibration": str, "source": str, "passes": list, "layers": list}
+_CONFIG_KEYS = ("recipe", "group_size", "static_bound", "dynamic_bound")
+_PASS_KEYS = ("name", "summary")
+_LAYER_KEYS = ("name", "scheme", "act_max_before", "act_max_after")
+_KEPT_KEYS = ("name", "K", "N", "reason")
+
+
+def parse_stored(text: str, model: str) -> dict:
+    """The report stored in a model's metadata, or a one-line FptqError naming the model and what is
+    wrong with it (a hand-edited or foreign model can carry anything under our key)."""
+    from .errors import FptqError
+
+    def bad(what: str) -> FptqError:
+        return FptqError(f"{model}: the stored fptq-graph report ({REPORT_KEY}) {what}; re-quantize the model "
+                         "to get a readable report")
+
+    try:
+        report = json.loads(text)
+    except ValueError as exc:
+        raise bad(f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(report, dict):
+        raise bad(f"is a JSON {type(report).__name__}, not an object")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(report.get(key), kind):
+            raise bad(f"lacks '{key}'" if key not in report else f"has a '{key}' that is not a {kind.__name__}")
+    missing = [k for k in _CONFIG_KEYS if k not in report["config"]]
+    if missing:
+        raise bad(f"lacks config key(s) {', '.join(missing)}")
+    kept = report.setdefault("kept_float", [])
+    if not isinstance(kept, list):
+        raise bad("has a 'kept_float' that is not a list")
+    for kind, rows, keys in (("pass", report["passes"], _PASS_KEYS), ("layer", report["layers"], _LAYER_KEYS),
+                             ("kept-float", kept, _KEPT_KEYS)):
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or any(k not in row for k in keys):
+                raise bad(f"has a {kind} entry (#{i}) without {', '.join(keys)}")
+    try:
+        float(report["config"]["static_bound"]), float(report["config"]["dynamic_bound"])
+    except (TypeError, ValueError):
+        raise bad("has non-numeric bounds") from None
+    return report
+
+
 def to_json(report: dict) -> str:
     return json.dumps(report, indent=2, allow_nan=False, default=str)
 

@@ -40,16 +40,44 @@ def library_path() -> Path:
     return path
 
 
+# The CPU kernels of the op library, best first, and the /proc/cpuinfo flags each needs: the same
+# checks csrc/w4a8_cpu_dispatch.cc makes with CPUID when ONNX Runtime creates the kernel.
+CPU_ISA_FLAGS = {
+    "avx512vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma"},
+    "avxvnni": {"avx2", "fma", "avx_vnni"},
+    "avx2": {"avx2", "fma"},
+    "generic": set(),
+}
+CPU_ISA_ENV = "FPTQ_CPU_ISA"   # forces one of them (sessions fail at creation if this CPU lacks it)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def library_info() -> dict:
-    """How the library was built: {"cuda": bool, "cuda_architectures": "80,90"}."""
+    """How the library was built and which CPU kernel it runs here: {"cuda": bool, "cuda_architectures":
+    "80,90", "cpu_isas": the CPU kernels built that this CPU runs, best first, "cpu_isa": the one
+    sessions use ($FPTQ_CPU_ISA, or the first of cpu_isas; None when $FPTQ_CPU_ISA names one that is
+    not in cpu_isas, which makes session creation fail)}."""
     path = library_path().with_name("fptq_ops_build.json")
-    return json.loads(path.read_text()) if path.is_file() else {"cuda": False, "cuda_architectures": ""}
+    info = json.loads(path.read_text()) if path.is_file() else {"cuda": False, "cuda_architectures": ""}
+    flags = _cpu_flags()
+    built = info.get("cpu_isas", ["generic"])
+    info["cpu_isas"] = [isa for isa in CPU_ISA_FLAGS if isa in built and CPU_ISA_FLAGS[isa] <= flags]
+    forced = os.environ.get(CPU_ISA_ENV, "")
+    info["cpu_isa"] = (forced if forced in info["cpu_isas"] else None) if forced else info["cpu_isas"][0]
+    return info
 
 
 def session_options(threads: int | None = None, with_library: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    options.log_severity_level = 3
+    options.log_severity_level = 4   # errors reach the user as our one-line messages, not ORT log lines
     if threads:
         options.intra_op_num_threads = threads
     if with_library:
@@ -112,7 +140,11 @@ def _split_session(model: SplitModel, options, providers) -> ort.InferenceSessio
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     proto.ir_version = IR_VERSION
-    packed = {init.name: init for init in proto.graph.initializer if is_in_memory(init) and init.data_type in PACKED_TYPES}
+    # Through the file too: 4-bit tensors, and initializers a control-flow body reads from the outer
+    # scope (ORT resolves those from the TensorProto itself, not from the user initializers).
+    from_file = _subgraph_references(proto.graph)
+    packed = {init.name: init for init in proto.graph.initializer
+              if is_in_memory(init) and (init.data_type in PACKED_TYPES or init.name in from_file)}
     values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in model.arrays.items() if name not in packed}
     for name, value in values.items():
         options.add_initializer(name, value)
@@ -130,6 +162,22 @@ def _split_session(model: SplitModel, options, providers) -> ort.InferenceSessio
         sess = _create(str(path), options, providers, "<in-memory model>")
     sess._fptq_initializers = values   # the buffers must outlive the session
     return sess
+
+
+def _subgraph_references(graph: onnx.GraphProto) -> set[str]:
+    """Names read by nodes inside If/Loop/Scan bodies (at any depth)."""
+    names: set[str] = set()
+
+    def visit(g: onnx.GraphProto, inside: bool) -> None:
+        for node in g.node:
+            if inside:
+                names.update(node.input)
+            for attr in node.attribute:
+                for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    visit(body, True)
+
+    visit(graph, False)
+    return names
 
 
 def _create(model, options, providers, name: str) -> ort.InferenceSession:

@@ -198,14 +198,16 @@ def _inline(init: onnx.TensorProto, array: np.ndarray) -> None:
 
 
 def bind_arrays(graph: gs.Graph, arrays: dict[str, np.ndarray]) -> gs.Graph:
-    """After gs.import_onnx of a SplitModel's proto: its IN_MEMORY constants take their arrays."""
-    for tensor in graph.tensors().values():
+    """After gs.import_onnx of a SplitModel's proto: its IN_MEMORY constants take their arrays (those
+    that control-flow bodies read included: onnx-graphsurgeon gives a body its own Constant objects)."""
+    for tensor in (t for g in _graphs(graph) for t in g.tensors().values()):
         if isinstance(tensor, gs.Constant) and tensor.name in arrays and isinstance(tensor._values, LazyValues):
             header = tensor._values.tensor
             if header.data_type in PACKED_TYPES:
                 tensor.values = PackedTensor(arrays[tensor.name], header.dims, header.data_type)
             else:
                 tensor.values = arrays[tensor.name]
+            tensor.data_location = None   # the values are in memory now, not in the IN_MEMORY reference
     return graph
 
 
@@ -213,8 +215,9 @@ def export_split(graph: gs.Graph) -> SplitModel:
     """gs.export_onnx without copying large constants into the proto: they become IN_MEMORY references
     and the SplitModel's arrays share them with the graph."""
     arrays, swapped = {}, {}
+    in_bodies = _read_in_subgraphs(graph)
     for tensor in graph.tensors().values():
-        if not isinstance(tensor, gs.Constant):
+        if not isinstance(tensor, gs.Constant) or tensor.name in in_bodies:
             continue
         values = tensor._values
         if isinstance(values, PackedTensor) and values.packed.nbytes >= MIN_SPLIT_BYTES:
@@ -234,6 +237,24 @@ def export_split(graph: gs.Graph) -> SplitModel:
             tensor._values = values
     used = {init.name for init in proto.graph.initializer}
     return SplitModel(proto, {name: array for name, array in arrays.items() if name in used})
+
+
+def _graphs(graph: gs.Graph):
+    """The graph and every If/Loop/Scan body in it, at any depth."""
+    yield graph
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            for body in attr if isinstance(attr, list) else [attr]:
+                if isinstance(body, gs.Graph):
+                    yield from _graphs(body)
+
+
+def _read_in_subgraphs(graph: gs.Graph) -> set[str]:
+    """Names read inside If/Loop/Scan bodies. Such constants stay inline: onnx-graphsurgeon may export
+    them as the body's own initializers, where neither ONNX Runtime's user initializers nor our writer
+    (both top-level only) would find their arrays."""
+    bodies = list(_graphs(graph))[1:]
+    return {t.name for body in bodies for node in body.nodes for t in node.inputs}
 
 
 def write_inline(model: SplitModel, f) -> None:

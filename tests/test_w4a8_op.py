@@ -240,7 +240,8 @@ def test_missing_library_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_library_exports_only_its_entry_point_and_says_how_it_was_built():
     info = runtime.library_info()
-    assert set(info) == {"cuda", "cuda_architectures"}
+    assert set(info) == {"cuda", "cuda_architectures", "cpu_isas", "cpu_isa"}
+    assert info["cpu_isa"] in info["cpu_isas"] and info["cpu_isas"][-1] == "generic"   # tests/test_w4a8_isa.py: each
     if info["cuda"]:
         assert {"80", "90"} <= set(info["cuda_architectures"].split(","))
     nm = shutil.which("nm")

@@ -1,5 +1,14 @@
 """Exporters: PyTorch / Hugging Face models -> FX (torch.export) -> ONNX (opset 21, IR 10, dynamic batch and sequence)."""
-from .torch_module import export_module
-from .huggingface import export_hf
-
 __all__ = ["export_module", "export_hf"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: the graph-side helpers (kv_layout) are read by the loader, which must not
+    # pay for importing torch.
+    if name == "export_module":
+        from .torch_module import export_module
+        return export_module
+    if name == "export_hf":
+        from .huggingface import export_hf
+        return export_hf
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """The compiler's passes, one per module, each a small rewrite or analysis over a `State`.
 
 Order (see pipeline.default_passes): find quantizable linears -> canonicalize their weights ->
-insert observers -> calibrate -> classify -> fold equalization (LAE) -> quantize weights -> emit
+insert observers -> calibrate -> classify -> plan the LM head (int8 head, tied embeddings) -> fold equalization (LAE) -> quantize weights -> emit
 (qdq: standard QuantizeLinear/DequantizeLinear; w4a8: the bundled fptq::W4A8MatMul op; ort: ONNX
 Runtime's MatMulNBits) -> measure
 each linear's output SQNR against the float model.
@@ -11,6 +11,7 @@ from .canonicalize_weights import CanonicalizeWeights
 from .insert_observers import InsertObservers
 from .calibrate import Calibrate
 from .classify import ClassifyActivations
+from .plan_lm_head import PlanLMHead
 from .fold_equalization import FoldEqualizationScales
 from .quantize_weights import QuantizeWeights
 from .emit_qdq import EmitQDQ
@@ -24,6 +25,7 @@ __all__ = [
     "InsertObservers",
     "Calibrate",
     "ClassifyActivations",
+    "PlanLMHead",
     "FoldEqualizationScales",
     "QuantizeWeights",
     "EmitQDQ",

@@ -7,6 +7,9 @@ B uint8 [N, ceil(K/g), g/2], codes along K two a byte, the first in the low nibb
 zero padded; scales [N * ceil(K/g)]; unsigned codes with zero point 8 (symmetric: the default, no
 input) or the asymmetric zero points, packed two a byte per output channel. accuracy_level is 0:
 ONNX Runtime then computes in float what the graph says (4 would re-quantize activations per block).
+
+An int8 LM head (Config.lm_head) is MatMulNBits with bits=8 and its tied embedding lookups
+GatherBlockQuantized over the same codes (passes/plan_lm_head.py, which says why its accuracy_level is 4).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import onnx_graphsurgeon as gs
 from ..state import Linear
 from .emit_qdq import EmitQDQ, activation_dtype
 from .emit_w4a8 import replace_linear
+from .plan_lm_head import nbits8_head, tie_to_nbits_codes
 
 
 def nbits_weight(q: np.ndarray, group: int, offset: int) -> np.ndarray:
@@ -40,7 +44,11 @@ class EmitORT(EmitQDQ):
     name = "emit_ort"
 
     def emit_weight(self, graph: gs.Graph, linear: Linear) -> int:
-        # Config.validate has refused int8 weights and groups MatMulNBits cannot take.
+        # Config.validate has refused int8 weights (but an int8 LM head's) and groups MatMulNBits cannot take.
+        if linear.quantized.bits == 8:
+            codes, scale, _, nbytes = nbits8_head(graph, linear, replace_linear)
+            self._head_tables = (codes, scale)
+            return nbytes
         node, qw = linear.node, linear.quantized
         k, n = qw.shape
         g = qw.group_size
@@ -57,3 +65,7 @@ class EmitORT(EmitQDQ):
                                               attrs={"K": k, "N": n, "bits": 4, "block_size": g, "accuracy_level": 0}),
                        bias)
         return packed.nbytes
+
+    def tie_embeddings(self, graph: gs.Graph, head: Linear, gathers: list[gs.Node]) -> None:
+        codes, scale = self._head_tables
+        tie_to_nbits_codes(graph, head, gathers, codes, scale, head.k)

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from ..int4 import pack_int4
 from ..split_model import PackedTensor
 from ..state import Linear, State
+from .plan_lm_head import find_lm_head, tie_to_kn_codes, tied_gathers
 # A per-token scale floor so an all-zero token row quantizes to zeros instead of dividing by zero
 # (shared with the w4a8 op, whose kernels use the same floor).
 from ..w4a8_op import MIN_TOKEN_SCALE
@@ -28,6 +29,9 @@ class EmitQDQ:
         graph = state.graph
         shared: dict[tuple[str, str], gs.Variable] = {}   # (activation, scheme) -> quantized activation
         weight_bytes = 0
+        # An int8 LM head whose weight is an embedding table too: found while its weight is still float.
+        head = find_lm_head(state) if state.config.lm_head_mode == "int8" else None
+        tied = tied_gathers(graph, head) if head is not None else []
         for linear in state.linears.values():
             if linear.scheme != "float":
                 # Siblings read the same tensor with the same scheme (and, under LAE, the same s): one QDQ.
@@ -38,9 +42,18 @@ class EmitQDQ:
                                    else self._per_tensor(graph, linear, linear.act_scale))
                 linear.node.inputs[0] = shared[key]
             weight_bytes += self.emit_weight(graph, linear)
+        if tied:
+            self.tie_embeddings(graph, head, tied)
         graph.cleanup().toposort()
         kind = "int8" if state.config.weight_bits == 8 else "INT4"
-        return f"{len(state.linears)} linears emitted; {kind} weights {weight_bytes / 2**20:.2f} MiB packed"
+        tied_note = f"; {len(tied)} embedding lookup(s) read the int8 LM head's table" if tied else ""
+        return f"{len(state.linears)} linears emitted; {kind} weights {weight_bytes / 2**20:.2f} MiB packed{tied_note}"
+
+    @staticmethod
+    def tie_embeddings(graph: gs.Graph, head: Linear, gathers: list[gs.Node]) -> None:
+        """The tied lookups read the int8 head's codes and scales (its DequantizeLinear's inputs)."""
+        dq = head.node.inputs[1].inputs[0]
+        tie_to_kn_codes(graph, head, gathers, dq.inputs[0], dq.inputs[1])
 
     def emit_weight(self, graph: gs.Graph, linear: Linear) -> int:
         """Rewires the linear to its quantized weight; returns the packed bytes."""

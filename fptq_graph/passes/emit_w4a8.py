@@ -3,7 +3,9 @@ bundled op library's CPU and CUDA kernels), keeping its classified scheme: a sta
 for static and equalized layers, none (per-token dynamic) for the rest.
 
 Weights-only layers (scheme "float", e.g. the rtn-w4a16 recipe) keep the qdq weight form: the op
-quantizes its input to int8 by definition.
+quantizes its input to int8 by definition. An int8 LM head (Config.lm_head) goes through ONNX Runtime's
+integer MatMulIntegerToFloat with the same activation scheme (passes/plan_lm_head.py), its tied
+embedding lookups reading the same codes.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from ..graph_match import constant_value
 from ..state import Linear, State
 from ..w4a8_op import DOMAIN, OP_TYPE, pack_weight
 from .emit_qdq import activation_scale, dequantized_weight
+from .plan_lm_head import find_lm_head, integer_head, tie_to_kn_codes, tied_gathers
 
 
 class EmitW4A8:
@@ -26,8 +29,22 @@ class EmitW4A8:
                             "drop --asymmetric or use --format qdq")
         graph = state.graph
         fused = weights_only = 0
-        int4_bytes = 0
+        int4_bytes = int8_bytes = 0
+        head = find_lm_head(state) if state.config.lm_head_mode == "int8" else None
+        tied = tied_gathers(graph, head) if head is not None else []
         for linear in state.linears.values():
+            if linear is head:   # int8 weights: the integer MatMul (or qdq weights when weights-only)
+                if linear.scheme == "float":
+                    dq_out, int8_bytes = dequantized_weight(graph, linear)
+                    linear.node.inputs[1] = dq_out
+                    dq = dq_out.inputs[0]
+                    codes, scale = dq.inputs[0], dq.inputs[1]
+                else:
+                    linear.act_scale = activation_scale(linear)
+                    codes, scale, int8_bytes = integer_head(graph, linear)
+                if tied:
+                    tie_to_kn_codes(graph, linear, tied, codes, scale)
+                continue
             if linear.scheme == "float":
                 linear.node.inputs[1], nbytes = dequantized_weight(graph, linear)
                 weights_only += 1
@@ -38,6 +55,11 @@ class EmitW4A8:
             int4_bytes += nbytes
         graph.cleanup().toposort()
         summary = f"{fused} linears to {DOMAIN}::{OP_TYPE}; INT4 weights {int4_bytes / 2**20:.2f} MiB packed"
+        if head is not None:
+            summary += (f"; int8 LM head '{head.name}' through com.microsoft.MatMulIntegerToFloat "
+                        f"({int8_bytes / 2**20:.2f} MiB)") if head.scheme != "float" else \
+                f"; int8 LM head '{head.name}' as qdq weights ({int8_bytes / 2**20:.2f} MiB)"
+            summary += f", its table shared by {len(tied)} embedding lookup(s)" if tied else ""
         return summary + (f"; {weights_only} weights-only layers kept as qdq weights" if weights_only else "")
 
     @staticmethod

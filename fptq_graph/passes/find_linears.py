@@ -1,7 +1,7 @@
 """Find the quantizable linears, their normalization producer and their siblings (an analysis).
 
 The LM head (the linear producing the model output `logits`, directly or through reshapes/casts:
-what our exporter and Hugging Face name it) is left float unless Config.quantize_lm_head, as weight-quantization practice does (GPTQ, AWQ,
+what our exporter and Hugging Face name it) is left float unless Config.lm_head says int8 or int4, as weight-quantization practice does (GPTQ, AWQ,
 SmoothQuant keep it): logits are the most error-sensitive product, and in tied-embedding models
 its weight is the embedding table, which stays float for the lookup anyway.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from ..errors import NoQuantizableLinearError
-from ..graph_match import NORM_OPS, constant_value, is_channel_passthrough, producer, resolve_weight, rms_norm_gain
+from ..graph_match import constant_value, is_channel_passthrough, norm_inputs, producer, resolve_weight, rms_norm_gain
 from ..state import Linear, NormProducer, State
 
 
@@ -23,22 +23,25 @@ class FindQuantizableLinears:
     def run(self, state: State) -> str:
         graph = state.graph
         skipped = 0
+        unusable: list[str] = []   # MatMul/Gemm left float, with why (for the error when none is usable)
         outputs = {t.name for t in graph.outputs} & {LOGITS}
+        self._keep_subgraph_linears_float(state)
         for index, node in enumerate(graph.nodes):
             if node.op not in ("MatMul", "Gemm"):
                 continue
             weight, note = resolve_weight(node)
             if weight is None:
                 skipped += 1
+                unusable.append(f"{node.op} '{node.name or index}' ({note})")
                 continue
             if not node.name or node.name in state.linears:
                 node.name = f"{node.op}_{index}"
             k, n = weight.shape
-            if not state.config.quantize_lm_head and _feeds_output(node, outputs):
+            if state.config.lm_head_mode == "float" and _feeds_output(node, outputs):
                 state.kept_float[node.name] = {
                     "name": node.name, "K": k, "N": n,
                     "reason": f"LM head (produces the model output '{LOGITS}'): kept float; "
-                              "quantize_lm_head (--quantize-lm-head) quantizes it"}
+                              "lm_head='int8' or 'int4' (--lm-head) quantizes it"}
                 continue
             activation = node.inputs[0]
             norm = self._find_producer(state, activation, k)
@@ -49,8 +52,9 @@ class FindQuantizableLinears:
             if norm:
                 norm.linears.append(linear.name)
         if not state.linears:
+            why = f"; skipped: {', '.join(unusable[:6])}{', ...' if len(unusable) > 6 else ''}" if unusable else ""
             raise NoQuantizableLinearError(
-                "no quantizable linear: the graph has no MatMul/Gemm whose weight is a constant initializer"
+                f"no quantizable linear: the graph has no MatMul/Gemm whose weight is a constant initializer{why}"
             )
         for norm in state.producers.values():
             norm.other_consumers = self._other_consumers(state, norm)
@@ -59,13 +63,34 @@ class FindQuantizableLinears:
         return (f"{len(state.linears)} quantizable linears, {len(state.producers)} normalization producers, "
                 f"{skipped} MatMul/Gemm with non-constant weights left in float{kept}")
 
+    @staticmethod
+    def _keep_subgraph_linears_float(state: State) -> None:
+        """Linears inside If/Loop/Scan bodies stay float, listed with the reason: observing and rewriting
+        a subgraph needs its own outputs threaded out of the control flow, which we do not do."""
+        def visit(graph: gs.Graph, owner: str) -> None:
+            for node in graph.nodes:
+                for attr in node.attrs.values():
+                    for body in (attr if isinstance(attr, list) else [attr]):
+                        if isinstance(body, gs.Graph):
+                            visit(body, f"{node.op} '{node.name or node.op}'")
+                if owner and node.op in ("MatMul", "Gemm"):
+                    name = node.name or f"{owner} {node.op}"
+                    weight = node.inputs[1] if len(node.inputs) > 1 else None
+                    shape = list(getattr(weight, "shape", None) or [])
+                    state.kept_float[name] = {
+                        "name": name, "K": shape[0] if len(shape) == 2 else None,
+                        "N": shape[1] if len(shape) == 2 else None,
+                        "reason": f"inside the body of {owner}: linears in control-flow subgraphs are kept float"}
+
+        visit(state.graph, "")
+
     def _find_producer(self, state: State, activation: gs.Tensor, k: int) -> NormProducer | None:
         tensor = activation
         while True:
             node = producer(tensor)
             if node is None:
                 return None
-            if node.op in NORM_OPS or rms_norm_gain(node, k) is not None:
+            if norm_inputs(node) is not None or rms_norm_gain(node, k) is not None:
                 break
             if not is_channel_passthrough(node, k):
                 return None
@@ -73,11 +98,14 @@ class FindQuantizableLinears:
         out = node.outputs[0]
         if out.name in state.producers:
             return state.producers[out.name]
-        if node.op in NORM_OPS:
-            gamma_index, beta_index = NORM_OPS[node.op]
-            if beta_index is not None and len(node.inputs) <= beta_index:
-                beta_index = None
+        if norm_inputs(node) is not None:
+            gamma_index, beta_index = norm_inputs(node)
             kind = node.op
+            # The scale divides the gain (and bias) along the channel axis: they must have one of length k.
+            for index in (gamma_index, beta_index):
+                value = constant_value(node.inputs[index]) if index is not None else None
+                if value is not None and (value.ndim == 0 or value.shape[-1] != k):
+                    return None
         else:
             gamma_index, beta_index, kind = rms_norm_gain(node, k), None, "RMSNorm (decomposed)"
         norm = NormProducer(node=node, kind=kind, gamma_index=gamma_index, beta_index=beta_index, output=out)

@@ -34,7 +34,9 @@ class InsertObservers:
             if name in state.observers:
                 continue
             x = tensors[name]
-            dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
+            # The activation's type where the graph declares it, else the weight's: MatMul takes one
+            # type for both (an fp16 model without value_info must not get float32 observers).
+            dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(linear.node.inputs[1].values.dtype)
             tag = _safe(name)
             flat = graph.layer(op="Reshape", inputs=[x, np.array([-1, linear.k], dtype=np.int64)],
                                outputs=[f"obs.{tag}.flat"])[0]

