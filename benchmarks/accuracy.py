@@ -46,6 +46,20 @@ RECIPES = {
     "rtn-w4a16": {"recipe": "rtn-w4a16"},
     # SmolLM2's packaged weights are GGUF Q4_1 (asymmetric, blocks of 32): the matching grid
     "fptq, g32 asym": {"recipe": "fptq", "group_size": 32, "symmetric": False},
+    # issue 15: weight quantizers (recipes.py) and AWQ / measured classification
+    "fptq, clip": {"recipe": "fptq", "weight_quantizer": "clip"},
+    "fptq, gptq-clip": {"recipe": "fptq", "weight_quantizer": "gptq-clip"},
+    "fptq, gptq act-order": {"recipe": "fptq", "weight_quantizer": "gptq", "act_order": True},
+    "fptq-awq": {"recipe": "fptq-awq"},
+    "fptq-awq, gptq-clip": {"recipe": "fptq-awq", "weight_quantizer": "gptq-clip"},
+    "fptq-measured": {"recipe": "fptq-measured"},
+    "awq-w4a16": {"recipe": "awq-w4a16"},
+    "fptq, g32": {"recipe": "fptq", "group_size": 32},
+    "fptq, clip, g32": {"recipe": "fptq", "weight_quantizer": "clip", "group_size": 32},
+    "fptq + gptq, g32": {"recipe": "fptq", "gptq": True, "group_size": 32},
+    "fptq-awq, g32": {"recipe": "fptq-awq", "group_size": 32},
+    "dynamic-w4a8, g32": {"recipe": "dynamic-w4a8", "group_size": 32},
+    "rtn-w4a16, g32": {"recipe": "rtn-w4a16", "group_size": 32},
 }
 # Per model: calibration (samples x tokens) and what is evaluated.
 MODELS = {
@@ -64,6 +78,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "out" / "accuracy"), help="work folder for the models")
     parser.add_argument("--json", default=str(ROOT / "out" / "accuracy" / "accuracy.json"), help="result JSON")
     parser.add_argument("--fresh", action="store_true", help="ignore rows the JSON already holds")
+    parser.add_argument("--lm-head", choices=("float", "int8", "int4"), default="float",
+                        help="the LM head of every row of ours (default float: ONNX Runtime's rows keep it float too)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for path in (CALIB, HELDOUT):
@@ -82,6 +98,7 @@ def main() -> int:
             settings["calib_samples"] = args.calib_samples
         if args.eval_tokens and settings["kind"] == "decoder":
             settings["eval_tokens"] = args.eval_tokens
+        settings["lm_head"] = args.lm_head
         done = results["models"].get(name, {})
         if done.get("settings") != settings:
             done = {}
@@ -113,7 +130,7 @@ def run_model(name: str, rows: dict, settings: dict, recipes: list[str], with_or
         if label in rows:
             print(f"{name} {label}: {fmt(rows[label])} (from the JSON)", flush=True)
             continue
-        config = fq.Config(**RECIPES[label], calib_samples=settings["calib_samples"], calib_seq_len=settings["seq_len"],
+        config = fq.Config(**{"lm_head": settings.get("lm_head", "float"), **RECIPES[label]}, calib_samples=settings["calib_samples"], calib_seq_len=settings["seq_len"],
                            progress=False, sqnr_samples=0)
         start = time.perf_counter()
         result = fq.quantize(float_path, str(CALIB), config)

@@ -1,8 +1,8 @@
 """SmolLM2-135M decoding and MiniLM sentence embeddings in ONNX Runtime on CPU, every form side by side.
 
-SmolLM2-135M-Instruct (the packaged model, exported with its KV cache): float; ours `--format ort` and
-`--format w4a8` (FPTQ W4A8, group 128), each with the LM head float and int8 (its tied embedding table
-then held once, quantized); and ONNX Runtime's own MatMulNBitsQuantizer (4 bits, symmetric,
+SmolLM2-135M-Instruct (the packaged model, exported with its KV cache): float; ours in the qdq,
+`--format ort` and `--format w4a8` forms (FPTQ W4A8, group 128), each with the LM head float and int8
+(its tied embedding table then held once, quantized); and ONNX Runtime's own MatMulNBitsQuantizer (4 bits, symmetric,
 accuracy_level 4, blocks 32 and 128) on the same float graph. The quantizer leaves the LM head float
 (its weight is Transpose(embedding table), not an initializer, and its Gather quantization is 4-bit
 only), so "block 32 + int8 head" runs it a second time with bits 8 on the head alone after the
@@ -84,7 +84,15 @@ def measure_decoder(path: str, threads: int, heldout: str) -> dict:
     gen = greedy_generate(sess, ids[:32].tolist(), NEW_TOKENS, inputs=inputs)
     return {"load_s": load_s, "prefill_ms": 1e3 * statistics.median(times),
             "decode_tok_s": gen.decode_tokens_per_second, "tokens": gen.tokens[:16],
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory: VmHWM (ru_maxrss would carry the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(path: Path, threads: int, heldout: Path) -> dict:
@@ -129,6 +137,113 @@ def ort_nbits(float_path: Path, out: Path, block: int, head_bits: int | None) ->
     return out
 
 
+HEAD_VARIANTS = {   # name -> what it computes
+    "float MatMul": "fp32",
+    "qdq, per-token (Div/Round/Clip) -> DQ(int8, axis 1) -> MatMul": "exact; ORT fuses nothing",
+    "qdq, static Q/DQ -> DQ(int8, axis 1) -> MatMul": "exact; ORT fuses it into an integer MatMul",
+    "com.microsoft.DynamicQuantizeMatMul": "per-tensor uint8 activations (not our scheme)",
+    "MatMulNBits bits 8, accuracy_level 0": "exact",
+    "MatMulNBits bits 8, accuracy_level 4": "re-quantizes per block of 64",
+    "per-token -> MatMulInteger(u8, s8) -> Cast -> Mul -> Mul": "exact",
+    "per-token -> MatMulIntegerToFloat(u8, s8) -> Mul (our w4a8 head)": "exact",
+}
+
+
+def head_products(threads: int) -> dict:
+    """SmolLM2's LM head product, [M, 576] @ [576, 49152] with int8 per-channel weights, in each way
+    ONNX Runtime can run it: ms per Run (median), M = 1 (a decode step) and 512 (a prefill), and the
+    relative error against a numpy float64 reference of per-token int8 activations x the int8 weights."""
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k, n = 576, 49152
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    ws = (np.abs(w).max(0) / 127).astype(np.float32)
+    wq = np.clip(np.round(w / ws), -127, 127).astype(np.int8)
+    deq = wq.astype(np.float64) * ws
+
+    def c(name, value):
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    def per_token():
+        nodes = [helper.make_node("Abs", ["x"], ["ab"]), helper.make_node("ReduceMax", ["ab", "ax"], ["am"], keepdims=1),
+                 helper.make_node("Div", ["am", "c127"], ["s0"]), helper.make_node("Max", ["s0", "floor"], ["s"]),
+                 helper.make_node("Div", ["x", "s"], ["xs"]), helper.make_node("Round", ["xs"], ["xr"]),
+                 helper.make_node("Clip", ["xr", "lo", "hi"], ["xc"])]
+        inits = [c("ax", np.array([-1], np.int64)), c("c127", np.float32(127)), c("floor", np.float32(1e-12)),
+                 c("lo", np.float32(-128)), c("hi", np.float32(127))]
+        return nodes, inits
+
+    def u8(nodes, inits):
+        nodes += [helper.make_node("Add", ["xc", "c128"], ["xu"]), helper.make_node("Cast", ["xu"], ["x8"], to=T.UINT8)]
+        inits += [c("c128", np.float32(128)), c("azp", np.uint8(128))]
+
+    def build(name):
+        nodes, inits = [], []
+        if name.startswith("float"):
+            nodes, inits = [helper.make_node("MatMul", ["x", "W"], ["y"])], [c("W", w)]
+        elif name.startswith("qdq, per-token"):
+            nodes, inits = per_token()
+            nodes += [helper.make_node("Mul", ["xc", "s"], ["xq"]),
+                      helper.make_node("DequantizeLinear", ["Wq", "ws"], ["Wd"], axis=1), helper.make_node("MatMul", ["xq", "Wd"], ["y"])]
+            inits += [c("Wq", wq), c("ws", ws)]
+        elif name.startswith("qdq, static"):
+            nodes = [helper.make_node("QuantizeLinear", ["x", "as", "az"], ["xq8"]),
+                     helper.make_node("DequantizeLinear", ["xq8", "as", "az"], ["xq"]),
+                     helper.make_node("DequantizeLinear", ["Wq", "ws"], ["Wd"], axis=1), helper.make_node("MatMul", ["xq", "Wd"], ["y"])]
+            inits = [c("as", np.float32(4.0 / 127)), c("az", np.int8(0)), c("Wq", wq), c("ws", ws)]
+        elif name.startswith("com.microsoft.Dynamic"):
+            nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "Wq", "ws"], ["y"], domain="com.microsoft")]
+            inits = [c("Wq", wq), c("ws", ws)]
+        elif name.startswith("MatMulNBits"):
+            codes = (wq.T.astype(np.int16) + 128).astype(np.uint8).reshape(n, k // 64, 64)
+            nodes = [helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
+                                      block_size=64, accuracy_level=int(name[-1]))]
+            inits = [c("B", codes), c("S", np.repeat(ws[:, None], k // 64, 1))]
+        elif "MatMulInteger(" in name:
+            nodes, inits = per_token()
+            u8(nodes, inits)
+            nodes += [helper.make_node("MatMulInteger", ["x8", "Wq", "azp"], ["acc"]),
+                      helper.make_node("Cast", ["acc"], ["accf"], to=T.FLOAT),
+                      helper.make_node("Mul", ["accf", "ws"], ["y0"]), helper.make_node("Mul", ["y0", "s"], ["y"])]
+            inits += [c("Wq", wq), c("ws", ws)]
+        else:
+            nodes, inits = per_token()
+            u8(nodes, inits)
+            nodes += [helper.make_node("MatMulIntegerToFloat", ["x8", "Wq", "one", "ws", "azp"], ["y0"], domain="com.microsoft"),
+                      helper.make_node("Mul", ["y0", "s"], ["y"])]
+            inits += [c("one", np.float32(1)), c("Wq", wq), c("ws", ws)]
+        graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", T.FLOAT, [1, None, k])],
+                                  [helper.make_tensor_value_info("y", T.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        return model
+
+    out = {}
+    for name in HEAD_VARIANTS:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        sess = ort.InferenceSession(build(name).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        row = {}
+        for m in (1, 512):
+            x = rng.standard_normal((1, m, k)).astype(np.float32)
+            y = sess.run(None, {"x": x})[0]
+            times = []
+            for _ in range(20 if m == 1 else 3):
+                t = time.perf_counter()
+                sess.run(None, {"x": x})
+                times.append(time.perf_counter() - t)
+            s = np.maximum(np.abs(x).max(-1, keepdims=True) / np.float32(127), np.float32(1e-12))
+            ref = (np.clip(np.round(x / s), -128, 127) * s).astype(np.float64) @ deq
+            row[f"m{m}_ms"] = 1e3 * statistics.median(times)
+            row[f"m{m}_rel_err"] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        out[name] = row
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -143,8 +258,12 @@ def main(argv=None) -> int:
         print(json.dumps(measure_decoder(args.measure, args.threads, args.heldout)))
         return 0
 
+    import logging
+
     import fptq_graph as fq
     from conftest import CALIB_TEXT, HELDOUT_TEXT
+
+    logging.disable(logging.INFO)   # ONNX Runtime's quantizer and onnxscript log every node at INFO
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -160,7 +279,7 @@ def main(argv=None) -> int:
 
         export_hf(packaged_model("smollm2"), float_path, kv_cache=True)
     variants: list[tuple[str, Path]] = [("float", float_path)]
-    for form in ("ort", "w4a8"):
+    for form in ("qdq", "ort", "w4a8"):
         for head in ("float", "int8"):
             path = work / f"smollm2.{form}.head-{head}.onnx"
             if not path.is_file():
@@ -182,6 +301,15 @@ def main(argv=None) -> int:
         results["smollm2"][name] = row
         print(f"| {name} | {row['file_mib']:.1f} | {row['prefill_ms']:.0f} | {row['decode_tok_s']:.1f} | "
               f"{row['peak_rss_mib']:.0f} |", flush=True)
+
+    # ---- the LM head product alone ---------------------------------------------------------------
+    print(f"\nSmolLM2's LM head product [M, 576] @ [576, 49152], int8 per-channel weights, {args.threads} threads "
+          "(ms a Run; error against per-token int8 activations x the int8 weights)")
+    print("| variant | M = 1 ms | M = 512 ms | rel. error | what it computes |\n|---|---|---|---|---|", flush=True)
+    results["head_product"] = head_products(args.threads)
+    for name, row in results["head_product"].items():
+        print(f"| {name} | {row['m1_ms']:.2f} | {row['m512_ms']:.1f} | {row['m1_rel_err']:.1e} | {HEAD_VARIANTS[name]} |",
+              flush=True)
 
     # ---- MiniLM --------------------------------------------------------------------------------
     if not args.skip_minilm:

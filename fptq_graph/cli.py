@@ -62,6 +62,7 @@ def _fail(message: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from .config import FORMATS, RECIPES, Config
+    from .recipes import WEIGHT_QUANTIZERS, RecipeAction
 
     defaults = Config()
     common = argparse.ArgumentParser(add_help=False)
@@ -97,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="N random samples (data-free calibration): random tokens for a language model, values of "
                             "each input's type and shape for other models")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the one recorded by export)")
-    p.add_argument("--recipe", default=defaults.recipe, choices=RECIPES, help="default: fptq")
+    p.add_argument("--recipe", default=defaults.recipe, choices=RECIPES + ("list",), action=RecipeAction,
+                   help="default: fptq; 'list' prints every recipe's row (classifier, equalizer, AWQ, weights) and exits")
     p.add_argument("--format", default=defaults.format, choices=FORMATS,
                    help="qdq: standard ONNX QDQ, runs anywhere (default); w4a8: the bundled integer op "
                         "(load with fptq_graph.runtime.session or register fptq_graph.runtime.library_path()); "
@@ -109,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth-alpha", type=float, default=defaults.smooth_alpha, help="SmoothQuant alpha for smoothquant-w4a8 (default %(default)s)")
     p.add_argument("--gptq", action="store_true", help="GPTQ weights (error feedback through calibration X^T X) "
                                                         "instead of round-to-nearest")
+    p.add_argument("--weight-quantizer", choices=WEIGHT_QUANTIZERS, default=None,
+                   help="INT4 weight quantizer: rtn (max-abs scales), clip (each group's clipping ratio searched "
+                        "against diag(X^T X)-weighted error), gptq, gptq-clip (GPTQ on clipped scales); "
+                        "default: the recipe's (--recipe list)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize rows by decreasing diag(X^T X)")
     p.add_argument("--lm-head", choices=("float", "int8", "int4"), default=defaults.lm_head,
                    help="the LM head (the linear producing the model output 'logits'): float, int8 per output "
                         "channel (a tied embedding table is then stored once, quantized) or INT4 like the other "
@@ -186,7 +193,7 @@ def _cmd_quantize(args) -> int:
     config = Config(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
                     group_size=args.group_size, symmetric=not args.asymmetric, format=args.format,
                     compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
-                    gptq=args.gptq, lm_head=args.lm_head, quantize_lm_head=args.quantize_lm_head, sqnr_samples=args.sqnr_samples,
+                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, act_order=args.act_order, lm_head=args.lm_head, quantize_lm_head=args.quantize_lm_head, sqnr_samples=args.sqnr_samples,
                     calib_batch_size=args.batch_size,
                     calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet)
     config.validate()   # every argument checked before any work

@@ -19,6 +19,8 @@ class PassRecord:
 EMITTERS = {"qdq": EmitQDQ, "w4a8": EmitW4A8, "ort": EmitORT}   # Config.format -> the pass that writes that form
 
 
+# What a recipe does (activation classifier x equalizer x weight quantizer) is one row of the table in
+# recipes.py; classify, fold_equalization, insert_observers and quantize_weights read the row.
 def default_passes(form: str = "qdq") -> list:
     return [FindQuantizableLinears(), CanonicalizeWeights(), InsertObservers(), Calibrate(),
             ClassifyActivations(), PlanLMHead(), FoldEqualizationScales(), QuantizeWeights(), EMITTERS[form](), MeasureOutputSQNR()]

@@ -40,15 +40,19 @@ def test_causal_lm_export_matches_torch_and_quantizes(build, tmp_path):
 
     result = quantize(path, 8, Config(calib_seq_len=32, calib_batch_size=4, progress=False))
     rows = {r["name"]: r for r in result.layers}
-    assert len(rows) == 2 * (4 if build is tiny_gpt2 else 7)   # per-layer linears; the LM head stays float
-    assert [k["name"] for k in result.kept_float] == ["lm_head"] and "logits" in result.kept_float[0]["reason"]
+    assert len(rows) == 2 * (4 if build is tiny_gpt2 else 7) + 1   # per-layer linears and the LM head (int8 by default)
+    assert not result.kept_float and "int8 per-output-channel" in rows["lm_head"]["reason"]
+    if build is tiny_gpt2:   # GPT-2 ties its LM head to the token embedding: the table is held once, quantized
+        assert "table shared with embedding" in rows["lm_head"]["reason"]
     with_producer = [r for r in rows.values() if r["producer"]]
     expected_kind = "LayerNormalization" if build is tiny_gpt2 else "RMSNorm (decomposed)"
     assert with_producer and all(expected_kind in r["producer"] for r in with_producer)
     out_q = session(result.model).run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones((3, 21), np.int64)})[0]
     assert np.all(np.isfinite(out_q))
     with_head = quantize(path, 8, Config(calib_seq_len=32, calib_batch_size=4, quantize_lm_head=True, progress=False))
-    assert "lm_head" in {r["name"] for r in with_head.layers} and not with_head.kept_float
+    assert "INT4 weights" in {r["name"]: r for r in with_head.layers}["lm_head"]["reason"] and not with_head.kept_float
+    float_head = quantize(path, 8, Config(calib_seq_len=32, calib_batch_size=4, lm_head="float", progress=False))
+    assert [k["name"] for k in float_head.kept_float] == ["lm_head"] and "logits" in float_head.kept_float[0]["reason"]
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
@@ -119,10 +123,9 @@ def test_cli_export_of_a_local_hf_directory_then_quantize(tmp_path, capsys):
     shown = capsys.readouterr().out
     report = json.loads({p.key: p.value for p in onnx.load(str(q)).metadata_props}["fptq_graph.report"])
     names = [row["name"] for row in report["layers"]]
-    assert len(names) == 2 * 7 and "model.layers.1.mlp.down_proj" in names and "lm_head" not in names
+    assert len(names) == 2 * 7 + 1 and "model.layers.1.mlp.down_proj" in names and "lm_head" in names   # int8 head
     for name in names:
         assert f"\n{name} " in shown   # every quantized linear has its row, under its module name
-    assert "kept float: lm_head" in shown
 
 
 def test_export_errors_are_clear(tmp_path):

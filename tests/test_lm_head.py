@@ -172,11 +172,14 @@ def test_tied_head_in_the_lae_band_goes_per_token_and_keeps_the_table(tmp_path):
     assert row["scheme"] == "dynamic" and "tied embedding table" in row["reason"]
 
 
-def test_float_head_default_and_int4_alias():
+def test_int8_default_float_and_int4_alias():
     model = bad_models.token_model(vocab=40)
     ids = token_ids(40)
-    default = quantize(model, [{"input_ids": ids}], Config(progress=False))
-    assert Config().lm_head == "float" and [k["name"] for k in default.kept_float] == ["lm_head"]
+    default = quantize(model, [{"input_ids": ids}], Config(group_size=16, progress=False))
+    assert Config().lm_head == "int8" and not default.kept_float
+    assert "int8 per-output-channel" in next(r for r in default.layers if r["name"] == "lm_head")["reason"]
+    kept = quantize(model, [{"input_ids": ids}], Config(lm_head="float", group_size=16, progress=False))
+    assert [k["name"] for k in kept.kept_float] == ["lm_head"] and "lm_head" not in {r["name"] for r in kept.layers}
     for cfg in (Config(quantize_lm_head=True), Config(lm_head="int4")):
         assert cfg.lm_head_mode == "int4"
         result = quantize(model, [{"input_ids": ids}], Config(**{**cfg.to_dict(), "group_size": 16, "progress": False}))

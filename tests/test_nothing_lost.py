@@ -326,3 +326,18 @@ def test_terminated_run_leaves_nothing(signum, tmp_path):
         assert proc.returncode == 128 + signum, err
         assert "Traceback" not in err and f"stopped by {signal.Signals(signum).name}" in err, err
         assert listing(tmp_path) == before
+
+
+def test_failed_export_leaves_no_tokenizer_folder(tmp_path, capsys, monkeypatch):
+    """export saves the tokenizer before torch.export runs; a failure after that leaves nothing."""
+    import fptq_graph.exporters.huggingface as hf
+    from fptq_graph.errors import ExportError
+
+    def failing(*_args, **_kwargs):
+        raise ExportError("could not export: a guard torch.export refused")
+
+    monkeypatch.setattr(hf, "export_module", failing)
+    code, _, err = run_cli(["export", "minilm", "-o", tmp_path / "m.onnx", "--fx"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "could not export")
+    assert listing(tmp_path) == {}

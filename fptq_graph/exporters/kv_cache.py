@@ -45,8 +45,11 @@ class WithKVCache(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
-                             config=self.model.config)
+        # Full-length layers, without the config: with it, a sliding-window model (Mistral, Gemma-2/3)
+        # gets sliding cache layers that keep only the last window of keys, so torch.export guards the
+        # sequence to fit the window ("sequence <= 28") and the presents would not be past + new. The
+        # model's mask still applies the window over the full cache.
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
         presents = []

@@ -1,10 +1,34 @@
-"""Choose each linear's activation scheme from its calibrated max (FPTQ's layer-wise strategy)."""
+"""Choose each linear's activation scheme by the recipe's classifier (recipes.py; FPTQ's layer-wise
+strategy is the "bands" classifier).
+
+The "measured" classifier estimates, per sibling group (the linears reading one tensor), the output
+error each scheme gives on the calibration data, without another forward pass: with d_j = sum_t x_tj^2
+(the diagonal of X^T X), T the token count, w2_j = sum_n W_jn^2 over the siblings and ΔW the INT4
+rounding error (round to nearest),
+  signal          S   = sum_j d_j w2_j
+  weight noise    N_w = sum_j d_j |ΔW_j|^2
+  activation noise, int8 rounding as uniform noise of step Δ (a value smaller than the step costs at
+  most its own energy): sum_j min(T Δ^2 / 12, d_j) w2_j with
+    static        Δ = v / 127 (per tensor)
+    per token     Δ^2 = E_t[(max_j |x_tj| / 127)^2] (recorded: sum_t max_j x_tj^2)
+    LAE           Δ = max_j(m_j / s_j) / 127 on X / s, i.e. s_j Δ per channel, and ΔW of diag(s) W
+and the estimated output SQNR 10 log10(S / (N_w + N_a)). With `best` the highest of the three (LAE only
+where a producer takes it), it picks static when its SQNR is within Config.measured_tolerance_db of
+best (the cheapest scheme at run time), else LAE when that is, else per token; the reason states the
+three estimates. (LAE's estimate can beat per-token's: diag(s) W also changes the INT4 rounding.)
+"""
 from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
+from ..hessians import hessian_diag, token_count, token_max_energy
+from ..int4 import quantize_groupwise
+from ..recipes import recipe_of
 from ..state import SCHEMES, State
 from .find_linears import foldable
+from .fold_equalization import lae_scale
 
 
 class ClassifyActivations:
@@ -12,27 +36,33 @@ class ClassifyActivations:
 
     def run(self, state: State) -> str:
         cfg = state.config
+        row = recipe_of(cfg)
         outputs = {t.name for t in state.graph.outputs}
         # Siblings read the same tensor (up to a reshape): one shared v, so one shared band.
         group_v: dict[str, float] = {}
         for linear in state.linears.values():
             group_v[linear.group] = max(group_v.get(linear.group, 0.0), float(linear.act_max.max()))
+        measured: dict[str, tuple[str, str]] = {}
         for linear in state.linears.values():
             v = group_v[linear.group]
             blocked = foldable(linear.producer, outputs, cfg.compensate_residual) if linear.producer else \
                 "input not from a normalization"
-            if cfg.recipe == "rtn-w4a16":
-                linear.scheme, linear.reason = "float", "rtn-w4a16 recipe: weights only, activations stay float"
-            elif cfg.recipe == "dynamic-w4a8":
-                linear.scheme, linear.reason = "dynamic", "dynamic-w4a8 recipe: every linear per-token dynamic"
-            elif cfg.recipe in ("smoothquant-w4a8", "w8a8-smoothquant"):
+            if row.classifier == "float":
+                linear.scheme, linear.reason = "float", f"{cfg.recipe} recipe: weights only, activations stay float"
+            elif row.classifier == "dynamic":
+                linear.scheme, linear.reason = "dynamic", f"{cfg.recipe} recipe: every linear per-token dynamic"
+            elif row.classifier == "smooth":
                 if blocked:
                     linear.scheme, linear.reason = "static", f"SmoothQuant not foldable ({blocked}): plain static"
                 else:
                     linear.scheme = "smooth"
                     linear.reason = f"SmoothQuant (alpha={cfg.smooth_alpha:g}) into {linear.producer.kind} '{linear.producer.node.name}'"
-            elif cfg.recipe == "naive-w4a8":
-                linear.scheme, linear.reason = "static", "naive-w4a8 recipe: every linear per-tensor static"
+            elif row.classifier == "static":
+                linear.scheme, linear.reason = "static", f"{cfg.recipe} recipe: every linear per-tensor static"
+            elif row.classifier == "measured":
+                if linear.group not in measured:
+                    measured[linear.group] = self._measure(state, linear.group, blocked, cfg.measured_tolerance_db)
+                linear.scheme, linear.reason = measured[linear.group]
             elif v <= cfg.static_bound:
                 linear.scheme, linear.reason = "static", f"v={v:.3g} <= {cfg.static_bound:g}"
             elif v > cfg.dynamic_bound:
@@ -45,3 +75,61 @@ class ClassifyActivations:
                 linear.reason = f"v={v:.3g} in ({cfg.static_bound:g}, {cfg.dynamic_bound:g}]: LAE into {linear.producer.kind} '{linear.producer.node.name}'"
         counts = Counter(l.scheme for l in state.linears.values())
         return ", ".join(f"{counts.get(s, 0)} {s}" for s in SCHEMES if counts.get(s))
+
+    @staticmethod
+    def _measure(state: State, group: str, blocked: str, tolerance: float) -> tuple[str, str]:
+        siblings = [l for l in state.linears.values() if l.group == group]
+        first = siblings[0]
+        estimates = measured_sqnr(state, group)
+        static, token, lae = estimates["static"], estimates["dynamic"], estimates["lae"]
+        text = f"est. output SQNR static {static:.1f} dB, LAE {lae:.1f}, per token {token:.1f} (tolerance {tolerance:g} dB)"
+        best = max(static, token, lae if not blocked else -np.inf)
+        if static >= best - tolerance:
+            return "static", f"measured: {text}: static"
+        if not blocked and lae >= best - tolerance:
+            return "lae", f"measured: {text}: LAE into {first.producer.kind} '{first.producer.node.name}'"
+        why = "" if not blocked else f"; LAE not foldable ({blocked})"
+        return "dynamic", f"measured: {text}: per token{why}"
+
+
+def measured_sqnr(state: State, group: str) -> dict[str, float]:
+    """Estimated output SQNR (dB) of the sibling group under static, per-token and LAE activations."""
+    cfg = state.config
+    siblings = [l for l in state.linears.values() if l.group == group]
+    activation = siblings[0].activation.name
+    m = np.max([l.act_max for l in siblings], axis=0).astype(np.float64)
+    d = hessian_diag(state, activation)
+    tokens = token_count(state, activation)
+    energy = token_max_energy(state, activation)
+    if d is None or tokens is None or energy is None:
+        raise ValueError(f"the measured classifier needs diag(X^T X), the token count and the per-token maxima of '{activation}'")
+    d = np.maximum(d, 0.0)
+    weights = [np.asarray(l.node.inputs[1].values, np.float64) for l in siblings]
+    w2 = sum(np.sum(w * w, axis=1) for w in weights)
+
+    def weight_noise(s: np.ndarray | None) -> float:
+        total = 0.0
+        for w in weights:
+            scaled = w if s is None else w * s[:, None]
+            err = scaled - quantize_groupwise(scaled, cfg.group_size, cfg.symmetric).dequantize()
+            if s is not None:
+                err = err / s[:, None]
+            total += float(np.sum(d * np.sum(err * err, axis=1)))
+        return total
+
+    def act_noise(step2: float, per_channel: np.ndarray | None = None) -> float:
+        scale2 = np.ones_like(d) if per_channel is None else per_channel ** 2
+        return float(np.sum(np.minimum(tokens * step2 * scale2 / 12.0, d) * w2))
+
+    signal = float(np.sum(d * w2))
+    nw = weight_noise(None)
+    v = float(m.max())
+    s = lae_scale(m).astype(np.float64)
+    v_lae = float((m / s).max())
+
+    def db(noise: float) -> float:
+        return 10 * np.log10(signal / noise) if noise > 0 and signal > 0 else float("inf")
+
+    return {"static": db(nw + act_noise((v / 127) ** 2)),
+            "dynamic": db(nw + act_noise(energy / tokens / 127 ** 2)),
+            "lae": db(weight_noise(s) + act_noise((v_lae / 127) ** 2, s))}

@@ -1,9 +1,10 @@
 """Find the quantizable linears, their normalization producer and their siblings (an analysis).
 
 The LM head (the linear producing the model output `logits`, directly or through reshapes/casts:
-what our exporter and Hugging Face name it) is left float unless Config.lm_head says int8 or int4, as weight-quantization practice does (GPTQ, AWQ,
-SmoothQuant keep it): logits are the most error-sensitive product, and in tied-embedding models
-its weight is the embedding table, which stays float for the lookup anyway.
+what our exporter and Hugging Face name it) is quantized as Config.lm_head says: int8 per output channel
+by default (passes/plan_lm_head.py; a tied embedding table is then held once, quantized), INT4, or,
+with lm_head="float", left out of the linears and listed as kept float, as GPTQ, AWQ and SmoothQuant
+leave it: logits are the most error-sensitive product.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ class FindQuantizableLinears:
             if state.config.lm_head_mode == "float" and _feeds_output(node, outputs):
                 state.kept_float[node.name] = {
                     "name": node.name, "K": k, "N": n,
-                    "reason": f"LM head (produces the model output '{LOGITS}'): kept float; "
-                              "lm_head='int8' or 'int4' (--lm-head) quantizes it"}
+                    "reason": f"LM head (produces the model output '{LOGITS}'): kept float (lm_head='float'); "
+                              "--lm-head int8 or int4 quantizes it"}
                 continue
             activation = node.inputs[0]
             norm = self._find_producer(state, activation, k)

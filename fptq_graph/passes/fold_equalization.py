@@ -6,7 +6,10 @@ the siblings' shared per-channel max|X| (m) and applied as X' = X / s, W' = diag
                 max_j log2(2 + m_j).
 - SmoothQuant:  s_j = m_j^a / w_j^(1-a), w_j = max|W_j| over the row j of every sibling weight.
 The producer's gain and bias are divided by s and each sibling's weight row j multiplied by s_j, so
-every product is unchanged. A consumer of the normalized tensor that is not one of those linears
+every product is unchanged. With the recipe's AWQ (awq.py), each sibling group that can take a scale
+gets s = s0 * r^alpha (s0 the LAE/SmoothQuant scale or 1, alpha searched), folded the same way; a
+linear reading a SwiGLU product takes it into the columns of the linear producing the product's
+`up` factor instead. A consumer of the normalized tensor that is not one of those linears
 (a post-LN residual add in BERT) gets a Mul by s in front, which restores exactly what it read.
 """
 from __future__ import annotations
@@ -14,8 +17,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph_match import constant_value
+from ..awq import AWQChoice, search_awq
+from ..graph_match import constant_value, producer
+from ..hessians import token_count
+from ..recipes import recipe_of
 from ..state import EQUALIZED, NormProducer, State
+from .find_linears import foldable
+from .plan_lm_head import find_lm_head
 
 
 def lae_scale(act_max: np.ndarray) -> np.ndarray:
@@ -34,18 +42,31 @@ class FoldEqualizationScales:
     name = "fold_equalization"
 
     def run(self, state: State) -> str:
+        cfg = state.config
+        awq = recipe_of(cfg).awq and cfg.weight_bits == 4
         folded = compensated = 0
+        searched: list[float] = []      # AWQ: the alpha chosen per group
+        if awq:
+            folded += self._awq_products(state, searched)
+        outputs = {t.name for t in state.graph.outputs}
+        head = find_lm_head(state) if cfg.lm_head_mode != "float" else None
         for norm in state.producers.values():
             linears = [state.linears[name] for name in norm.linears]
             schemes = {l.scheme for l in linears} & set(EQUALIZED)
-            if not schemes:
-                continue
             act_max = np.max([l.act_max for l in linears], axis=0)
+            s = None
             if schemes == {"lae"}:
                 s = lae_scale(act_max)
-            else:
+            elif schemes:
                 weight_max = np.max([np.abs(l.node.inputs[1].values).max(axis=1) for l in linears], axis=0)
-                s = smoothquant_scale(act_max, weight_max, state.config.smooth_alpha)
+                s = smoothquant_scale(act_max, weight_max, cfg.smooth_alpha)
+            if awq and all(l is not head for l in linears) and not foldable(norm, outputs, cfg.compensate_residual):
+                choice = self._awq_search(state, linears, s, act_max)
+                if choice is not None:
+                    searched.append(choice.alpha)
+                    s = choice.scale if choice.alpha > 0 else s
+            if s is None:
+                continue
             self._scale_producer(norm, s)
             for linear in linears:
                 weight = linear.node.inputs[1].values
@@ -55,7 +76,73 @@ class FoldEqualizationScales:
                 folded += 1
             compensated += self._compensate(state.graph, norm, s)
         state.graph.cleanup()
-        return f"equalization folded into {folded} linears; {compensated} residual consumers compensated with Mul(s)"
+        awq_note = ""
+        if awq:
+            moved = sum(1 for a in searched if a > 0)
+            awq_note = (f"; AWQ searched {len(searched)} groups, {moved} with alpha > 0"
+                        + (f" (mean alpha {np.mean(searched):.2f})" if searched else ""))
+        return f"equalization folded into {folded} linears; {compensated} residual consumers compensated with Mul(s){awq_note}"
+
+    @staticmethod
+    def _awq_search(state: State, linears: list, base: np.ndarray | None, act_max: np.ndarray) -> AWQChoice | None:
+        """Searches AWQ's alpha for sibling linears; notes the choice in their reasons. None: no X^T X."""
+        cfg = state.config
+        activation = linears[0].activation.name
+        hessian, tokens = state.gram.get(activation), token_count(state, activation)
+        if hessian is None or tokens is None:
+            return None
+        static = linears[0].scheme in ("static", "lae", "smooth")
+        choice = search_awq([l.node.inputs[1].values for l in linears], hessian, tokens, base, cfg.group_size,
+                            cfg.symmetric, act_max if static else None)
+        gain = 100 * (1 - choice.error / choice.base_error) if choice.base_error > 0 else 0.0
+        for linear in linears:
+            linear.reason += (f"; AWQ alpha={choice.alpha:g} (est. output error -{gain:.0f}%"
+                              f"{' incl. int8 activation noise' if static else ''})")
+        return choice
+
+    def _awq_products(self, state: State, searched: list) -> int:
+        """AWQ for linears reading an elementwise product a * b where b is another linear's output read
+        by nothing else (SwiGLU: down_proj reads act(gate) * up): 1/s folds into that linear's output
+        columns (W_up diag(1/s): its INT4 groups run along K, so a column scale scales their scales and
+        costs the up projection nothing), s into the reader's rows."""
+        outputs = {t.name for t in state.graph.outputs}
+        by_output = {l.output: l for l in state.linears.values()}
+        groups: dict[str, list] = {}
+        for linear in state.linears.values():
+            if linear.producer is None:
+                groups.setdefault(linear.activation.name, []).append(linear)
+        folded = 0
+        for activation, linears in groups.items():
+            tensor = linears[0].activation
+            mul = producer(tensor)
+            if mul is None or mul.op != "Mul" or tensor.name in outputs or len(mul.inputs) != 2:
+                continue
+            if {id(c) for c in tensor.outputs} != {id(l.node) for l in linears}:
+                continue   # the product feeds something that is not one of these linears
+            source = next((by_output[t.name] for t in mul.inputs
+                           if t.name in by_output and len(t.outputs) == 1 and t.name not in outputs
+                           and by_output[t.name].node.op == "MatMul"
+                           and isinstance(by_output[t.name].node.inputs[1], gs.Constant)), None)
+            if source is None or any(source is l for l in linears):
+                continue
+            choice = self._awq_search(state, linears, None, np.max([l.act_max for l in linears], axis=0))
+            if choice is None:
+                continue
+            searched.append(choice.alpha)
+            if choice.alpha == 0:
+                continue
+            s = choice.scale
+            weight = source.node.inputs[1].values
+            source.node.inputs[1] = gs.Constant(f"{source.name}.weight_awq_columns",
+                                                (weight.astype(np.float64) / s[None, :].astype(np.float64)).astype(weight.dtype))
+            source.reason += f"; output columns carry 1/s of AWQ for {', '.join(l.name for l in linears)}"
+            for linear in linears:
+                weight = linear.node.inputs[1].values
+                linear.node.inputs[1] = gs.Constant(f"{linear.name}.weight_equalized",
+                                                    (weight.astype(np.float64) * s[:, None].astype(np.float64)).astype(weight.dtype))
+                linear.eq_scale = s
+                folded += 1
+        return folded
 
     @staticmethod
     def _scale_producer(norm: NormProducer, s: np.ndarray) -> None:

@@ -6,9 +6,10 @@ feeds nothing observed (an lm_head whose input is observed but whose logits are 
 max|X| per channel is max(ReduceMax(X), -ReduceMin(X)) over the rows of X viewed as [-1, K]: no
 observer makes a tensor the size of X. ReduceMax in ONNX Runtime ignores NaN, hence the sentinel
 sum(X): NaN when any element is NaN; an infinite element shows in the max itself. (A sum of finite
-values that overflows gives Inf, not NaN, so it raises no false alarm.) With Config.gptq, each
-activation also gets X^T X [K, K] (the GPTQ Hessian, summed over the batch's tokens): K^2 floats,
-still independent of the token count.
+values that overflows gives Inf, not NaN, so it raises no false alarm.) With GPTQ weights or AWQ scales
+(recipes.observers_needed), each activation also gets X^T X [K, K] (the Hessian, summed over the
+batch's tokens): K^2 floats, still independent of the token count; the clipping search and the
+measured classifier get only its diagonal (hessians.statistics_observers).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import onnx_graphsurgeon as gs
 from ..model_io import IR_VERSION
 from ..schedule import demand_order
 from ..split_model import export_split
+from ..hessians import statistics_observers
+from ..recipes import observers_needed
 from ..state import State
 
 
@@ -29,6 +32,7 @@ class InsertObservers:
         tensors = graph.tensors()
         outputs = []
         state.observers = {}
+        needs = observers_needed(state.config)
         for linear in state.linears.values():
             name = linear.activation.name
             if name in state.observers:
@@ -51,7 +55,7 @@ class InsertObservers:
                                  attrs={"keepdims": 0})[0]
             outputs += [amax, finite]
             state.observers[name] = (amax.name, finite.name)
-            if state.config.gptq:
+            if "gram" in needs:
                 rows = graph.layer(op="Reshape", inputs=[x, np.array([-1, linear.k], dtype=np.int64)],
                                    outputs=[f"obs.{tag}.rows"])[0]
                 cols = graph.layer(op="Transpose", inputs=[rows], outputs=[f"obs.{tag}.cols"], attrs={"perm": [1, 0]})[0]
@@ -59,13 +63,19 @@ class InsertObservers:
                                    outputs=[gs.Variable(f"obs.{tag}.gram", dtype=dtype, shape=[linear.k, linear.k])])[0]
                 outputs.append(gram)
                 state.gram_observers[name] = gram.name
+            # The cheap statistics (recipes.observers_needed), kept in state.gram under derived keys
+            # (hessians.py reads them): diag(X^T X) [K], the token count, sum_t max_j x_tj^2.
+            outputs += statistics_observers(graph, state, name, flat, tag, dtype, needs)
         graph.outputs = outputs
         demand_order(graph.cleanup())   # observers right after what they observe (schedule.py)
         # The observed graph shares its weights with the graph being rewritten: no copy (split_model).
         model = export_split(graph)
         model.proto.ir_version = IR_VERSION
         state.observed_model = model
-        grams = f", {len(state.gram_observers)} X^T X for GPTQ" if state.gram_observers else ""
+        n_gram = sum(1 for key in state.gram_observers if "#" not in key)
+        grams = f", {n_gram} X^T X for GPTQ/AWQ" if n_gram else ""
+        if "diag" in needs:
+            grams += f", {len(state.observers)} diag(X^T X)"
         return f"{len(state.observers)} observed activations ({2 * len(state.observers)} observer outputs{grams})"
 
 

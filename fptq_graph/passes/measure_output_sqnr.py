@@ -62,11 +62,29 @@ class MeasureOutputSQNR:
 
 
 def with_outputs(model: SplitModel, names: list[str]) -> SplitModel:
-    """`model` with `names` as its outputs (types left to the runtime): a copy of the structure, the
-    same arrays."""
+    """`model` with `names` as its outputs (types left to the runtime) and only the nodes they need: a
+    copy of the structure, the same arrays. The pruning matters: these sessions run with graph
+    optimizations off, so a kept-float LM head would still compute its logits ([tokens, vocab]: with
+    a 262k vocabulary, more than the model's weights) for nothing."""
     out = onnx.ModelProto()
     out.CopyFrom(model.proto)
     del out.graph.output[:]
     out.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    needed, kept = set(names), []
+    for node in reversed(out.graph.node):   # ONNX lists nodes in topological order
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(_reads(node))
+    del out.graph.node[:]
+    out.graph.node.extend(reversed(kept))
     return SplitModel(out, model.arrays)
 
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """What a node reads, outer-scope names its If/Loop/Scan bodies read included."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in body.node:
+                names |= _reads(inner)
+    return names

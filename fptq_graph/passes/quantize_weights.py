@@ -1,5 +1,7 @@
-"""Quantize each linear's [K, N] weight, tensor by tensor: group-wise INT4 by round-to-nearest, or by
-GPTQ when Config.gptq (using the X^T X calibration recorded); int8 per output channel for the
+"""Quantize each linear's [K, N] weight, tensor by tensor: group-wise INT4 by the recipe's weight
+quantizer (recipes.weight_quantizer): round-to-nearest, the clipping search (weight_clipping.py,
+errors weighted by the recorded diag(X^T X)) or GPTQ (gptq.py, the recorded X^T X; "gptq-clip":
+each group's scale by the clipping search); int8 per output channel for the
 w8a8 recipe. The weight quantized is the one the linear now holds, i.e. after any equalization fold.
 A quantized LM head (Config.lm_head) is int8 per output channel ("int8") or INT4 at Config.lm_head_group ("int4").
 """
@@ -10,7 +12,10 @@ import numpy as np
 from ..errors import FptqError
 from ..gptq import gptq_quantize
 from ..int4 import quantize_groupwise
+from ..hessians import equalized, hessian_diag
 from ..int8 import quantize_per_channel_int8
+from ..recipes import weight_quantizer
+from ..weight_clipping import clipped_groupwise
 from ..state import Linear, State
 from .plan_lm_head import find_lm_head
 
@@ -22,6 +27,8 @@ class QuantizeWeights:
         cfg = state.config
         worst = ("", np.inf)
         head = find_lm_head(state) if cfg.lm_head_mode != "float" else None
+        method = weight_quantizer(cfg)               # rtn, clip, gptq or gptq-clip (recipes.py)
+        clip_scales = method == "gptq-clip"          # GPTQ, each group's scale by the clipping search
         for linear in state.linears.values():
             weight = linear.node.inputs[1].values
             if not np.all(np.isfinite(weight)):
@@ -29,9 +36,18 @@ class QuantizeWeights:
             group = cfg.lm_head_group if linear is head else cfg.group_size
             if (cfg.lm_head_mode == "int8" if linear is head else cfg.weight_bits == 8):
                 linear.quantized = quantize_per_channel_int8(weight)
-            elif cfg.gptq:
+            elif method in ("gptq", "gptq-clip"):
                 linear.quantized = gptq_quantize(weight, equalized_hessian(state, linear), group,
-                                                 cfg.symmetric, cfg.gptq_damp)
+                                                 cfg.symmetric, cfg.gptq_damp, clip=clip_scales, act_order=cfg.act_order)
+                linear.reason += f"; weights GPTQ{' with clipped scales' if clip_scales else ''}" \
+                                 f"{', act order' if cfg.act_order else ''}"
+            elif method == "clip":
+                # diag(H) weighting (recorded alone when nothing needs all of X^T X): 7 grid points cost
+                # about twice round-to-nearest; H's full group blocks cost 3x more for SmolLM2 (tried)
+                h = equalized(hessian_diag(state, linear.activation.name), linear.eq_scale)
+                linear.quantized, ratio = clipped_groupwise(weight, group, cfg.symmetric, h)
+                linear.reason += (f"; weights clipped ({'diag(X^T X)' if h is not None else 'unweighted'} search, "
+                                  f"{100 * float(np.mean(ratio < 1)):.0f}% of groups below max-abs)")
             else:
                 linear.quantized = quantize_groupwise(weight, group, cfg.symmetric)
             sqnr = weight_sqnr(weight, linear.quantized.dequantize())
@@ -42,7 +58,8 @@ class QuantizeWeights:
             kind = "int8 per output channel"
         else:
             kind = ("symmetric int4" if cfg.symmetric else "asymmetric uint4") + f", group {cfg.group_size}"
-            kind += " by GPTQ" if cfg.gptq else " by round-to-nearest"
+            kind += {"gptq": " by GPTQ" + (" (clipped scales)" if clip_scales else "") + (" in act order" if cfg.act_order else ""),
+                     "clip": " by clipped round-to-nearest", "rtn": " by round-to-nearest"}["gptq" if clip_scales else method]
         if head is not None:
             kind += (f"; LM head '{head.name}' " + ("int8 per output channel" if cfg.lm_head_mode == "int8"
                                                     else f"INT4 group {cfg.lm_head_group}")
