@@ -20,7 +20,8 @@ passages and the mean cosine to the float embeddings.
 
 ONNX Runtime sessions: intra-op threads --threads, sequential execution, fptq_graph.runtime.session
 (faithful qdq numerics, the op library registered). Prints the tables; writes JSON only with --json.
-About 7 minutes on a 2-core machine (most of it quantizing).
+About 5-7 minutes on a 2-core machine (most of it exporting and quantizing; a rerun with the same
+--workdir reuses the models it finds there).
 """
 from __future__ import annotations
 
@@ -138,10 +139,10 @@ def ort_nbits(float_path: Path, out: Path, block: int, head_bits: int | None) ->
 
 
 HEAD_VARIANTS = {   # name -> what it computes
-    "float MatMul": "fp32",
+    "float MatMul": "fp32 (error: what int8 activations cost)",
     "qdq, per-token (Div/Round/Clip) -> DQ(int8, axis 1) -> MatMul": "exact; ORT fuses nothing",
-    "qdq, static Q/DQ -> DQ(int8, axis 1) -> MatMul": "exact; ORT fuses it into an integer MatMul",
-    "com.microsoft.DynamicQuantizeMatMul": "per-tensor uint8 activations (not our scheme)",
+    "qdq, static Q/DQ -> DQ(int8, axis 1) -> MatMul": "static scale (error: against per-token); ORT fuses it into an integer MatMul",
+    "com.microsoft.DynamicQuantizeMatMul": "per-tensor dynamic uint8 activations, not our scheme",
     "MatMulNBits bits 8, accuracy_level 0": "exact",
     "MatMulNBits bits 8, accuracy_level 4": "re-quantizes per block of 64",
     "per-token -> MatMulInteger(u8, s8) -> Cast -> Mul -> Mul": "exact",

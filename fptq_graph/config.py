@@ -44,6 +44,12 @@ class Config:
     quantize_lm_head: the older switch, an alias of lm_head="int4" (it wins over lm_head).
     gptq:            quantize weights with GPTQ (error feedback through the calibration Hessian X^T X,
                      which calibration then also records) instead of round-to-nearest.
+    weight_quantizer: "rtn", "clip" (each group's clipping ratio searched on diag(X^T X)-weighted error,
+                     weight_clipping.py), "gptq" or "gptq-clip" (GPTQ on clipped scales); None takes the
+                     recipe's own (recipes.py; `fptq-graph quantize --recipe list`).
+    act_order:       GPTQ: rows in order of decreasing diag(X^T X), group scales fixed up front.
+    measured_tolerance_db: the measured classifier (recipe fptq-measured) keeps a layer per-tensor static
+                     when its estimated output SQNR is within this of the best scheme's.
     format:          "qdq" writes standard QuantizeLinear/DequantizeLinear (runs on any ONNX Runtime, the
                      reference numerics); "w4a8" writes the bundled fptq::W4A8MatMul op (same numerics,
                      integer kernels on CPU and CUDA; load it with fptq_graph.runtime.session); "ort" writes

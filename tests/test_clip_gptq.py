@@ -59,7 +59,7 @@ def test_clip_search_equals_brute_force(symmetric, k, group):
     assert weighted_error(w, ours, d) <= weighted_error(w, ref, d) * (1 + 1e-5)
     # and it is a real search: below round-to-nearest (ratio 1 only)
     rtn = quantize_groupwise(w, group, symmetric).dequantize()
-    assert weighted_error(w, ours, d) < 0.9 * weighted_error(w, rtn, d)
+    assert weighted_error(w, ours, d) < 0.97 * weighted_error(w, rtn, d)
 
 
 def test_clip_ratios_and_codes():

@@ -2,20 +2,23 @@
 strategy is the "bands" classifier).
 
 The "measured" classifier estimates, per sibling group (the linears reading one tensor), the output
-error each scheme gives on the calibration data, without another forward pass: with d_j = sum_t x_tj^2
-(the diagonal of X^T X), T the token count, w2_j = sum_n W_jn^2 over the siblings and ΔW the INT4
-rounding error (round to nearest),
-  signal          S   = sum_j d_j w2_j
-  weight noise    N_w = sum_j d_j |ΔW_j|^2
-  activation noise, int8 rounding as uniform noise of step Δ (a value smaller than the step costs at
-  most its own energy): sum_j min(T Δ^2 / 12, d_j) w2_j with
-    static        Δ = v / 127 (per tensor)
-    per token     Δ^2 = E_t[(max_j |x_tj| / 127)^2] (recorded: sum_t max_j x_tj^2)
-    LAE           Δ = max_j(m_j / s_j) / 127 on X / s, i.e. s_j Δ per channel, and ΔW of diag(s) W
-and the estimated output SQNR 10 log10(S / (N_w + N_a)). With `best` the highest of the three (LAE only
-where a producer takes it), it picks static when its SQNR is within Config.measured_tolerance_db of
-best (the cheapest scheme at run time), else LAE when that is, else per token; the reason states the
-three estimates. (LAE's estimate can beat per-token's: diag(s) W also changes the INT4 rounding.)
+SQNR each scheme gives on the calibration data, without another forward pass, as the mean over tokens
+of each token's noise relative to its own output: a total-energy SQNR is dominated by the few tokens
+with massive activations, for which a static scale is fine, and hides what it costs every other token.
+With d_j = sum_t x_tj^2 (the diagonal of X^T X), T tokens, w2_j = sum_n W_jn^2 over the siblings and
+ΔW the INT4 rounding error (round to nearest):
+  signal of token t   c |x_t|^2, c = sum_j d_j w2_j / sum_j d_j (the product's mean gain)
+  weight noise        relative, sum_j d_j |ΔW_j|^2 / sum_j d_j w2_j (the same share on every token)
+  activation noise    int8 rounding as uniform noise of step Δ: Δ^2 / 12 sum_j w2_j on token t, with
+    static            Δ = v / 127: relative, capped at 1 per token (a step can at most round a token
+                      to zero), averaged over tokens via a recorded histogram of |x_t|^2
+    per token         Δ_t = max_j |x_tj| / 127: via sum_t max_j x_tj^2 / |x_t|^2 (recorded)
+    LAE               Δ = max_j(m_j / s_j) / 127 on X / s (s_j^2 w2_j per channel), and ΔW of diag(s) W
+and the estimate -10 log10(relative weight noise + relative activation noise). With `best` the highest
+of the three (LAE only where a producer takes it), it picks static when its estimate is within
+Config.measured_tolerance_db of best (the cheapest scheme at run time), else LAE when that is, else
+per token; the reason states the three estimates. (LAE's can beat per-token's: diag(s) W also changes
+the INT4 rounding.) measured_sqnr(per_token=False) gives the total-energy version.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from collections import Counter
 
 import numpy as np
 
-from ..hessians import hessian_diag, token_count, token_max_energy
+from ..hessians import (INV_NORM, MAX_RATIO, TOKEN_MAX, capped_relative_noise, hessian_diag, token_count,
+                        token_stat)
 from ..int4 import quantize_groupwise
 from ..recipes import recipe_of
 from ..state import SCHEMES, State
@@ -82,7 +86,7 @@ class ClassifyActivations:
         first = siblings[0]
         estimates = measured_sqnr(state, group)
         static, token, lae = estimates["static"], estimates["dynamic"], estimates["lae"]
-        text = f"est. output SQNR static {static:.1f} dB, LAE {lae:.1f}, per token {token:.1f} (tolerance {tolerance:g} dB)"
+        text = f"est. token-mean output SQNR static {static:.1f} dB, LAE {lae:.1f}, per token {token:.1f} (tolerance {tolerance:g} dB)"
         best = max(static, token, lae if not blocked else -np.inf)
         if static >= best - tolerance:
             return "static", f"measured: {text}: static"
@@ -92,15 +96,17 @@ class ClassifyActivations:
         return "dynamic", f"measured: {text}: per token{why}"
 
 
-def measured_sqnr(state: State, group: str) -> dict[str, float]:
-    """Estimated output SQNR (dB) of the sibling group under static, per-token and LAE activations."""
+def measured_sqnr(state: State, group: str, per_token: bool = True) -> dict[str, float]:
+    """Estimated output SQNR (dB) of the sibling group under static, per-token and LAE activations: the
+    token mean of each token's noise over its own signal (per_token, what the classifier decides on), or
+    the total noise over the total signal."""
     cfg = state.config
     siblings = [l for l in state.linears.values() if l.group == group]
     activation = siblings[0].activation.name
     m = np.max([l.act_max for l in siblings], axis=0).astype(np.float64)
     d = hessian_diag(state, activation)
     tokens = token_count(state, activation)
-    energy = token_max_energy(state, activation)
+    energy, inv_norm, max_ratio = (token_stat(state, activation, key) for key in (TOKEN_MAX, INV_NORM, MAX_RATIO))
     if d is None or tokens is None or energy is None:
         raise ValueError(f"the measured classifier needs diag(X^T X), the token count and the per-token maxima of '{activation}'")
     d = np.maximum(d, 0.0)
@@ -117,19 +123,35 @@ def measured_sqnr(state: State, group: str) -> dict[str, float]:
             total += float(np.sum(d * np.sum(err * err, axis=1)))
         return total
 
-    def act_noise(step2: float, per_channel: np.ndarray | None = None) -> float:
-        scale2 = np.ones_like(d) if per_channel is None else per_channel ** 2
-        return float(np.sum(np.minimum(tokens * step2 * scale2 / 12.0, d) * w2))
-
     signal = float(np.sum(d * w2))
-    nw = weight_noise(None)
     v = float(m.max())
     s = lae_scale(m).astype(np.float64)
     v_lae = float((m / s).max())
+    if not per_token:
+        def act_noise(step2: float, per_channel: np.ndarray | None = None) -> float:
+            scale2 = np.ones_like(d) if per_channel is None else per_channel ** 2
+            return float(np.sum(np.minimum(tokens * step2 * scale2 / 12.0, d) * w2))
 
-    def db(noise: float) -> float:
-        return 10 * np.log10(signal / noise) if noise > 0 and signal > 0 else float("inf")
+        noise = {"static": act_noise((v / 127) ** 2), "dynamic": act_noise(energy / tokens / 127 ** 2),
+                 "lae": act_noise((v_lae / 127) ** 2, s)}
+        nw = {"static": weight_noise(None), "lae": weight_noise(s)}
+        nw["dynamic"] = nw["static"]
+        return {k: _db(signal / (nw[k] + noise[k])) for k in noise}
+    # Token t's signal taken as c |x_t|^2 with c = S / sum_j d_j (the product's mean gain); its activation
+    # noise is step_t^2 / 12 sum_j w2_j (s_j^2 w2_j under LAE): relative noise averaged over tokens.
+    gain = signal / max(float(np.sum(d)), 1e-300)
+    w2_sum = float(np.sum(w2))
+    # A static step can at most round a whole token to zero: each token's relative noise is capped at 1.
+    a_static = (v / 127) ** 2 / 12 * w2_sum / gain
+    a_lae = (v_lae / 127) ** 2 / 12 * float(np.sum(s * s * w2)) / gain
+    rel = {"static": capped_relative_noise(state, activation, a_static),
+           "dynamic": w2_sum / (12 * 127 ** 2) / gain * max_ratio / tokens,
+           "lae": capped_relative_noise(state, activation, a_lae)}
+    rw = weight_noise(None) / signal if signal > 0 else 0.0
+    rw_lae = weight_noise(s) / signal if signal > 0 else 0.0
+    return {"static": _db(1 / (rw + rel["static"])), "dynamic": _db(1 / (rw + rel["dynamic"])),
+            "lae": _db(1 / (rw_lae + rel["lae"]))}
 
-    return {"static": db(nw + act_noise((v / 127) ** 2)),
-            "dynamic": db(nw + act_noise(energy / tokens / 127 ** 2)),
-            "lae": db(weight_noise(s) + act_noise((v_lae / 127) ** 2, s))}
+
+def _db(ratio: float) -> float:
+    return 10 * np.log10(ratio) if np.isfinite(ratio) and ratio > 0 else float("inf")

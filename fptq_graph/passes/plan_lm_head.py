@@ -166,7 +166,8 @@ def integer_head(graph: gs.Graph, linear: Linear) -> tuple[gs.Constant, gs.Const
 
     if linear.act_scale is not None:   # static: QuantizeLinear with zero point 128 is int8 QDQ's code + 128
         a_scale = _const(f"{tag}_scale", np.array(linear.act_scale, np.float32))
-        xu = graph.layer(op="QuantizeLinear", name=f"{tag}_q_u8", inputs=[x, a_scale, zero],
+        x_scale = a_scale if dtype == np.float32 else _const(f"{tag}_scale_{dtype.name}", np.array(linear.act_scale, dtype))
+        xu = graph.layer(op="QuantizeLinear", name=f"{tag}_q_u8", inputs=[x, x_scale, zero],
                          outputs=[var("uint8", np.uint8)])[0]
         token_scale = None
     else:                               # per token: the qdq form's ops, then + 128 and a cast to uint8
