@@ -72,6 +72,7 @@ class Config:
     weight_quantizer: str | None = None   # "rtn", "clip", "gptq", "gptq-clip"; None: the recipe's (recipes.py), gptq with gptq=True
     act_order: bool = False          # GPTQ: rows by decreasing diag(X^T X), group scales fixed up front (gptq.py)
     measured_tolerance_db: float = 0.5   # measured classifier: static when within this of per-token's output SQNR
+    statistics_budget_mib: int | None = None   # X^T X memory allowed before AWQ/GPTQ give way to clipping (None: the float weights' size, >= 1 GiB)
     lm_head: str = "int8"            # "float", "int8" or "int4": how the LM head (the linear producing `logits`) is stored
     lm_head_group_size: int | None = None   # INT4 group of an int4 LM head (None: group_size)
     quantize_lm_head: bool = False   # alias of lm_head="int4"

@@ -5,7 +5,8 @@ import time
 from dataclasses import dataclass
 
 from .passes import (Calibrate, CanonicalizeWeights, ClassifyActivations, EmitORT, EmitQDQ, EmitW4A8, FindQuantizableLinears,
-                     FoldEqualizationScales, InsertObservers, MeasureOutputSQNR, PlanLMHead, QuantizeWeights)
+                     FoldEqualizationScales, InsertObservers, MeasureOutputSQNR, PlanLMHead, PlanStatistics,
+                     QuantizeWeights)
 from .state import State
 
 
@@ -22,7 +23,7 @@ EMITTERS = {"qdq": EmitQDQ, "w4a8": EmitW4A8, "ort": EmitORT}   # Config.format 
 # What a recipe does (activation classifier x equalizer x weight quantizer) is one row of the table in
 # recipes.py; classify, fold_equalization, insert_observers and quantize_weights read the row.
 def default_passes(form: str = "qdq") -> list:
-    return [FindQuantizableLinears(), CanonicalizeWeights(), InsertObservers(), Calibrate(),
+    return [FindQuantizableLinears(), PlanStatistics(), CanonicalizeWeights(), InsertObservers(), Calibrate(),
             ClassifyActivations(), PlanLMHead(), FoldEqualizationScales(), QuantizeWeights(), EMITTERS[form](), MeasureOutputSQNR()]
 
 

@@ -28,7 +28,7 @@ weight_bits 4 (INT4 group-wise) or 8 (int8 per output channel)
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 CLASSIFIERS = ("bands", "measured", "static", "smooth", "dynamic", "float")
 EQUALIZERS = ("lae", "smoothquant", "none")
@@ -48,7 +48,8 @@ class Recipe:
 
 _ROWS = [
     # name                 classifier   equalizer      awq    weights  bits
-    Recipe("fptq",             "bands",    "lae",         False, "rtn",  4, "FPTQ: activations by range band (static / LAE + static / per token)"),
+    Recipe("fptq",             "bands",    "lae",         True,  "gptq-clip", 4, "FPTQ bands, AWQ scales on top of LAE, GPTQ on clipped INT4 scales (the most accurate measured; docs/accuracy.md)"),
+    Recipe("fptq-paper",       "bands",    "lae",         False, "rtn",  4, "FPTQ as the paper states it: activations by range band, round-to-nearest INT4"),
     Recipe("fptq-awq",         "bands",    "lae",         True,  "clip", 4, "FPTQ bands, AWQ weight scales on top of LAE, clipped INT4 scales"),
     Recipe("fptq-measured",    "measured", "lae",         False, "clip", 4, "each layer's activation scheme from its measured output error, clipped INT4 scales"),
     Recipe("naive-w4a8",       "static",   "none",        False, "rtn",  4, "every linear per-tensor static, no equalization"),
@@ -65,6 +66,17 @@ def recipe_of(config) -> Recipe:
     return RECIPE_TABLE[config.recipe]
 
 
+def resolved(config) -> Recipe:
+    """The recipe's row with the user's weight quantizer (--weight-quantizer, --gptq) put in."""
+    return replace(recipe_of(config), weights=weight_quantizer(config))
+
+
+def effective(state) -> Recipe:
+    """What this run does: the row passes/plan_statistics.py settled on (it may trade GPTQ and AWQ for
+    the clipping search when their X^T X statistics would not fit), else the resolved row."""
+    return state.recipe if getattr(state, "recipe", None) is not None else resolved(state.config)
+
+
 def weight_quantizer(config) -> str:
     """rtn, clip, gptq or gptq-clip: --weight-quantizer, else --gptq, else the recipe's own."""
     if getattr(config, "weight_quantizer", None):
@@ -74,15 +86,15 @@ def weight_quantizer(config) -> str:
     return recipe_of(config).weights
 
 
-def observers_needed(config) -> set[str]:
-    """What calibration records beside max|X|: "gram" (X^T X, for GPTQ and AWQ), "diag" (sum x_j^2 per
-    channel, the diagonal of X^T X: the clipping search and the measured classifier), "rows" (the token
-    count, to turn sums into means) and "token_max" (sum over tokens of max_j x_tj^2: per-token noise)."""
-    row = recipe_of(config)
+def observers_needed(row: Recipe) -> set[str]:
+    """What calibration records beside max|X| for a (resolved or effective) row: "gram" (X^T X, for GPTQ
+    and AWQ), "diag" (sum x_j^2 per channel, the diagonal of X^T X: the clipping search and the measured
+    classifier), "rows" (the token count, to turn sums into means) and "token_max" (sum over tokens of
+    max_j x_tj^2: per-token noise)."""
     needs = set()
-    if row.weight_bits == 4 and weight_quantizer(config).startswith("gptq") or row.awq:
+    if row.weight_bits == 4 and row.weights.startswith("gptq") or row.awq:
         needs.add("gram")
-    if row.weight_bits == 4 and weight_quantizer(config) == "clip" or row.classifier == "measured":
+    if row.weight_bits == 4 and row.weights == "clip" or row.classifier == "measured":
         needs.add("diag")
     if row.awq or row.classifier == "measured":
         needs.add("rows")

@@ -78,3 +78,5 @@ class State:
     act_max: dict[str, np.ndarray] = field(default_factory=dict)      # activation name -> [K]
     gram_observers: dict[str, str] = field(default_factory=dict)      # activation -> X^T X output (gptq only)
     gram: dict[str, np.ndarray] = field(default_factory=dict)         # activation name -> X^T X [K, K], float64
+    recipe: Any = None                        # recipes.Recipe this run follows (passes/plan_statistics.py)
+    statistics_note: str = ""                 # why plan_statistics departed from the recipe's row, if it did

@@ -93,7 +93,7 @@ def test_awq_lowers_the_output_error():
     calib = swiglu_feeds(rng, 8, seq=32)
     test = swiglu_feeds(np.random.default_rng(9), 2)
     errors = {}
-    for name, cfg in {"fptq, clip": dict(recipe="fptq", weight_quantizer="clip"), "fptq-awq": dict(recipe="fptq-awq"),
+    for name, cfg in {"fptq, clip": dict(recipe="fptq-paper", weight_quantizer="clip"), "fptq-awq": dict(recipe="fptq-awq"),
                       "w4a16, clip": dict(recipe="rtn-w4a16", weight_quantizer="clip"), "awq-w4a16": dict(recipe="awq-w4a16")}.items():
         result = quantize(model, calib, Config(group_size=32, progress=False, lm_head="float", **cfg))
         sess = session(result.model)

@@ -24,7 +24,8 @@ from fptq_graph.model_io import finish_model, load_model, load_split, upgrade_op
 from fptq_graph.runtime import session
 from helpers import run_until
 
-FAST = dict(sqnr_samples=0, progress=False)
+# The paper's FPTQ (round-to-nearest weights): what the numpy references compute.
+FAST = dict(sqnr_samples=0, progress=False, recipe="fptq-paper")
 
 
 def outputs(model, feeds) -> dict:

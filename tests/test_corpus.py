@@ -50,7 +50,7 @@ def test_weight_shared_by_two_matmuls_is_quantized_for_each():
     nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="first"),
              helper.make_node("Relu", ["x"], ["xr"]), helper.make_node("MatMul", ["xr", "w"], ["b"], name="second")]
     model = linear_model({"w": w}, nodes, 16, [("a", 8), ("b", 8)])
-    result = quantize(model, calib(16, rng), Config(group_size=8, sqnr_samples=0, progress=False))
+    result = quantize(model, calib(16, rng), Config(recipe="fptq-paper", group_size=8, sqnr_samples=0, progress=False))
     assert [r["name"] for r in result.layers] == ["first", "second"]
     test = calib(16, np.random.default_rng(2), 1)[0]
     inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
@@ -66,7 +66,7 @@ def test_weight_also_read_by_a_non_linear_op_stays_for_it():
     nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="lin"),
              helper.make_node("ReduceSum", ["w"], ["wsum"], keepdims=0)]   # reads the float weight itself
     model = linear_model({"w": w}, nodes, 16, [("a", 16), ("wsum", None)])
-    result = quantize(model, calib(16, rng), Config(group_size=16, sqnr_samples=0, progress=False))
+    result = quantize(model, calib(16, rng), Config(recipe="fptq-paper", group_size=16, sqnr_samples=0, progress=False))
     test = calib(16, np.random.default_rng(4), 1)[0]
     a, wsum = session(result.model).run(None, test)
     np.testing.assert_allclose(wsum, w.sum(), rtol=1e-5)             # the other user sees the float weight
@@ -78,7 +78,7 @@ def test_group_larger_than_k_or_not_dividing_it(k, group):
     rng = np.random.default_rng(k + group)
     w = rng.standard_normal((k, 5)).astype(np.float32)
     model = linear_model({"w": w}, [helper.make_node("MatMul", ["x", "w"], ["a"], name="lin")], k, [("a", 5)])
-    result = quantize(model, calib(k, rng), Config(group_size=group, sqnr_samples=0, progress=False))
+    result = quantize(model, calib(k, rng), Config(recipe="fptq-paper", group_size=group, sqnr_samples=0, progress=False))
     check_against_reference(result, calib(k, np.random.default_rng(9), 1)[0], {"a": (w, "lin", group)})
 
 
@@ -88,7 +88,7 @@ def test_inputs_without_shapes_or_with_symbolic_dims(shape):
     w = rng.standard_normal((12, 6)).astype(np.float32)
     model = linear_model({"w": w}, [helper.make_node("MatMul", ["x", "w"], ["a"], name="lin")], 12, [("a", 6)],
                          shape=shape)
-    result = quantize(model, calib(12, rng), Config(group_size=4, sqnr_samples=0, progress=False))
+    result = quantize(model, calib(12, rng), Config(recipe="fptq-paper", group_size=4, sqnr_samples=0, progress=False))
     check_against_reference(result, calib(12, np.random.default_rng(6), 1)[0], {"a": (w, "lin", 4)})
 
 
@@ -97,7 +97,7 @@ def test_old_opset_is_upgraded():
     w = rng.standard_normal((16, 4)).astype(np.float32)
     model = linear_model({"w": w}, [helper.make_node("MatMul", ["x", "w"], ["a"], name="lin")], 16, [("a", 4)],
                          opset=13)
-    result = quantize(model, calib(16, rng), Config(group_size=8, sqnr_samples=0, progress=False))
+    result = quantize(model, calib(16, rng), Config(recipe="fptq-paper", group_size=8, sqnr_samples=0, progress=False))
     assert next(o.version for o in result.model.opset_import if o.domain == "") == 21
     assert result.model.ir_version == 10
     check_against_reference(result, calib(16, np.random.default_rng(8), 1)[0], {"a": (w, "lin", 8)})
@@ -110,7 +110,7 @@ def test_model_with_a_newer_ir_version_than_we_write(tmp_path):
     model.ir_version = 13   # what onnx 1.23 writes by default; onnxruntime 1.31 would refuse to load it
     path = tmp_path / "ir13.onnx"
     onnx.save(model, str(path))
-    result = quantize(path, calib(16, rng), Config(group_size=8, sqnr_samples=0, progress=False))
+    result = quantize(path, calib(16, rng), Config(recipe="fptq-paper", group_size=8, sqnr_samples=0, progress=False))
     assert result.model.ir_version == 10
 
 
@@ -121,7 +121,7 @@ def test_unknown_ir_version_is_refused_clearly(tmp_path):
     path = tmp_path / "ir99.onnx"
     onnx.save(model, str(path))
     with pytest.raises(FptqError, match="ir99.onnx"):
-        quantize(path, calib(4, np.random.default_rng(0)), Config(progress=False))
+        quantize(path, calib(4, np.random.default_rng(0)), Config(recipe="fptq-paper", progress=False))
 
 
 @pytest.mark.parametrize("bad", [np.inf, np.nan])
@@ -130,7 +130,7 @@ def test_inf_or_nan_in_a_weight_names_the_linear(bad):
     w[3, 1] = bad
     model = linear_model({"w": w}, [helper.make_node("MatMul", ["x", "w"], ["a"], name="proj")], 8, [("a", 4)])
     with pytest.raises(FptqError, match="weight of linear 'proj' contains NaN or Inf"):
-        quantize(model, calib(8, np.random.default_rng(0)), Config(group_size=4, progress=False))
+        quantize(model, calib(8, np.random.default_rng(0)), Config(recipe="fptq-paper", group_size=4, progress=False))
 
 
 def test_bfloat16_model_fails_clearly():
@@ -139,7 +139,7 @@ def test_bfloat16_model_fails_clearly():
                          dtype=TensorProto.BFLOAT16)
     model.graph.initializer.append(helper.make_tensor("w", TensorProto.BFLOAT16, [8, 4], w.reshape(-1).tolist()))
     with pytest.raises(FptqError) as info:
-        quantize(model, 2, Config(progress=False))
+        quantize(model, 2, Config(recipe="fptq-paper", progress=False))
     print(info.value)
     assert "bfloat16" in str(info.value)
 
@@ -156,7 +156,7 @@ def test_read_only_output_directory(tmp_path):
     rng = np.random.default_rng(0)
     model = linear_model({"w": rng.standard_normal((8, 4)).astype(np.float32)},
                          [helper.make_node("MatMul", ["x", "w"], ["a"], name="lin")], 8, [("a", 4)])
-    result = quantize(model, calib(8, rng), Config(group_size=4, sqnr_samples=0, progress=False))
+    result = quantize(model, calib(8, rng), Config(recipe="fptq-paper", group_size=4, sqnr_samples=0, progress=False))
     with pytest.raises(FptqError, match="output directory"):
         result.save(target_dir / "q.onnx")
 

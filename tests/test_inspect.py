@@ -21,7 +21,7 @@ def quantized(tmp_path_factory):
     rng = np.random.default_rng(21)
     model, w = C.ln_block(30.0, rng, u_scale=0.5)
     calib = C.feeds(rng, 2)
-    result = quantize(model, calib, Config(group_size=32, sqnr_samples=3, progress=False))
+    result = quantize(model, calib, Config(recipe="fptq-paper", group_size=32, sqnr_samples=3, progress=False))
     path = tmp_path_factory.mktemp("inspect") / "q.onnx"
     result.save(path)
     return path, result, w, calib
@@ -47,7 +47,7 @@ def test_output_sqnr_equals_a_numpy_reference(quantized):
 def test_sqnr_can_be_skipped():
     rng = np.random.default_rng(2)
     model, _ = C.ln_block(1.0, rng)
-    result = quantize(model, C.feeds(rng, 1), Config(sqnr_samples=0, progress=False))
+    result = quantize(model, C.feeds(rng, 1), Config(recipe="fptq-paper", sqnr_samples=0, progress=False))
     assert all(r["output_sqnr_db"] is None for r in result.layers)
 
 

@@ -15,6 +15,7 @@ from fptq_graph.runtime import session
 from helpers import run_until
 
 SMALL = dict(calib_samples=16, calib_seq_len=256, calib_batch_size=8, progress=False)
+PAPER = "fptq-paper"   # round-to-nearest weights: what the reference INT4 of these tests computes
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_export_is_opset21_ir10_with_layernorm_nodes(minilm_onnx):
 def test_lae_fold_keeps_real_outputs(minilm_onnx, tokenizer, calib_text, heldout_feeds):
     model = onnx.load(str(minilm_onnx))
     calib = from_text(calib_text, tokenizer, 256, 16, 8)
-    cfg = Config(static_bound=1.0, dynamic_bound=1e9, progress=False)  # fold LAE wherever it can go
+    cfg = Config(recipe=PAPER, static_bound=1.0, dynamic_bound=1e9, progress=False)  # fold LAE wherever it can go
     state, folded = run_until(model, calib, cfg, "fold_equalization")
     lae = [l for l in state.linears.values() if l.scheme == "lae"]
     assert len(lae) >= 24   # q/k/v (post-LN, compensated residual) and FFN-up of every layer
@@ -52,7 +53,7 @@ def test_lae_fold_keeps_real_outputs(minilm_onnx, tokenizer, calib_text, heldout
 
 
 def test_qdq_model_is_valid_and_its_weights_are_the_reference_int4(minilm_onnx, calib_text, tmp_path, heldout_feeds):
-    result = quantize(minilm_onnx, calib_text, Config(**SMALL))
+    result = quantize(minilm_onnx, calib_text, Config(recipe=PAPER, **SMALL))
     path = result.save(tmp_path / "minilm.w4a8.onnx")
     onnx.checker.check_model(str(path), full_check=True)
     out = session(path).run(None, heldout_feeds)[0]

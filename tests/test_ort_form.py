@@ -16,7 +16,7 @@ def test_ort_form_equals_qdq_form(symmetric, group):
     rng = np.random.default_rng(group + symmetric)
     model, w = C.ln_block(30.0, rng, u_scale=0.5)   # K2 = 40: the last block of lin_c is partial
     calib = C.feeds(rng, 2)
-    forms = {f: quantize(model, calib, Config(format=f, group_size=group, symmetric=symmetric, sqnr_samples=0,
+    forms = {f: quantize(model, calib, Config(recipe="fptq-paper", format=f, group_size=group, symmetric=symmetric, sqnr_samples=0,
                                               progress=False)) for f in ("qdq", "ort")}
     ops = [n.op_type for n in forms["ort"].model.graph.node]
     assert ops.count("MatMulNBits") == 4 and "MatMul" not in ops
@@ -43,6 +43,6 @@ def test_nbits_layout_low_nibble_first_along_k():
 def test_ort_form_refuses_groups_matmulnbits_cannot_take():
     for group in (48, 8, 512):   # MatMulNBits takes 16, 32, 64, 128, 256
         with pytest.raises(FptqError, match=f"takes group sizes 16, 32, 64, 128, 256, got {group}"):
-            Config(format="ort", group_size=group).validate()
+            Config(recipe="fptq-paper", format="ort", group_size=group).validate()
     with pytest.raises(FptqError, match="INT4 weights"):
         Config(format="ort", recipe="w8a8-smoothquant").validate()

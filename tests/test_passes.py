@@ -21,7 +21,7 @@ def test_default_bands_pick_the_specified_scheme(gamma_scale, expected):
     v = C.numpy_maxima(w, calib)["y"].max()
     # The crafted range really is in the band under test (15 and 150 are the paper's bounds).
     assert {"static": v <= 15, "lae": 15 < v <= 150, "dynamic": v > 150}[expected], v
-    rows = layers_by_name(quantize(model, calib, Config(progress=False)))
+    rows = layers_by_name(quantize(model, calib, Config(recipe="fptq-paper", progress=False)))
     for name in ("lin_a", "lin_b"):
         assert rows[name]["scheme"] == expected, rows[name]
         assert rows[name]["act_max_before"] == pytest.approx(v, rel=1e-4)
@@ -37,7 +37,7 @@ def test_lae_band_without_foldable_producer_falls_back_to_dynamic():
     calib = C.feeds(rng, 2)
     v = {k: m.max() for k, m in C.numpy_maxima(w, calib).items()}
     # bounds chosen so both the LN output and the residual sum are in the LAE band
-    cfg = Config(static_bound=0.5 * min(v["y"], v["r"]), dynamic_bound=2 * max(v["y"], v["r"]), progress=False)
+    cfg = Config(recipe="fptq-paper", static_bound=0.5 * min(v["y"], v["r"]), dynamic_bound=2 * max(v["y"], v["r"]), progress=False)
     rows = layers_by_name(quantize(model, calib, cfg))
     assert rows["lin_a"]["scheme"] == rows["lin_b"]["scheme"] == "lae"
     assert rows["lin_h"]["scheme"] == "dynamic"
@@ -48,7 +48,7 @@ def test_residual_consumer_without_compensation_falls_back():
     rng = np.random.default_rng(4)
     model, _ = C.ln_block(5.0, rng)
     calib = C.feeds(rng, 2)
-    rows = layers_by_name(quantize(model, calib, Config(compensate_residual=False, progress=False)))
+    rows = layers_by_name(quantize(model, calib, Config(recipe="fptq-paper", compensate_residual=False, progress=False)))
     for name in ("lin_a", "lin_b"):
         assert rows[name]["scheme"] == "dynamic"
         assert "also feeds residual" in rows[name]["reason"]
@@ -59,7 +59,7 @@ def test_lae_fold_keeps_outputs(gamma_scale):
     rng = np.random.default_rng(11)
     model, _ = C.ln_block(gamma_scale, rng)
     calib = C.feeds(rng, 2)
-    cfg = Config(static_bound=0.0, dynamic_bound=1e9, progress=False)  # every foldable linear in the LAE band
+    cfg = Config(recipe="fptq-paper", static_bound=0.0, dynamic_bound=1e9, progress=False)  # every foldable linear in the LAE band
     state, folded = run_until(model, calib, cfg, "fold_equalization")
     assert state.linears["lin_a"].eq_scale is not None
     assert any(n.op_type == "Mul" and n.name.endswith("equalization_restore") for n in folded.graph.node)
@@ -78,7 +78,7 @@ def test_qdq_equals_numpy_fake_quant_reference(group, symmetric, tmp_path):
     mx = C.numpy_maxima(w, calib)
     v = {k: m.max() for k, m in mx.items()}
     assert v["us"] < v["y"] < v["r"], v
-    cfg = Config(static_bound=(v["us"] + v["y"]) / 2, dynamic_bound=(v["y"] + v["r"]) / 2, group_size=group,
+    cfg = Config(recipe="fptq-paper", static_bound=(v["us"] + v["y"]) / 2, dynamic_bound=(v["y"] + v["r"]) / 2, group_size=group,
                  symmetric=symmetric, progress=False)
     result = quantize(model, calib, cfg)
     path = result.save(tmp_path / "q.onnx")
@@ -113,7 +113,7 @@ def test_input_model_is_not_modified():
     rng = np.random.default_rng(5)
     model, _ = C.ln_block(5.0, rng)
     before = model.SerializeToString()
-    quantize(model, C.feeds(rng, 1), Config(progress=False))
+    quantize(model, C.feeds(rng, 1), Config(recipe="fptq-paper", progress=False))
     assert model.SerializeToString() == before
 
 

@@ -11,7 +11,7 @@ from fptq_graph import Config, quantize
 from fptq_graph.config import INT8_WEIGHT_RECIPES, RECIPES
 from fptq_graph.errors import FptqError
 from fptq_graph.passes.classify import measured_sqnr
-from fptq_graph.recipes import RECIPE_TABLE, describe, observers_needed, weight_quantizer
+from fptq_graph.recipes import RECIPE_TABLE, describe, observers_needed, resolved, weight_quantizer
 from fptq_graph.runtime import session
 from helpers import run_until
 from swiglu_block import forward, swiglu_block, swiglu_feeds
@@ -21,19 +21,38 @@ def test_table_holds_every_recipe_and_the_old_names():
     for name in ("fptq", "naive-w4a8", "dynamic-w4a8", "smoothquant-w4a8", "w8a8-smoothquant", "rtn-w4a16"):
         assert name in RECIPES
     assert RECIPES == tuple(RECIPE_TABLE) and INT8_WEIGHT_RECIPES == ("w8a8-smoothquant",)
-    assert RECIPE_TABLE["fptq"].weights == "rtn"                     # the paper's numerics, unchanged
+    assert RECIPE_TABLE["fptq-paper"].weights == "rtn" and not RECIPE_TABLE["fptq-paper"].awq   # the paper's numerics
+    assert RECIPE_TABLE["fptq"].weights == "gptq-clip" and RECIPE_TABLE["fptq"].awq           # the measured best
     assert weight_quantizer(Config(gptq=True)) == "gptq"
     assert weight_quantizer(Config(recipe="fptq-awq")) == "clip"
     assert weight_quantizer(Config(recipe="fptq-awq", weight_quantizer="rtn")) == "rtn"
-    assert observers_needed(Config()) == set()
-    assert observers_needed(Config(weight_quantizer="clip")) == {"diag"}
-    assert observers_needed(Config(recipe="fptq-awq")) == {"gram", "rows"}
-    assert observers_needed(Config(recipe="fptq-measured")) == {"diag", "rows", "token_max"}
+    assert observers_needed(resolved(Config(recipe="fptq-paper"))) == set()
+    assert observers_needed(resolved(Config())) == {"gram", "rows"}   # the default: AWQ + GPTQ-clip
+    assert observers_needed(resolved(Config(recipe="fptq-paper", weight_quantizer="clip"))) == {"diag"}
+    assert observers_needed(resolved(Config(recipe="fptq-awq"))) == {"gram", "rows"}
+    assert observers_needed(resolved(Config(recipe="fptq-measured"))) == {"diag", "rows", "token_max"}
     with pytest.raises(FptqError, match="weight quantizer"):
         Config(weight_quantizer="awq").validate()
     with pytest.raises(FptqError, match="contradicts"):
         Config(gptq=True, weight_quantizer="clip").validate()
     assert all(name in describe() for name in RECIPES)
+
+
+def test_statistics_over_the_budget_trade_awq_and_gptq_for_clipping():
+    """The default row needs X^T X; over Config.statistics_budget_mib it falls back to clipping, says so, and
+    records only diag(X^T X); a weight quantizer the user asked for is kept."""
+    model, _ = C.ln_block(1.0, np.random.default_rng(0))
+    feeds = C.feeds(np.random.default_rng(1), 2)
+    small = Config(group_size=16, sqnr_samples=0, progress=False, statistics_budget_mib=0)
+    state, _ = run_until(model, feeds, small, "calibrate")
+    assert state.recipe.weights == "clip" and not state.recipe.awq and "traded for the clipping search" in state.statistics_note
+    assert state.gram_observers and all(key.endswith("#diag") for key in state.gram_observers)   # no full X^T X
+    state, _ = run_until(model, feeds, Config(group_size=16, sqnr_samples=0, progress=False), "calibrate")
+    assert state.recipe.weights == "gptq-clip" and state.recipe.awq and "y" in state.gram_observers
+    asked = Config(group_size=16, sqnr_samples=0, progress=False, statistics_budget_mib=0, recipe="fptq-paper",
+                   weight_quantizer="gptq")
+    state, _ = run_until(model, feeds, asked, "calibrate")
+    assert state.recipe.weights == "gptq" and "y" in state.gram_observers
 
 
 def test_cli_lists_the_recipes():
@@ -119,13 +138,14 @@ def test_massive_activations_fptq_beats_naive_and_smoothquant_and_matches_per_to
     assert v > 50 * typical, (v, typical)
     test = swiglu_feeds(np.random.default_rng(99), 2, outlier_token=True)
     errors, schemes = {}, {}
-    for recipe in ("fptq", "naive-w4a8", "smoothquant-w4a8", "dynamic-w4a8"):
+    # The paper's FPTQ (round-to-nearest weights, as the baselines): the comparison is of activation schemes.
+    for recipe in ("fptq-paper", "naive-w4a8", "smoothquant-w4a8", "dynamic-w4a8"):
         result = quantize(model, calib, Config(recipe=recipe, group_size=32, progress=False, lm_head="float"))
         schemes[recipe] = {r["name"]: r["scheme"] for r in result.layers}
         sess = session(result.model)
         errors[recipe] = np.mean([token_error(sess.run(None, t)[1], forward(w, t["x"])["d"]) for t in test])
     print(errors)
-    assert schemes["fptq"]["down_proj"] == "dynamic" and schemes["naive-w4a8"]["down_proj"] == "static"
-    assert errors["fptq"] < 0.5 * errors["naive-w4a8"]
-    assert errors["fptq"] < 0.5 * errors["smoothquant-w4a8"]
-    assert errors["fptq"] <= 1.05 * errors["dynamic-w4a8"]
+    assert schemes["fptq-paper"]["down_proj"] == "dynamic" and schemes["naive-w4a8"]["down_proj"] == "static"
+    assert errors["fptq-paper"] < 0.5 * errors["naive-w4a8"]
+    assert errors["fptq-paper"] < 0.5 * errors["smoothquant-w4a8"]
+    assert errors["fptq-paper"] <= 1.05 * errors["dynamic-w4a8"]

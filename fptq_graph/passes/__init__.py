@@ -7,6 +7,7 @@ Runtime's MatMulNBits) -> measure
 each linear's output SQNR against the float model.
 """
 from .find_linears import FindQuantizableLinears
+from .plan_statistics import PlanStatistics
 from .canonicalize_weights import CanonicalizeWeights
 from .insert_observers import InsertObservers
 from .calibrate import Calibrate
@@ -21,6 +22,7 @@ from .measure_output_sqnr import MeasureOutputSQNR
 
 __all__ = [
     "FindQuantizableLinears",
+    "PlanStatistics",
     "CanonicalizeWeights",
     "InsertObservers",
     "Calibrate",

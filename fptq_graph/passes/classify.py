@@ -29,7 +29,7 @@ import numpy as np
 from ..hessians import (INV_NORM, MAX_RATIO, TOKEN_MAX, capped_relative_noise, hessian_diag, token_count,
                         token_stat)
 from ..int4 import quantize_groupwise
-from ..recipes import recipe_of
+from ..recipes import effective
 from ..state import SCHEMES, State
 from .find_linears import foldable
 from .fold_equalization import lae_scale
@@ -40,7 +40,7 @@ class ClassifyActivations:
 
     def run(self, state: State) -> str:
         cfg = state.config
-        row = recipe_of(cfg)
+        row = effective(state)
         outputs = {t.name for t in state.graph.outputs}
         # Siblings read the same tensor (up to a reshape): one shared v, so one shared band.
         group_v: dict[str, float] = {}

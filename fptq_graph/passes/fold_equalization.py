@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from ..awq import AWQChoice, search_awq
 from ..graph_match import constant_value, producer
 from ..hessians import token_count
-from ..recipes import recipe_of
+from ..recipes import effective
 from ..state import EQUALIZED, NormProducer, State
 from .find_linears import foldable
 from .plan_lm_head import find_lm_head
@@ -43,7 +43,7 @@ class FoldEqualizationScales:
 
     def run(self, state: State) -> str:
         cfg = state.config
-        awq = recipe_of(cfg).awq and cfg.weight_bits == 4
+        awq = effective(state).awq and cfg.weight_bits == 4
         folded = compensated = 0
         searched: list[float] = []      # AWQ: the alpha chosen per group
         if awq:

@@ -20,7 +20,7 @@ from ..model_io import IR_VERSION
 from ..schedule import demand_order
 from ..split_model import export_split
 from ..hessians import statistics_observers
-from ..recipes import observers_needed
+from ..recipes import effective, observers_needed
 from ..state import State
 
 
@@ -32,7 +32,7 @@ class InsertObservers:
         tensors = graph.tensors()
         outputs = []
         state.observers = {}
-        needs = observers_needed(state.config)
+        needs = observers_needed(effective(state))
         for linear in state.linears.values():
             name = linear.activation.name
             if name in state.observers:

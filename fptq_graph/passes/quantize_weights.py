@@ -14,7 +14,7 @@ from ..gptq import gptq_quantize
 from ..int4 import quantize_groupwise
 from ..hessians import equalized, hessian_diag
 from ..int8 import quantize_per_channel_int8
-from ..recipes import weight_quantizer
+from ..recipes import effective
 from ..weight_clipping import clipped_groupwise
 from ..state import Linear, State
 from .plan_lm_head import find_lm_head
@@ -27,7 +27,7 @@ class QuantizeWeights:
         cfg = state.config
         worst = ("", np.inf)
         head = find_lm_head(state) if cfg.lm_head_mode != "float" else None
-        method = weight_quantizer(cfg)               # rtn, clip, gptq or gptq-clip (recipes.py)
+        method = effective(state).weights            # rtn, clip, gptq or gptq-clip (recipes.py)
         clip_scales = method == "gptq-clip"          # GPTQ, each group's scale by the clipping search
         for linear in state.linears.values():
             weight = linear.node.inputs[1].values
