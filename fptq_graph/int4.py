@@ -46,6 +46,8 @@ class QuantizedWeight:
 
     def dequantize(self) -> np.ndarray:
         k = self.shape[0]
+        if self.bits == 8:   # one group spanning K: broadcast the [1, N] scales, no [K, N] copy of them
+            return self.q.astype(np.float32) * self.scale
         s = np.repeat(self.scale, self.group_size, axis=0)[:k]
         q = self.q.astype(np.float32)
         if self.zero_point is not None:
