@@ -43,9 +43,7 @@ class MeasureOutputSQNR:
         samples = 0
         for feeds in state.calibration.sample_feeds(state.source_model.proto.graph.input, count):
             tokens = int(np.prod(next(iter(feeds.values())).shape))
-            per_run = max(1, budget // (4 * tokens * max(l.n for l in linears)))
-            for start in range(0, len(names), per_run):
-                chunk = names[start:start + per_run]
+            for chunk in _chunks(linears, 4 * tokens, budget):
                 reference, candidate = (ort_errors.run(sess, chunk, feeds, f"the {kind} model for output SQNR")
                                         for sess, kind in zip(runs, ("float", "quantized")))
                 for name, ref, out in zip(chunk, reference, candidate):
@@ -59,6 +57,21 @@ class MeasureOutputSQNR:
             if linear.output_sqnr_db < worst[1]:
                 worst = (linear.name, linear.output_sqnr_db)
         return f"output SQNR of {len(linears)} linears on {samples} samples; lowest {worst[1]:.1f} dB ({worst[0]})"
+
+
+def _chunks(linears: list, bytes_per_channel: int, budget: int) -> list[list[str]]:
+    """Outputs fetched together, packed by their own sizes up to `budget` bytes (at least one each): a
+    wide LM head ([tokens, vocab]) gets a run to itself instead of shrinking every run to its size,
+    which made one run per few linears, dozens of forward passes a sample."""
+    chunks, current, used = [], [], 0
+    for linear in linears:
+        size = bytes_per_channel * linear.n
+        if current and used + size > budget:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(linear.output)
+        used += size
+    return chunks + ([current] if current else [])
 
 
 def with_outputs(model: SplitModel, names: list[str]) -> SplitModel:
