@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from .errors import FptqError
 from .model_io import IR_VERSION, PROTOBUF_LIMIT, _payload_bytes, save_model
-from .split_model import IN_MEMORY, PACKED_TYPES, SplitModel, is_in_memory
+from .split_model import IN_MEMORY, PACKED_TYPES, SplitModel, body_reads, is_in_memory
 from .w4a8_op import DOMAIN
 
 LIBRARY_NAME = "libfptq_ops.so"
@@ -142,7 +142,7 @@ def _split_session(model: SplitModel, options, providers) -> ort.InferenceSessio
     proto.ir_version = IR_VERSION
     # Through the file too: 4-bit tensors, and initializers a control-flow body reads from the outer
     # scope (ORT resolves those from the TensorProto itself, not from the user initializers).
-    from_file = _subgraph_references(proto.graph)
+    from_file = set().union(*(body_reads(node) for node in proto.graph.node))
     packed = {init.name: init for init in proto.graph.initializer
               if is_in_memory(init) and (init.data_type in PACKED_TYPES or init.name in from_file)}
     values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in model.arrays.items() if name not in packed}
@@ -162,22 +162,6 @@ def _split_session(model: SplitModel, options, providers) -> ort.InferenceSessio
         sess = _create(str(path), options, providers, "<in-memory model>")
     sess._fptq_initializers = values   # the buffers must outlive the session
     return sess
-
-
-def _subgraph_references(graph: onnx.GraphProto) -> set[str]:
-    """Names read by nodes inside If/Loop/Scan bodies (at any depth)."""
-    names: set[str] = set()
-
-    def visit(g: onnx.GraphProto, inside: bool) -> None:
-        for node in g.node:
-            if inside:
-                names.update(node.input)
-            for attr in node.attribute:
-                for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    visit(body, True)
-
-    visit(graph, False)
-    return names
 
 
 def _create(model, options, providers, name: str) -> ort.InferenceSession:

@@ -239,6 +239,16 @@ def export_split(graph: gs.Graph) -> SplitModel:
     return SplitModel(proto, {name: array for name, array in arrays.items() if name in used})
 
 
+def body_reads(node: onnx.NodeProto) -> set[str]:
+    """Names the If/Loop/Scan bodies of `node` read, at any depth: outer-scope references included."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in body.node:
+                names |= set(inner.input) | body_reads(inner)
+    return names
+
+
 def _graphs(graph: gs.Graph):
     """The graph and every If/Loop/Scan body in it, at any depth."""
     yield graph

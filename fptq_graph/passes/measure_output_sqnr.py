@@ -17,7 +17,7 @@ import onnx
 from .. import ort_errors
 from ..model_io import finish_split
 from ..runtime import session
-from ..split_model import SplitModel
+from ..split_model import SplitModel, body_reads
 from ..state import State
 from .quantize_weights import sqnr_db
 
@@ -87,17 +87,8 @@ def with_outputs(model: SplitModel, names: list[str]) -> SplitModel:
     for node in reversed(out.graph.node):   # ONNX lists nodes in topological order
         if any(name in needed for name in node.output):
             kept.append(node)
-            needed.update(_reads(node))
+            needed.update(node.input)
+            needed.update(body_reads(node))   # outer-scope names its bodies read
     del out.graph.node[:]
     out.graph.node.extend(reversed(kept))
     return SplitModel(out, model.arrays)
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """What a node reads, outer-scope names its If/Loop/Scan bodies read included."""
-    names = set(node.input)
-    for attr in node.attribute:
-        for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            for inner in body.node:
-                names |= _reads(inner)
-    return names
