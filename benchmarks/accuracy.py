@@ -5,15 +5,20 @@ For each real pretrained model the project can load offline (fptq_graph.exporter
 - minilm (all-MiniLM-L6-v2, BERT encoder, no LM head): sentence-embedding cosine to the float model
   and nearest-neighbour agreement on held-out passages, higher is better.
 
-Rows: float; our recipes (fptq, fptq with GPTQ weights, naive-w4a8, smoothquant-w4a8, dynamic-w4a8,
-w8a8-smoothquant, rtn-w4a16), all in the qdq form run by fptq_graph.runtime.session; and ONNX
+Every row runs at every INT4 group size of --groups (default 128 and 32; ONNX Runtime's rows at the
+same block size). Rows (RECIPES): our recipes (recipes.py) and each weight quantizer with FPTQ, all in
+the qdq form run by fptq_graph.runtime.session, LM head float unless the row says so; and ONNX
 Runtime's tools on the same float ONNX, the same calibration windows and the same linears:
 `quantize_static` (QDQ, int8 per-channel weights, uint8 MinMax activations: ORT's recommended U8S8;
-its int8-activation output fails ORT's own type check in 1.31) and `MatMulNBitsQuantizer`
-(4 bits, block 128, symmetric) run at accuracy_level 0 (float activations: W4A16) and 4 (int8
-activations per block: ORT's W4A8 on CPU). Evaluation text is held out: calibration never sees it.
+its int8-activation output fails ORT's own type check in 1.31; group-free, run once) and
+`MatMulNBitsQuantizer` (4 bits, symmetric) at accuracy_level 0 (float activations: W4A16) and 4 (int8
+activations per block: ORT's W4A8 on CPU), and at level 4 with the LM head quantized to 4 bits at the
+same block, as the GenAI model builder's int4 models store it. With --builder-folders DIR..., the
+models of GenAI builder folders (benchmarks/genai_decode.py makes them) are scored on the same tokens
+too. Evaluation text is held out: calibration never sees it; windows start with BOS when the
+tokenizer adds one (calibration.leading_bos).
 
-    python benchmarks/accuracy.py [--models smollm2 minilm] [--out out/accuracy] [--json docs/accuracy.json]
+    python benchmarks/accuracy.py [--models smollm2 minilm] [--groups 128 32] [--json docs/accuracy.json]
 
 Prints one table per model and writes the JSON (the tables in docs/accuracy.md come from it) after
 every row; a rerun with the same settings reuses the rows its JSON already holds (--fresh: redo all).
@@ -35,51 +40,53 @@ TEXT = next((d for d in (ROOT / "samples" / "text", ROOT.parent / "shared" / "da
 CALIB = TEXT / "python-docstrings.calib.txt"
 HELDOUT = TEXT / "python-docstrings.heldout.txt"
 
-# label -> Config fields; every recipe runs with the same calibration windows.
+# label -> Config fields (group_size comes from --groups). Every row uses the same calibration windows;
+# "groups": the group sizes a row runs at when not all of --groups (None: group-free, run once).
 RECIPES = {
-    "fptq": {"recipe": "fptq"},
-    "fptq + gptq": {"recipe": "fptq", "gptq": True},
+    "fptq (default: AWQ + gptq-clip)": {"recipe": "fptq"},
+    "fptq, int8 LM head (CLI default)": {"recipe": "fptq", "lm_head": "int8"},
+    "fptq, int4 LM head": {"recipe": "fptq", "lm_head": "int4"},
+    "fptq-paper (RTN)": {"recipe": "fptq-paper"},
+    "fptq-paper, clip": {"recipe": "fptq-paper", "weight_quantizer": "clip"},
+    "fptq-paper, gptq": {"recipe": "fptq-paper", "weight_quantizer": "gptq"},
+    "fptq-paper, gptq-clip": {"recipe": "fptq-paper", "weight_quantizer": "gptq-clip"},
+    "fptq-paper, gptq act-order": {"recipe": "fptq-paper", "weight_quantizer": "gptq", "act_order": True, "groups": (128,)},
+    "fptq-awq (AWQ + clip)": {"recipe": "fptq-awq"},
+    "fptq-measured (clip)": {"recipe": "fptq-measured"},
+    "fptq-measured, gptq-clip": {"recipe": "fptq-measured", "weight_quantizer": "gptq-clip"},
+    "dynamic-w4a8 (per token, RTN)": {"recipe": "dynamic-w4a8"},
+    "dynamic-w4a8, clip": {"recipe": "dynamic-w4a8", "weight_quantizer": "clip"},
+    "dynamic-w4a8, gptq-clip": {"recipe": "dynamic-w4a8", "weight_quantizer": "gptq-clip"},
     "naive-w4a8": {"recipe": "naive-w4a8"},
     "smoothquant-w4a8": {"recipe": "smoothquant-w4a8"},
-    "dynamic-w4a8": {"recipe": "dynamic-w4a8"},
-    "w8a8-smoothquant": {"recipe": "w8a8-smoothquant"},
     "rtn-w4a16": {"recipe": "rtn-w4a16"},
-    # SmolLM2's packaged weights are GGUF Q4_1 (asymmetric, blocks of 32): the matching grid
-    "fptq, g32 asym": {"recipe": "fptq", "group_size": 32, "symmetric": False},
-    # issue 15: weight quantizers (recipes.py) and AWQ / measured classification
-    "fptq, clip": {"recipe": "fptq", "weight_quantizer": "clip"},
-    "fptq, gptq-clip": {"recipe": "fptq", "weight_quantizer": "gptq-clip"},
-    "fptq, gptq act-order": {"recipe": "fptq", "weight_quantizer": "gptq", "act_order": True},
-    "fptq-awq": {"recipe": "fptq-awq"},
-    "fptq-awq, gptq-clip": {"recipe": "fptq-awq", "weight_quantizer": "gptq-clip"},
-    "fptq-measured": {"recipe": "fptq-measured"},
-    "awq-w4a16": {"recipe": "awq-w4a16"},
-    "fptq, g32": {"recipe": "fptq", "group_size": 32},
-    "fptq, clip, g32": {"recipe": "fptq", "weight_quantizer": "clip", "group_size": 32},
-    "fptq + gptq, g32": {"recipe": "fptq", "gptq": True, "group_size": 32},
-    "fptq-awq, g32": {"recipe": "fptq-awq", "group_size": 32},
-    "dynamic-w4a8, g32": {"recipe": "dynamic-w4a8", "group_size": 32},
-    "rtn-w4a16, g32": {"recipe": "rtn-w4a16", "group_size": 32},
+    "awq-w4a16 (AWQ + clip)": {"recipe": "awq-w4a16"},
+    "w8a8-smoothquant": {"recipe": "w8a8-smoothquant", "groups": None},
 }
 # Per model: calibration (samples x tokens) and what is evaluated.
 MODELS = {
-    "smollm2": {"kind": "decoder", "calib_samples": 64, "seq_len": 512, "eval_tokens": 8192},
+    "smollm2": {"kind": "decoder", "calib_samples": 32, "seq_len": 512, "eval_tokens": 4096},
     "minilm": {"kind": "encoder", "calib_samples": 128, "seq_len": 256},
 }
+STATIC = "ort quantize_static (W8A8 QDQ)"
+NBITS = "ort MatMulNBits acc {level}"
+NBITS_HEAD = "ort MatMulNBits acc 4, int4 LM head (builder-style)"
+GROUP_FREE = "-"   # the rows key of group-free rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--groups", nargs="+", type=int, default=[128, 32], help="INT4 group sizes (default 128 32)")
     parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's quantizers")
+    parser.add_argument("--builder-folders", nargs="*", type=Path, default=[],
+                        help="GenAI builder folders (genai_config.json) whose models are scored too (decoders)")
     parser.add_argument("--calib-samples", type=int, help="override every model's calibration sample count")
     parser.add_argument("--eval-tokens", type=int, help="override the decoder's evaluated token count")
     parser.add_argument("--out", default=str(ROOT / "out" / "accuracy"), help="work folder for the models")
     parser.add_argument("--json", default=str(ROOT / "out" / "accuracy" / "accuracy.json"), help="result JSON")
     parser.add_argument("--fresh", action="store_true", help="ignore rows the JSON already holds")
-    parser.add_argument("--lm-head", choices=("float", "int8", "int4"), default="float",
-                        help="the LM head of every row of ours (default float: ONNX Runtime's rows keep it float too)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for path in (CALIB, HELDOUT):
@@ -98,60 +105,78 @@ def main() -> int:
             settings["calib_samples"] = args.calib_samples
         if args.eval_tokens and settings["kind"] == "decoder":
             settings["eval_tokens"] = args.eval_tokens
-        settings["lm_head"] = args.lm_head
         done = results["models"].get(name, {})
         if done.get("settings") != settings:
             done = {}
         results["models"][name] = {"settings": settings, "rows": done.get("rows", {})}
-        run_model(name, results["models"][name]["rows"], settings, args.recipes, not args.no_ort, out,
-                  lambda: write_json(json_path, results))
-        print_table(name, results["models"][name])
+        run_model(name, results["models"][name], args, out, lambda: write_json(json_path, results))
+        print_table(name, results["models"][name], args.groups)
     print(f"\nwrote {args.json}")
     return 0
 
 
-def run_model(name: str, rows: dict, settings: dict, recipes: list[str], with_ort: bool, out: Path, save) -> None:
-    """Fills `rows` (label -> result), skipping labels it already has; calls save() after each row."""
+def run_model(name: str, result: dict, args, out: Path, save) -> None:
+    """Fills result["rows"] ({group key: {label: row}}), skipping rows it already has; save() after each."""
     import fptq_graph as fq
     from fptq_graph.exporters import export_hf
     from fptq_graph.exporters.packaged import packaged_model
 
+    settings, rows = result["settings"], result["rows"]
     float_path = out / f"{name}.onnx"
     if not float_path.is_file():
         print(f"exporting {name} ...", flush=True)
         export_hf(packaged_model(name), float_path)
     metric = Metric(settings, float_path)
+    result["bos"] = metric.bos
     # the float row always runs: an encoder's metric compares with the float embeddings it computes
-    rows["float"] = {**metric(float_path, ours=True), "bytes": float_path.stat().st_size}
-    print(f"{name} float: {fmt(rows['float'])}", flush=True)
+    rows.setdefault(GROUP_FREE, {})["float"] = {**metric(float_path, ours=True), "bytes": float_path.stat().st_size}
+    print(f"{name} float: {fmt(rows[GROUP_FREE]['float'])}", flush=True)
     save()
-    quantized_names = None
-    for label in recipes:
-        if label in rows:
-            print(f"{name} {label}: {fmt(rows[label])} (from the JSON)", flush=True)
-            continue
-        config = fq.Config(**{"lm_head": settings.get("lm_head", "float"), **RECIPES[label]}, calib_samples=settings["calib_samples"], calib_seq_len=settings["seq_len"],
-                           progress=False, sqnr_samples=0)
-        start = time.perf_counter()
-        result = fq.quantize(float_path, str(CALIB), config)
-        path = result.save(out / f"{name}.{label.replace(' + ', '-').replace(', ', '-').replace(' ', '-')}.onnx")
-        seconds = time.perf_counter() - start
-        schemes = {}
-        for layer in result.layers:
-            schemes[layer["scheme"]] = schemes.get(layer["scheme"], 0) + 1
-        quantized_names = [layer["name"] for layer in result.layers]
-        rows[label] = {**metric(path, ours=True), "schemes": schemes, "quantize_seconds": round(seconds, 1),
-                       "bytes": path.stat().st_size}
-        print(f"{name} {label}: {fmt(rows[label])} ({seconds:.0f} s to quantize)", flush=True)
-        save()
-    if with_ort:
-        if quantized_names is None:   # the same linears as ours: ask the pipeline which they are
-            quantized_names = our_linears(float_path)
-        for label, path in ort_quantized(name, float_path, metric.tokenizer, settings, quantized_names, out,
-                                         skip=set(rows)):
-            rows[label] = {**metric(path, ours=False), "bytes": path.stat().st_size}
-            print(f"{name} {label}: {fmt(rows[label])}", flush=True)
+    for label in args.recipes:
+        fields = dict(RECIPES[label])
+        groups = fields.pop("groups", tuple(args.groups))
+        for group in (groups or (None,)):
+            if group is not None and group not in args.groups:
+                continue
+            key = GROUP_FREE if group is None else f"g{group}"
+            table = rows.setdefault(key, {})
+            if label in table:
+                print(f"{name} {label} {key}: {fmt(table[label])} (from the JSON)", flush=True)
+                continue
+            config = fq.Config(**{"lm_head": "float", **fields}, **({"group_size": group} if group else {}),
+                               calib_samples=settings["calib_samples"], calib_seq_len=settings["seq_len"],
+                               progress=False, sqnr_samples=0)
+            start = time.perf_counter()
+            quantized = fq.quantize(float_path, str(CALIB), config)
+            stem = label.split(" (")[0].replace(", ", "-").replace(" ", "-")
+            path = quantized.save(out / f"{name}.{stem}.{key}.onnx")
+            seconds = time.perf_counter() - start
+            schemes = {}
+            for layer in quantized.layers:
+                schemes[layer["scheme"]] = schemes.get(layer["scheme"], 0) + 1
+            table[label] = {**metric(path, ours=True), "schemes": schemes, "quantize_seconds": round(seconds, 1),
+                            "bytes": model_bytes(path)}
+            print(f"{name} {label} {key}: {fmt(table[label])} ({seconds:.0f} s to quantize)", flush=True)
             save()
+    if not args.no_ort:
+        for key, label, path in ort_quantized(name, float_path, metric, settings, args.groups, out, rows):
+            rows.setdefault(key, {})[label] = {**metric(path, ours=False), "bytes": model_bytes(path)}
+            print(f"{name} {label} {key}: {fmt(rows[key][label])}", flush=True)
+            save()
+    if settings["kind"] == "decoder":
+        for folder in args.builder_folders:
+            model = folder / json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+            label = f"GenAI builder: {folder.name}"
+            rows[GROUP_FREE][label] = {**metric(model, ours=False), "bytes": model_bytes(model)}
+            print(f"{name} {label}: {fmt(rows[GROUP_FREE][label])}", flush=True)
+            save()
+
+
+def model_bytes(path: Path) -> int:
+    """The model file and its external data."""
+    from fptq_graph.run_outputs import model_files
+
+    return sum(Path(p).stat().st_size for p in model_files(path))
 
 
 class Metric:
@@ -160,8 +185,11 @@ class Metric:
     def __init__(self, settings: dict, float_path: Path):
         from transformers import AutoTokenizer
 
+        from fptq_graph.calibration import leading_bos
+
         self.settings = settings
         self.tokenizer = AutoTokenizer.from_pretrained(str(float_path.with_name(float_path.stem + ".tokenizer")))
+        self.bos = leading_bos(self.tokenizer)
         self.reference = None
         if settings["kind"] == "decoder":
             from fptq_graph.calibration import read_token_ids
@@ -176,13 +204,17 @@ class Metric:
         import onnxruntime as ort
 
         from fptq_graph.evaluate import embedding_agreement, perplexity, sentence_embeddings
+        from fptq_graph.model_io import load_split
         from fptq_graph.runtime import session
 
         # Ours through our session (reference numerics, op library); ORT's models as ORT runs them.
         sess = session(path) if ours else ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         start = time.perf_counter()
         if self.settings["kind"] == "decoder":
-            value = perplexity(sess, self.ids, self.settings["seq_len"], max_tokens=self.settings["eval_tokens"])
+            # the graph's inputs with any KV cache sizes the loader fills in (a builder model's head_dim)
+            inputs = load_split(path).proto.graph.input
+            value = perplexity(sess, self.ids, self.settings["seq_len"], max_tokens=self.settings["eval_tokens"],
+                               bos=self.bos, inputs=inputs)
             return {"perplexity": round(value, 4), "eval_seconds": round(time.perf_counter() - start, 1)}
         emb = sentence_embeddings(sess, self.tokenizer, self.texts)
         if self.reference is None:
@@ -191,7 +223,8 @@ class Metric:
         return {k: round(v, 4) for k, v in score.items()} | {"eval_seconds": round(time.perf_counter() - start, 1)}
 
 
-def our_linears(float_path: Path) -> list[str]:
+def our_linears(float_path: Path, lm_head: str) -> list[str]:
+    """The linears our pipeline quantizes (the LM head among them unless lm_head is "float")."""
     import onnx_graphsurgeon as gs
 
     from fptq_graph import Config
@@ -199,17 +232,15 @@ def our_linears(float_path: Path) -> list[str]:
     from fptq_graph.passes import FindQuantizableLinears
     from fptq_graph.state import State
 
-    state = State(graph=gs.import_onnx(load_model(float_path)), config=Config())
+    state = State(graph=gs.import_onnx(load_model(float_path)), config=Config(lm_head=lm_head))
     FindQuantizableLinears().run(state)
     return list(state.linears)
 
 
-STATIC = "ort quantize_static (W8A8 QDQ)"
-NBITS = "ort MatMulNBits 4-bit b128, accuracy_level {}"
-
-
-def ort_quantized(name: str, float_path: Path, tokenizer, settings: dict, linears: list[str], out: Path, skip: set):
-    """ONNX Runtime's static QDQ quantizer and its MatMulNBits quantizer, on the linears we quantize."""
+def ort_quantized(name: str, float_path: Path, metric: Metric, settings: dict, groups: list[int], out: Path,
+                  rows: dict):
+    """ONNX Runtime's static QDQ quantizer and its MatMulNBits quantizer on the linears we quantize;
+    yields (group key, label, path) for each row `rows` does not hold yet."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -217,41 +248,69 @@ def ort_quantized(name: str, float_path: Path, tokenizer, settings: dict, linear
     from fptq_graph.calibration import read_token_ids, windows_of
     from fptq_graph.model_io import load_model
 
+    linears = our_linears(float_path, "float")
+    with_head = our_linears(float_path, "int4")
     model = load_model(float_path)
-    calib = windows_of(read_token_ids(CALIB, lambda: tokenizer), settings["seq_len"], settings["calib_samples"], 1,
-                       str(CALIB))
+    if STATIC not in rows.get(GROUP_FREE, {}):
+        calib = windows_of(read_token_ids(CALIB, lambda: metric.tokenizer), settings["seq_len"],
+                           settings["calib_samples"], 1, str(CALIB), bos=metric.bos)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = calib.feed_batches(model.graph.input)
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.batches = calib.feed_batches(model.graph.input)
 
-        def get_next(self):
-            return next(self.batches, None)
+            def get_next(self):
+                return next(self.batches, None)
 
-    path = out / f"{name}.ort-static.onnx"
-    start = time.perf_counter()
-    if STATIC in skip:
-        path = None
-    # Ranges are folded every `chunk` batches to bound memory. onnxruntime 1.31 raises "No data is
-    # collected" when the batch count is a multiple of the chunk (its last fold leaves nothing): avoid that.
-    chunk = next(c for c in (8, 7, 6, 5, 3) if calib.num_samples % c)
-    if path is not None:
+        path = out / f"{name}.ort-static.onnx"
+        start = time.perf_counter()
+        # Ranges are folded every `chunk` batches to bound memory. onnxruntime 1.31 raises "No data is
+        # collected" when the batch count is a multiple of the chunk (its last fold leaves nothing): avoid that.
+        chunk = next(c for c in (8, 7, 6, 5, 3) if calib.num_samples % c)
         quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=linears,
                         extra_options={"CalibMaxIntermediateOutputs": chunk})
         fix_ir_version(path)
         print(f"{name}: quantize_static took {time.perf_counter() - start:.0f} s", flush=True)
-        yield STATIC, path
-    for level in (0, 4):
-        if NBITS.format(level) in skip:
+        yield GROUP_FREE, STATIC, path
+    variants = [(NBITS.format(level=0), 0, linears), (NBITS.format(level=4), 4, linears)]
+    if len(with_head) > len(linears):   # a model with an LM head
+        variants.append((NBITS_HEAD, 4, with_head))
+    for block in groups:
+        key = f"g{block}"
+        for label, level, nodes in variants:
+            if label in rows.get(key, {}):
+                continue
+            path = out / f"{name}.ort-nbits-acc{level}{'-head' if nodes is with_head else ''}.{key}.onnx"
+            source = onnx.load(str(float_path))
+            if nodes is with_head:
+                constant_head_weight(source, [n for n in with_head if n not in linears])
+            quantizer = MatMulNBitsQuantizer(source, bits=4, block_size=block, is_symmetric=True,
+                                             accuracy_level=level, nodes_to_include=nodes)
+            quantizer.process()
+            quantizer.model.model.ir_version = 10
+            quantizer.model.save_model_to_file(str(path))
+            yield key, label, path
+
+
+def constant_head_weight(model, heads: list[str]) -> None:
+    """A tied LM head reads Transpose(embedding table); MatMulNBitsQuantizer skips a MatMul whose weight
+    is not an initializer, so the head gets the transposed table as its own initializer (what the GenAI
+    builder writes for a tied head before quantizing it)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.name not in heads or node.input[1] in inits:
             continue
-        path = out / f"{name}.ort-nbits-acc{level}.onnx"
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(float_path)), bits=4, block_size=128, is_symmetric=True,
-                                         accuracy_level=level, nodes_to_include=linears)
-        quantizer.process()
-        quantizer.model.model.ir_version = 10
-        quantizer.model.save_model_to_file(str(path))
-        yield NBITS.format(level), path
+        transpose = producers.get(node.input[1])
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in inits:
+            raise SystemExit(f"{node.name}: its weight is neither an initializer nor Transpose(initializer)")
+        table = numpy_helper.to_array(inits[transpose.input[0]])
+        weight = numpy_helper.from_array(table.T.copy(), node.name + ".weight_t")
+        model.graph.initializer.append(weight)
+        node.input[1] = weight.name
 
 
 def fix_ir_version(path: Path) -> None:
@@ -269,20 +328,32 @@ def fmt(row: dict) -> str:
     return f"mean cos {row['mean_cosine']:.4f}, min cos {row['min_cosine']:.4f}, NN agreement {row['nn_agreement']:.3f}"
 
 
-def print_table(name: str, result: dict) -> None:
+def print_table(name: str, result: dict, groups: list[int]) -> None:
+    """One line a row, one column group a group size (group-free rows in the first group's columns)."""
     rows, s = result["rows"], result["settings"]
     decoder = s["kind"] == "decoder"
     print(f"\n## {name}: calibration {s['calib_samples']} x {s['seq_len']} tokens of {CALIB.name}; "
-          + (f"perplexity over {s['eval_tokens']} held-out tokens" if decoder else "held-out passages"))
-    head = "| model | perplexity | × float |" if decoder else "| model | mean cos | min cos | NN agreement |"
-    print(head + " schemes | MiB |")
-    print("|" + "---|" * (head.count("|") + 1))
-    base = rows["float"].get("perplexity")
-    for label, row in rows.items():
-        schemes = " / ".join(f"{v} {k}" for k, v in row.get("schemes", {}).items()) or "-"
-        metric = (f"{row['perplexity']:.3f} | {row['perplexity'] / base:.3f}" if decoder
-                  else f"{row['mean_cosine']:.4f} | {row['min_cosine']:.4f} | {row['nn_agreement']:.3f}")
-        print(f"| {label} | {metric} | {schemes} | {row['bytes'] / 2**20:.1f} |")
+          + (f"perplexity over {s['eval_tokens']} held-out tokens" if decoder else "held-out passages")
+          + f"; BOS {'first' if result.get('bos') is not None else 'not added (the tokenizer adds none)'}")
+    base = rows[GROUP_FREE]["float"].get("perplexity")
+    cols = (["perplexity", "× float"] if decoder else ["mean cos", "min cos", "NN agr."])
+    keys = [f"g{g}" for g in groups]
+    print("| row | " + " | ".join(f"{c}, {k}" for k in keys for c in cols) + " | schemes | MiB, " + keys[0] + " |")
+    print("|" + "---|" * (len(cols) * len(keys) + 3))
+    labels = list(rows[GROUP_FREE]) + [l for k in keys for l in rows.get(k, {}) if l not in rows[GROUP_FREE]]
+    for label in dict.fromkeys(labels):
+        cells, first = [], None
+        for key in keys:
+            row = rows.get(key, {}).get(label) or (rows[GROUP_FREE].get(label) if key == keys[0] else None)
+            first = first or row
+            if row is None:
+                cells += [""] * len(cols)
+            elif decoder:
+                cells += [f"{row['perplexity']:.3f}", f"{row['perplexity'] / base:.3f}"]
+            else:
+                cells += [f"{row['mean_cosine']:.4f}", f"{row['min_cosine']:.4f}", f"{row['nn_agreement']:.3f}"]
+        schemes = " / ".join(f"{v} {k}" for k, v in first.get("schemes", {}).items()) or "-"
+        print(f"| {label} | " + " | ".join(cells) + f" | {schemes} | {first['bytes'] / 2**20:.1f} |")
 
 
 def write_json(path: Path, results: dict) -> None:

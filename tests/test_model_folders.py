@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 
 from fptq_graph.cli import main
@@ -108,6 +109,15 @@ def test_builder_folder_quantizes_and_runs_in_genai(form, builder_folder, calib_
     assert len(set(norms)) == 2 * LAYERS + 1                   # every layer's two norms, and the int8 LM head's final norm
     lae = [l["name"] for l in data["layers"] if l["scheme"] == "lae"]
     assert len(lae) >= LAYERS and all("qkv_proj" in name for name in lae), lae
+    # The builder looks the tied embeddings up in Transpose(lm_head weight): that table is the int8
+    # head's, held once; no float [vocab, hidden] copy is left.
+    head = [l for l in data["layers"] if "lm_head" in l["name"]]
+    assert len(head) == 1 and "table shared with embedding" in head[0]["reason"], head
+    model = onnx.load(str(out / "model.onnx"))
+    genai = json.loads((builder_folder / "genai_config.json").read_text())["model"]
+    table = genai["vocab_size"] * genai["decoder"]["hidden_size"]
+    floats = [t.name for t in model.graph.initializer if np.prod(t.dims) == table and t.data_type in (1, 10)]
+    assert floats == [], floats
     assert genai_tokens(out) == our_tokens(out)
 
 

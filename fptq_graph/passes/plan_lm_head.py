@@ -51,8 +51,10 @@ def find_lm_head(state: State) -> Linear | None:
 
 
 def tied_gathers(graph: gs.Graph, linear: Linear) -> list[gs.Node]:
-    """Gathers along axis 0 of a constant [N, K] table equal to the linear's float [K, N] weight transposed
-    (a Transpose-tied head, or an exporter that wrote the tied table twice)."""
+    """Gathers along axis 0 of an [N, K] table equal to the linear's float [K, N] weight transposed: a
+    constant table (a Transpose-tied head, or an exporter that wrote the tied table twice), or a 2-D
+    Transpose of a constant [K, N] equal to the weight (the GenAI builder looks its embeddings up in
+    Transpose(lm_head weight))."""
     source = linear.node.inputs[1]
     if not isinstance(source, gs.Constant):
         return []
@@ -61,13 +63,17 @@ def tied_gathers(graph: gs.Graph, linear: Linear) -> list[gs.Node]:
     for node in graph.nodes:
         if node.op != "Gather" or int(node.attrs.get("axis", 0)) not in (0, -2) or len(node.inputs) < 2:
             continue
-        table = node.inputs[0]
+        table, transposed = node.inputs[0], True
+        if isinstance(table, gs.Variable) and len(table.inputs) == 1 and table.inputs[0].op == "Transpose" \
+                and list(table.inputs[0].attrs.get("perm", [1, 0])) == [1, 0]:
+            table, transposed = table.inputs[0].inputs[0], False
         if not isinstance(table, gs.Constant):
             continue
         values = table.values
-        if getattr(values, "shape", None) != weight.T.shape or np.dtype(values.dtype) != weight.dtype:
+        expected = weight.T if transposed else weight
+        if getattr(values, "shape", None) != expected.shape or np.dtype(values.dtype) != weight.dtype:
             continue
-        if np.array_equal(np.asarray(values), weight.T):
+        if np.array_equal(np.asarray(values), expected):
             found.append(node)
     return found
 
@@ -111,6 +117,13 @@ def _dtype(linear: Linear) -> np.dtype:
     return np.dtype(linear.activation.dtype) if linear.activation.dtype is not None else np.dtype(np.float32)
 
 
+def source_dtype(table: gs.Tensor):
+    """A tied table's float type: the constant's, or for Transpose(constant) the constant's."""
+    while not isinstance(table, gs.Constant):
+        table = table.inputs[0].inputs[0]
+    return table.values.dtype
+
+
 def tie_to_kn_codes(graph: gs.Graph, linear: Linear, gathers: list[gs.Node], codes: gs.Constant,
                     scale: gs.Constant) -> None:
     """Each tied Gather(table [N, K], ids) becomes the dequantized rows of the head's int8 [K, N] codes:
@@ -119,7 +132,7 @@ def tie_to_kn_codes(graph: gs.Graph, linear: Linear, gathers: list[gs.Node], cod
     for index, node in enumerate(gathers):
         tag = f"{node.name or linear.name + '.embedding'}.q{index or ''}"
         ids, out = node.inputs[1], node.outputs[0]
-        dtype = np.dtype(node.inputs[0].values.dtype)   # the table's type, which the lookup keeps
+        dtype = np.dtype(source_dtype(node.inputs[0]))   # the table's type, which the lookup keeps
         node.outputs.clear()
         node.inputs.clear()
 
