@@ -3,7 +3,8 @@ ONNX Runtime's quantize_static and MatMulNBits quantizer on the same models.
 
 LLaMA-architecture decoders are built from a config with random weights (float32, untied LM head) at
 three sizes, about 0.1B, 0.5B and 1.5B parameters, and exported by `fptq_graph.exporters.export_hf`
-(the logits graph). Every step runs in its own process; the parent reads the child's wall time and
+(the logits graph); `--sizes 262k-vocab` adds a model whose tied 262144-token table is most of its
+weights (Gemma-3-270M's shape: there one calibration batch's logits outweigh the weights). Every step runs in its own process; the parent reads the child's wall time and
 peak resident set size (wait4's ru_maxrss), so one step's memory never hides in another's. Steps:
 
 - export:            build the model in torch and export it to ONNX (external data above 2 GB);
@@ -37,12 +38,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# hidden, intermediate, layers, heads (kv heads = heads), vocab 32000, untied LM head
+# hidden, intermediate, layers, heads (kv heads = heads); vocab 32000 and an untied LM head unless given.
+# "262k-vocab": a Gemma-3-270M-like shape (tied 262144 x 640 table, most of the weights): the size where
+# the LM head, its logits and the embedding table dominate memory rather than the layers.
 SIZES = {
     "0.1b": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
     "0.5b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12),
     "1.5b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=26, num_attention_heads=16),
+    "262k-vocab": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=4,
+                       vocab_size=262144, tie_word_embeddings=True),
 }
+DEFAULT_SIZES = ("0.1b", "0.5b", "1.5b")
 STEPS = ("export", "float inference", "calibrate", "calibrate 4x samples", "quantize", "quantize, no SQNR", "ort static",
          "ort matmul_nbits")
 CALIB_SAMPLES, CALIB_TOKENS, CALIB_BATCH = 32, 256, 8
@@ -53,18 +59,23 @@ OUTPUTS = {"quantize": "fptq", "quantize, no SQNR": "fptq-nosqnr", "ort static":
 def llama_config(size: str):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048, **SIZES[size])
+    return LlamaConfig(**{"vocab_size": 32000, "tie_word_embeddings": False, **SIZES[size]}, max_position_embeddings=2048)
+
+
+def vocab(size: str) -> int:
+    return SIZES[size].get("vocab_size", 32000)
 
 
 def parameters(size: str) -> int:
     c = SIZES[size]
     h, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    return 2 * 32000 * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
+    tables = 1 if c.get("tie_word_embeddings") else 2
+    return tables * vocab(size) * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), choices=list(SIZES))
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
     parser.add_argument("--work", default=str(ROOT / "out" / "scale"), help="where models are written")
     parser.add_argument("--json", default=str(ROOT / "docs" / "scale.json"))
@@ -149,7 +160,7 @@ def run_step(size: str, step: str, work: Path) -> None:
         import onnxruntime
 
         sess = onnxruntime.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-        feeds = next(calibration_batches(source))
+        feeds = next(calibration_batches(source, size))
         start = time.perf_counter()
         sess.run(None, feeds)
         info["passes"] = {"run": round(time.perf_counter() - start, 1)}
@@ -169,26 +180,26 @@ def run_step(size: str, step: str, work: Path) -> None:
             info["passes"] = {p.name: round(p.seconds, 1) for p in result.passes}
             info["onnx_bytes"] = file_bytes(out)
     elif step == "ort static":
-        info["onnx_bytes"] = file_bytes(ort_static(source, work / f"llama-{size}.{OUTPUTS[step]}.onnx"))
+        info["onnx_bytes"] = file_bytes(ort_static(source, work / f"llama-{size}.{OUTPUTS[step]}.onnx", size))
     elif step == "ort matmul_nbits":
         info["onnx_bytes"] = file_bytes(ort_nbits(source, work / f"llama-{size}.{OUTPUTS[step]}.onnx"))
     print("RESULT " + json.dumps(info), flush=True)
 
 
-def calibration_batches(model_path: Path):
+def calibration_batches(model_path: Path, size: str):
     from fptq_graph.calibration import from_random
     from fptq_graph.model_io import load_split
 
     inputs = load_split(model_path).proto.graph.input   # the weights stay in the file: no RSS for them
-    return from_random(CALIB_SAMPLES, 32000, CALIB_TOKENS, CALIB_BATCH).feed_batches(inputs)
+    return from_random(CALIB_SAMPLES, vocab(size), CALIB_TOKENS, CALIB_BATCH).feed_batches(inputs)
 
 
-def ort_static(source: Path, out: Path) -> Path:
+def ort_static(source: Path, out: Path, size: str) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = calibration_batches(source)
+            self.batches = calibration_batches(source, size)
 
         def get_next(self):
             return next(self.batches, None)

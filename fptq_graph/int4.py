@@ -44,10 +44,14 @@ class QuantizedWeight:
         k, n = self.shape
         return unpack_int4(self.codes.tobytes(), k * n, signed=self.zero_point is None).reshape(k, n)
 
-    def dequantize(self) -> np.ndarray:
+    def dequantize(self, columns: slice = slice(None)) -> np.ndarray:
+        """The float32 weight, or the output channels `columns` of it (int8 weights: a wide LM head is
+        dequantized a block of columns at a time by whoever would otherwise hold it whole)."""
         k = self.shape[0]
         if self.bits == 8:   # one group spanning K: broadcast the [1, N] scales, no [K, N] copy of them
-            return self.q.astype(np.float32) * self.scale
+            return self.codes[:, columns].astype(np.float32) * self.scale[:, columns]
+        if columns != slice(None):
+            return self.dequantize()[:, columns]
         s = np.repeat(self.scale, self.group_size, axis=0)[:k]
         q = self.q.astype(np.float32)
         if self.zero_point is not None:

@@ -89,7 +89,7 @@ def session_options(threads: int | None = None, with_library: bool = True) -> or
 
 
 def session(model: onnx.ModelProto | SplitModel | str | os.PathLike, providers: list[str] | None = None,
-            threads: int | None = None, *, early_reductions: bool = False) -> ort.InferenceSession:
+            threads: int | None = None, *, early_reductions: bool = False, arena: bool = True) -> ort.InferenceSession:
     """An InferenceSession for a model object or path, with the fptq op library registered.
 
     providers: e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]; default CPU only.
@@ -102,9 +102,14 @@ def session(model: onnx.ModelProto | SplitModel | str | os.PathLike, providers: 
     schedule.demand_order's order, priority-based order runs each observer early (calibrating a 0.5B
     LLaMA on batches of 8 x 256 tokens: peak 3.3 GB, 2.3 GB). Not for graphs with DequantizeLinear
     weights: there it dequantized most weights long before use.
+
+    arena=False: no CPU memory arena, so a run's buffers go back when it ends instead of staying
+    reserved for the next run: for sessions that take turns (the float and quantized models of the
+    output-SQNR analysis), where each arena would otherwise hold its own peak while the other runs.
     """
     options = session_options(threads)
     providers = providers or ["CPUExecutionProvider"]
+    options.enable_cpu_mem_arena = arena
     if early_reductions:
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if isinstance(model, SplitModel):

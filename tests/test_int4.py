@@ -66,3 +66,21 @@ def test_zero_group_gets_unit_scale():
     w = np.zeros((64, 2), np.float32)
     qw = quantize_groupwise(w, 32)
     assert np.all(qw.scale == 1.0) and np.all(qw.q == 0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_sqnr_by_column_blocks_matches_float64(bits):
+    """weight_sqnr dequantizes an int8 weight a block of columns at a time (a wide LM head is never held
+    whole in float): the same value as the whole-array float64 formula, to float64 rounding."""
+    from fptq_graph.int8 import quantize_per_channel_int8
+    from fptq_graph.passes.quantize_weights import weight_sqnr
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((96, 70000)).astype(np.float32)   # > 2^22 elements: several column blocks
+    qw = quantize_per_channel_int8(w) if bits == 8 else quantize_groupwise(w, 32)
+    approx = qw.dequantize()
+    ref = w.astype(np.float64)
+    expected = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - approx.astype(np.float64)) ** 2))
+    assert abs(weight_sqnr(w, qw) - expected) < 1e-9
+    cols = slice(1234, 5678)
+    np.testing.assert_array_equal(qw.dequantize(cols), approx[:, cols])

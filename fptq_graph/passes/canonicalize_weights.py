@@ -30,7 +30,7 @@ class CanonicalizeWeights:
                 node.attrs["alpha"] = 1.0
             if direct:
                 continue
-            node.inputs[1] = gs.Constant(f"{linear.name}.weight", np.ascontiguousarray(weight))
+            node.inputs[1] = gs.Constant(f"{linear.name}.weight", _kn_array(weight))
             rewired += 1
         state.graph.cleanup()
         return f"{rewired} weights rewritten to a direct [K, N] constant"
@@ -42,3 +42,12 @@ class CanonicalizeWeights:
             bias = constant_value(node.inputs[2])
             node.inputs[2] = gs.Constant(f"{node.name}.bias", (bias * beta).astype(bias.dtype))
         node.attrs["beta"] = 1.0
+
+
+def _kn_array(weight: np.ndarray) -> np.ndarray:
+    """The [K, N] weight without a copy where it is the transpose of a contiguous [N, K] array (a
+    Transpose-tied LM head: a 262144 x 640 table would otherwise be copied whole, its size again on
+    top of the weights); later passes read it by blocks of columns or write new arrays."""
+    if weight.flags.c_contiguous or weight.T.flags.c_contiguous:
+        return weight
+    return np.ascontiguousarray(weight)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import FptqError
 from ..gptq import gptq_quantize
-from ..int4 import quantize_groupwise
+from ..int4 import QuantizedWeight, quantize_groupwise
 from ..hessians import equalized, hessian_diag
 from ..int8 import quantize_per_channel_int8
 from ..recipes import effective
@@ -50,7 +50,7 @@ class QuantizeWeights:
                                   f"{100 * float(np.mean(ratio < 1)):.0f}% of groups below max-abs)")
             else:
                 linear.quantized = quantize_groupwise(weight, group, cfg.symmetric)
-            sqnr = weight_sqnr(weight, linear.quantized.dequantize())
+            sqnr = weight_sqnr(weight, linear.quantized)
             linear.weight_sqnr_db = sqnr
             if sqnr < worst[1]:
                 worst = (linear.name, sqnr)
@@ -78,14 +78,19 @@ def equalized_hessian(state: State, linear: Linear) -> np.ndarray:
     return gram / np.outer(s, s)
 
 
-def weight_sqnr(reference: np.ndarray, approx: np.ndarray) -> float:
-    """SQNR of `approx` against `reference`, summed in float64 a block of columns at a time: whole-array
-    float64 temporaries of a 262k-vocabulary LM head took quantize's peak to 7x the weights."""
+def weight_sqnr(reference: np.ndarray, approx: np.ndarray | QuantizedWeight) -> float:
+    """SQNR of `approx` (an array, or a QuantizedWeight dequantized a block at a time) against
+    `reference`, summed in float64 a block of columns at a time: whole-array float64 temporaries of a
+    262k-vocabulary LM head took quantize's peak to 7x the weights, and its whole float32
+    dequantization still added twice the head's float size."""
+    if isinstance(approx, QuantizedWeight) and approx.bits != 8:
+        approx = approx.dequantize()   # 4-bit codes unpack whole; such weights are no wider than the layers
     signal = noise = 0.0
     step = max(1, (1 << 22) // max(1, reference.shape[0]))
     for start in range(0, reference.shape[-1], step):
-        ref = reference[..., start:start + step].astype(np.float64)
-        err = ref - approx[..., start:start + step]
+        cols = slice(start, start + step)
+        ref = reference[..., cols].astype(np.float64)
+        err = ref - (approx.dequantize(cols) if isinstance(approx, QuantizedWeight) else approx[..., cols])
         signal += float(np.sum(ref * ref))
         noise += float(np.sum(err * err))
     return sqnr_db(signal, noise)
