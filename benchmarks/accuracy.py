@@ -44,24 +44,25 @@ HELDOUT = TEXT / "python-docstrings.heldout.txt"
 # "groups": the group sizes a row runs at when not all of --groups (None: group-free, run once).
 RECIPES = {
     "fptq (default: AWQ + gptq-clip)": {"recipe": "fptq"},
+    "fptq-paper (RTN)": {"recipe": "fptq-paper"},
+    "dynamic-w4a8 (per token, RTN)": {"recipe": "dynamic-w4a8"},
+    "rtn-w4a16": {"recipe": "rtn-w4a16"},
+    "fptq-measured (clip)": {"recipe": "fptq-measured"},
+    "dynamic-w4a8, clip": {"recipe": "dynamic-w4a8", "weight_quantizer": "clip"},
+    "fptq-measured, gptq-clip": {"recipe": "fptq-measured", "weight_quantizer": "gptq-clip"},
+    "dynamic-w4a8, gptq-clip": {"recipe": "dynamic-w4a8", "weight_quantizer": "gptq-clip"},
+    "fptq-awq (AWQ + clip)": {"recipe": "fptq-awq"},
+    "fptq-paper, clip": {"recipe": "fptq-paper", "weight_quantizer": "clip"},
+    "fptq-paper, gptq-clip": {"recipe": "fptq-paper", "weight_quantizer": "gptq-clip"},
     "fptq, int8 LM head (CLI default)": {"recipe": "fptq", "lm_head": "int8"},
     "fptq, int4 LM head": {"recipe": "fptq", "lm_head": "int4"},
-    "fptq-paper (RTN)": {"recipe": "fptq-paper"},
-    "fptq-paper, clip": {"recipe": "fptq-paper", "weight_quantizer": "clip"},
-    "fptq-paper, gptq": {"recipe": "fptq-paper", "weight_quantizer": "gptq"},
-    "fptq-paper, gptq-clip": {"recipe": "fptq-paper", "weight_quantizer": "gptq-clip"},
+    "fptq, ort form, accuracy_level 4": {"recipe": "fptq", "format": "ort", "ort_accuracy_level": 4},
+    "awq-w4a16 (AWQ + clip)": {"recipe": "awq-w4a16"},
     "fptq-paper, gptq act-order": {"recipe": "fptq-paper", "weight_quantizer": "gptq", "act_order": True, "groups": (128,)},
-    "fptq-awq (AWQ + clip)": {"recipe": "fptq-awq"},
-    "fptq-measured (clip)": {"recipe": "fptq-measured"},
-    "fptq-measured, gptq-clip": {"recipe": "fptq-measured", "weight_quantizer": "gptq-clip"},
-    "dynamic-w4a8 (per token, RTN)": {"recipe": "dynamic-w4a8"},
-    "dynamic-w4a8, clip": {"recipe": "dynamic-w4a8", "weight_quantizer": "clip"},
-    "dynamic-w4a8, gptq-clip": {"recipe": "dynamic-w4a8", "weight_quantizer": "gptq-clip"},
     "naive-w4a8": {"recipe": "naive-w4a8"},
     "smoothquant-w4a8": {"recipe": "smoothquant-w4a8"},
-    "rtn-w4a16": {"recipe": "rtn-w4a16"},
-    "awq-w4a16 (AWQ + clip)": {"recipe": "awq-w4a16"},
     "w8a8-smoothquant": {"recipe": "w8a8-smoothquant", "groups": None},
+    "fptq-paper, gptq": {"recipe": "fptq-paper", "weight_quantizer": "gptq"},
 }
 # Per model: calibration (samples x tokens) and what is evaluated.
 MODELS = {
@@ -132,9 +133,24 @@ def run_model(name: str, result: dict, args, out: Path, save) -> None:
     rows.setdefault(GROUP_FREE, {})["float"] = {**metric(float_path, ours=True), "bytes": float_path.stat().st_size}
     print(f"{name} float: {fmt(rows[GROUP_FREE]['float'])}", flush=True)
     save()
+    # the baselines first: ONNX Runtime's quantizers and the builder's models, then our rows
+    if not args.no_ort:
+        for key, label, path in ort_quantized(name, float_path, metric, settings, args.groups, out, rows):
+            rows.setdefault(key, {})[label] = {**metric(path, ours=False), "bytes": model_bytes(path)}
+            print(f"{name} {label} {key}: {fmt(rows[key][label])}", flush=True)
+            save()
+    if settings["kind"] == "decoder":
+        for folder in args.builder_folders:
+            model = folder / json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+            label = f"GenAI builder: {folder.name}"
+            rows[GROUP_FREE][label] = {**metric(model, ours=False), "bytes": model_bytes(model)}
+            print(f"{name} {label}: {fmt(rows[GROUP_FREE][label])}", flush=True)
+            save()
     for label in args.recipes:
         fields = dict(RECIPES[label])
         groups = fields.pop("groups", tuple(args.groups))
+        if "lm_head" in fields and settings["kind"] != "decoder":
+            continue   # no LM head: the row would repeat the one above
         for group in (groups or (None,)):
             if group is not None and group not in args.groups:
                 continue
@@ -157,18 +173,6 @@ def run_model(name: str, result: dict, args, out: Path, save) -> None:
             table[label] = {**metric(path, ours=True), "schemes": schemes, "quantize_seconds": round(seconds, 1),
                             "bytes": model_bytes(path)}
             print(f"{name} {label} {key}: {fmt(table[label])} ({seconds:.0f} s to quantize)", flush=True)
-            save()
-    if not args.no_ort:
-        for key, label, path in ort_quantized(name, float_path, metric, settings, args.groups, out, rows):
-            rows.setdefault(key, {})[label] = {**metric(path, ours=False), "bytes": model_bytes(path)}
-            print(f"{name} {label} {key}: {fmt(rows[key][label])}", flush=True)
-            save()
-    if settings["kind"] == "decoder":
-        for folder in args.builder_folders:
-            model = folder / json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"]
-            label = f"GenAI builder: {folder.name}"
-            rows[GROUP_FREE][label] = {**metric(model, ours=False), "bytes": model_bytes(model)}
-            print(f"{name} {label}: {fmt(rows[GROUP_FREE][label])}", flush=True)
             save()
 
 

@@ -56,11 +56,12 @@ def builder(hf: Path, out: Path, precision: str) -> Path:
     return out
 
 
-def ours(fp32: Path, out: Path, form: str, group: int, samples: int, recipe: str) -> Path:
+def ours(fp32: Path, out: Path, form: str, group: int, samples: int, recipe: str, level: int = 0) -> Path:
     if not (out / "genai_config.json").is_file():
         subprocess.run([sys.executable, "-m", "fptq_graph.cli", "quantize", str(fp32), "-o", str(out), "--calib",
                         str(CALIB), "--calib-samples", str(samples), "--seq-len", "256", "--format", form,
-                        "--group-size", str(group), "--recipe", recipe, "-q"], check=True)
+                        "--group-size", str(group), "--recipe", recipe, "-q"]
+                       + (["--ort-accuracy-level", str(level)] if level else []), check=True)
     return out
 
 
@@ -107,10 +108,11 @@ def main() -> int:
     hf = hf_folder(args.work)
     fp32 = builder(hf, args.work / "builder-fp32", "fp32")
     rows = {"builder fp32": fp32, "builder int4 (its default: block 32, acc 4)": builder(hf, args.work / "builder-int4", "int4")}
-    for form in ("ort", "w4a8"):
+    for form, level in (("ort", 0), ("ort", 4), ("w4a8", 0)):
         for group in args.groups:
-            rows[f"fptq {form}, group {group}"] = ours(fp32, args.work / f"fptq-{form}-g{group}", form, group,
-                                                      args.calib_samples, args.recipe)
+            name = f"fptq {form}{' acc 4' if level else ''}, group {group}"
+            rows[name] = ours(fp32, args.work / f"fptq-{form}{'-acc4' if level else ''}-g{group}", form, group,
+                              args.calib_samples, args.recipe, level)
     results = {}
     for name, folder in rows.items():
         results[name] = decode(folder, args.new_tokens, args.repeats)

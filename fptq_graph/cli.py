@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
                         "against diag(X^T X)-weighted error), gptq, gptq-clip (GPTQ on clipped scales); "
                         "default: the recipe's (--recipe list)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize rows by decreasing diag(X^T X)")
+    p.add_argument("--ort-accuracy-level", type=int, choices=(0, 4), default=defaults.ort_accuracy_level,
+                   help="--format ort: MatMulNBits accuracy_level; 0 computes what the graph says (default), "
+                        "4 lets ONNX Runtime's CPU kernel re-quantize each input per block and multiply in int8 "
+                        "(about 2x faster decode, within half an int8 step)")
     p.add_argument("--lm-head", choices=("float", "int8", "int4"), default=defaults.lm_head,
                    help="the LM head (the linear producing the model output 'logits'): float, int8 per output "
                         "channel (a tied embedding table is then stored once, quantized) or INT4 like the other "
@@ -193,7 +197,7 @@ def _cmd_quantize(args) -> int:
     config = Config(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
                     group_size=args.group_size, symmetric=not args.asymmetric, format=args.format,
                     compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
-                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, act_order=args.act_order, lm_head=args.lm_head, quantize_lm_head=args.quantize_lm_head, sqnr_samples=args.sqnr_samples,
+                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, act_order=args.act_order, ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head, quantize_lm_head=args.quantize_lm_head, sqnr_samples=args.sqnr_samples,
                     calib_batch_size=args.batch_size,
                     calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet)
     config.validate()   # every argument checked before any work

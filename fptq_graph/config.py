@@ -55,6 +55,11 @@ class Config:
                      integer kernels on CPU and CUDA; load it with fptq_graph.runtime.session); "ort" writes
                      ONNX Runtime's com.microsoft.MatMulNBits weights (stock ORT, CPU and CUDA), activations
                      as in qdq.
+    ort_accuracy_level: the ort form's MatMulNBits accuracy_level. 0 (default): ORT computes in float
+                     what the graph says, equal to the qdq form. 4: ORT's CPU kernel re-quantizes each
+                     linear's (already int8 QDQ) input per block of K and multiplies in int8, the
+                     incumbent's fast path (the GenAI builder's int4 default): within half an int8 step of
+                     the graph's activations, and about twice as fast in decode (docs/benchmarks.md).
     compensate_residual: a LayerNorm that feeds linears AND something else (a post-LN residual add)
                      can still take the LAE scale if the other consumers get a Mul by s that undoes
                      it; False makes such linears fall back to dynamic instead.
@@ -66,6 +71,7 @@ class Config:
     group_size: int = 128
     symmetric: bool = True
     format: str = "qdq"
+    ort_accuracy_level: int = 0      # the ort form's MatMulNBits accuracy_level: 0 (the graph's numerics) or 4 (ORT's int8 kernels)
     compensate_residual: bool = True
     smooth_alpha: float = 0.5
     gptq: bool = False
@@ -106,6 +112,10 @@ class Config:
         if self.lm_head_mode == "int4" and self.format == "ort" and hg not in ORT_BLOCK_SIZES:
             raise FptqError(f"format 'ort' (ONNX Runtime's MatMulNBits) takes group sizes "
                             f"{', '.join(map(str, ORT_BLOCK_SIZES))}, got {hg} for the LM head")
+        if self.ort_accuracy_level not in (0, 4):
+            raise FptqError(f"ort_accuracy_level must be 0 or 4, got {self.ort_accuracy_level}")
+        if self.ort_accuracy_level and self.format != "ort":
+            raise FptqError(f"ort_accuracy_level applies to format 'ort' (MatMulNBits), not {self.format!r}")
         if self.format == "w4a8" and not self.symmetric:
             raise FptqError("format 'w4a8' needs symmetric int4 weights (its kernels take no zero points)")
         if not 0 <= self.static_bound < self.dynamic_bound:

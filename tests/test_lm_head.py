@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 import bad_models
 from crafted import fake_quant_per_token, fake_quant_static, rel_err
 from fptq_graph import Config, FptqError, quantize
+from crafted import ort_requantize
 from fptq_graph.runtime import session
 
 FORMS = ("qdq", "w4a8", "ort")
@@ -29,18 +30,6 @@ def ref_int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale[scale == 0] = 1.0
     q = np.clip(np.round(w.astype(np.float64) / scale), -127, 127).astype(np.int8)
     return q, scale.astype(np.float32)
-
-
-def ort_requantize(xq: np.ndarray, block: int) -> np.ndarray:
-    """What MatMulNBits at accuracy_level 4 multiplies: each block of `block` values along K quantized again to
-    symmetric int8 as its kernel does in float32: q = round_half_even(x * (127 / max|x|)), scale max|x| / 127
-    (x * 127 / max|x|, or x / scale, flip a few .5 roundings: 7e-4 off instead of 2e-7)."""
-    x = np.asarray(xq, np.float32)
-    a = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
-    amax = np.abs(a).max(-1, keepdims=True)
-    safe = np.where(amax > 0, amax, np.float32(1))
-    q = np.rint(a * (np.float32(127) / safe))
-    return (q * (amax / np.float32(127))).reshape(x.shape).astype(np.float64)
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
