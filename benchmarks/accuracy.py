@@ -344,8 +344,10 @@ def print_table(name: str, result: dict, groups: list[int]) -> None:
     keys = [f"g{g}" for g in groups]
     print("| row | " + " | ".join(f"{c}, {k}" for k in keys for c in cols) + " | schemes | MiB, " + keys[0] + " |")
     print("|" + "---|" * (len(cols) * len(keys) + 3))
-    labels = list(rows[GROUP_FREE]) + [l for k in keys for l in rows.get(k, {}) if l not in rows[GROUP_FREE]]
-    for label in dict.fromkeys(labels):
+    held = set(rows[GROUP_FREE]).union(*(rows.get(k, {}) for k in keys))
+    # float, our rows in RECIPES' order, then ONNX Runtime's and the builder's
+    labels = ["float"] + [l for l in RECIPES if l in held] + sorted(held - set(RECIPES) - {"float"})
+    for label in labels:
         cells, first = [], None
         for key in keys:
             row = rows.get(key, {}).get(label) or (rows[GROUP_FREE].get(label) if key == keys[0] else None)
