@@ -118,8 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize rows by decreasing diag(X^T X)")
     p.add_argument("--ort-accuracy-level", type=int, choices=(0, 4), default=defaults.ort_accuracy_level,
                    help="--format ort: MatMulNBits accuracy_level; 0 computes what the graph says (default), "
-                        "4 lets ONNX Runtime's CPU kernel re-quantize each input per block and multiply in int8 "
-                        "(about 2x faster decode, within half an int8 step)")
+                        "4 lets ONNX Runtime's CPU kernel quantize each input to int8 per block of K itself "
+                        "(no activation QDQ in the graph; faster decode)")
     p.add_argument("--lm-head", choices=("float", "int8", "int4"), default=defaults.lm_head,
                    help="the LM head (the linear producing the model output 'logits'): float, int8 per output "
                         "channel (a tied embedding table is then stored once, quantized) or INT4 like the other "

@@ -56,10 +56,11 @@ class Config:
                      ONNX Runtime's com.microsoft.MatMulNBits weights (stock ORT, CPU and CUDA), activations
                      as in qdq.
     ort_accuracy_level: the ort form's MatMulNBits accuracy_level. 0 (default): ORT computes in float
-                     what the graph says, equal to the qdq form. 4: ORT's CPU kernel re-quantizes each
-                     linear's (already int8 QDQ) input per block of K and multiplies in int8, the
-                     incumbent's fast path (the GenAI builder's int4 default): within half an int8 step of
-                     the graph's activations, and about twice as fast in decode (docs/benchmarks.md).
+                     what the graph says, equal to the qdq form. 4: ORT's CPU kernel quantizes each
+                     linear's input to int8 per block of K and multiplies in int8, the incumbent's fast
+                     path (the GenAI builder's int4 default); the graph then writes no activation QDQ
+                     (the schemes still decide the LAE folds; weights-only layers get int8 activations
+                     too). About 1.5x the decode speed of 0 (docs/benchmarks.md).
     compensate_residual: a LayerNorm that feeds linears AND something else (a post-LN residual add)
                      can still take the LAE scale if the other consumers get a Mul by s that undoes
                      it; False makes such linears fall back to dynamic instead.

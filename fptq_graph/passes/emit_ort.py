@@ -7,8 +7,11 @@ B uint8 [N, ceil(K/g), g/2], codes along K two a byte, the first in the low nibb
 zero padded; scales [N * ceil(K/g)]; unsigned codes with zero point 8 (symmetric: the default, no
 input) or the asymmetric zero points, packed two a byte per output channel. accuracy_level is
 Config.ort_accuracy_level: 0 (default), and ONNX Runtime computes in float what the graph says; 4, and
-its CPU kernel re-quantizes the (already int8) input per block of K and multiplies in int8: within half
-an int8 step of the graph, at the speed of the incumbent's int4 models.
+its CPU kernel quantizes each linear's input to int8 per block of K itself and multiplies in int8, the
+incumbent's fast path. At 4 the graph writes no activation QDQ: the kernel would quantize the QDQ's
+output again (a static scale has no use there), and the QDQ nodes cost a tenth of SmolLM2's decode
+speed (docs/benchmarks.md). The activations are then ORT's per-block int8, finer than a per-tensor
+scale; the schemes still decide the LAE folds.
 
 An int8 LM head (Config.lm_head) is MatMulNBits with bits=8 and its tied embedding lookups
 GatherBlockQuantized over the same codes (passes/plan_lm_head.py, which says why its accuracy_level is 4).
@@ -48,6 +51,9 @@ class EmitORT(EmitQDQ):
     def run(self, state) -> str:
         self.accuracy_level = state.config.ort_accuracy_level
         return super().run(state) + f"; MatMulNBits accuracy_level {self.accuracy_level}"
+
+    def quantizes_input(self, linear: Linear) -> bool:
+        return self.accuracy_level == 0   # at 4 MatMulNBits quantizes its input itself
 
     def emit_weight(self, graph: gs.Graph, linear: Linear) -> int:
         # Config.validate has refused int8 weights (but an int8 LM head's) and groups MatMulNBits cannot take.

@@ -34,9 +34,10 @@ class EmitQDQ:
         tied = tied_gathers(graph, head) if head is not None else []
         for linear in state.linears.values():
             if linear.scheme != "float":
+                linear.act_scale = activation_scale(linear)
+            if linear.scheme != "float" and self.quantizes_input(linear):
                 # Siblings read the same tensor with the same scheme (and, under LAE, the same s): one QDQ.
                 key = (linear.activation.name, linear.scheme)
-                linear.act_scale = activation_scale(linear)
                 if key not in shared:
                     shared[key] = (self._per_token(graph, linear) if linear.scheme == "dynamic"
                                    else self._per_tensor(graph, linear, linear.act_scale))
@@ -48,6 +49,10 @@ class EmitQDQ:
         kind = "int8" if state.config.weight_bits == 8 else "INT4"
         tied_note = f"; {len(tied)} embedding lookup(s) read the int8 LM head's table" if tied else ""
         return f"{len(state.linears)} linears emitted; {kind} weights {weight_bytes / 2**20:.2f} MiB packed{tied_note}"
+
+    def quantizes_input(self, linear: Linear) -> bool:
+        """Whether the graph quantizes this linear's input itself (int8 QDQ by its scheme): always, here."""
+        return True
 
     @staticmethod
     def tie_embeddings(graph: gs.Graph, head: Linear, gathers: list[gs.Node]) -> None:
