@@ -41,15 +41,25 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+# Set when a run's outputs are committed: from then on the run is complete, and a SIGTERM/SIGHUP that
+# arrives while it prints its summary must not report it stopped ("no output written") over complete
+# outputs. Committing is the last thing a command does, so the rest of the run is a few prints.
+_COMMITTED = {"done": False}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
 def signals() -> Iterator[None]:
     """Turns SIGTERM and SIGHUP into Terminated for the duration (what `timeout`, CI cancellation and
-    container stops send); the previous handlers come back afterwards."""
+    container stops send), until a RunOutputs commits (see _COMMITTED); the previous handlers come
+    back afterwards."""
     def raise_terminated(signum, _frame):
-        raise Terminated(signum)
+        if not _COMMITTED["done"]:
+            raise Terminated(signum)
 
+    _COMMITTED["done"] = False
     previous = {}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in STOP_SIGNALS:
         try:
             previous[signum] = signal.signal(signum, raise_terminated)
         except ValueError:   # not the main thread: leave the process's handlers alone
@@ -59,6 +69,22 @@ def signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _COMMITTED["done"] = False
+
+
+@contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """SIGTERM/SIGHUP held back (blocked, left pending) for the duration: a signal between two renames
+    of a commit would leave some outputs in place and others not."""
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    except (AttributeError, ValueError, OSError):   # no pthread_sigmask here: nothing to hold
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass
@@ -144,12 +170,14 @@ class RunOutputs:
             for target in out.targets():
                 self._check_not_input(out.label, target)
         written = []
-        for out in self.outputs:
-            for target in reversed(out.targets()):   # the main file last: what it names is in place first
-                staged = out.staged.with_name(target.name)
-                if staged.exists():
-                    _replace(staged, target)
-                    written.append(target)
+        with _stop_signals_held():   # all renamed or none; a signal held here finds the run complete
+            for out in self.outputs:
+                for target in reversed(out.targets()):   # the main file last: what it names is in place first
+                    staged = out.staged.with_name(target.name)
+                    if staged.exists():
+                        _replace(staged, target)
+                        written.append(target)
+            _COMMITTED["done"] = True
         self.discard()
         return written
 

@@ -341,3 +341,34 @@ def test_failed_export_leaves_no_tokenizer_folder(tmp_path, capsys, monkeypatch)
     assert code == 2
     assert_one_line_error(err, "could not export")
     assert listing(tmp_path) == {}
+
+
+def test_signal_before_commit_stops_and_after_commit_does_not(tmp_path):
+    """In-process, no timing: a SIGTERM before the commit raises Terminated and leaves nothing; one held
+    during the commit's renames, or arriving after it, finds the outputs complete and stops nothing (the
+    CLI would otherwise print "no output written" over files it had just put in place)."""
+    from fptq_graph.run_outputs import RunOutputs, Terminated, signals
+
+    def run(kill_at: str) -> None:
+        outputs = RunOutputs(inputs=[])
+        first, second = outputs.add(str(tmp_path / "a.txt"), "-o"), outputs.add(str(tmp_path / "b.txt"), "--report")
+        with outputs:
+            first.staged.write_text("a")
+            second.staged.write_text("b")
+            if kill_at == "before":
+                os.kill(os.getpid(), signal.SIGTERM)
+        if kill_at == "after":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Terminated), signals():
+        run("before")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with signals():
+        run("after")
+    assert (tmp_path / "a.txt").read_text() == "a" and (tmp_path / "b.txt").read_text() == "b"
+    # and the handlers are back: outside signals() the default SIGTERM action would apply, so only check
+    # that a fresh signals() stops again before a commit
+    for p in tmp_path.iterdir():
+        p.unlink()
+    with pytest.raises(Terminated), signals():
+        run("before")
