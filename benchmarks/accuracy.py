@@ -227,16 +227,15 @@ class Metric:
         return {k: round(v, 4) for k, v in score.items()} | {"eval_seconds": round(time.perf_counter() - start, 1)}
 
 
-def our_linears(float_path: Path, lm_head: str) -> list[str]:
-    """The linears our pipeline quantizes (the LM head among them unless lm_head is "float")."""
+def our_linears(model, lm_head: str) -> list[str]:
+    """The linears our pipeline quantizes in `model` (the LM head among them unless lm_head is "float")."""
     import onnx_graphsurgeon as gs
 
     from fptq_graph import Config
-    from fptq_graph.model_io import load_model
     from fptq_graph.passes import FindQuantizableLinears
     from fptq_graph.state import State
 
-    state = State(graph=gs.import_onnx(load_model(float_path)), config=Config(lm_head=lm_head))
+    state = State(graph=gs.import_onnx(model), config=Config(lm_head=lm_head))
     FindQuantizableLinears().run(state)
     return list(state.linears)
 
@@ -252,9 +251,9 @@ def ort_quantized(name: str, float_path: Path, metric: Metric, settings: dict, g
     from fptq_graph.calibration import read_token_ids, windows_of
     from fptq_graph.model_io import load_model
 
-    linears = our_linears(float_path, "float")
-    with_head = our_linears(float_path, "int4")
     model = load_model(float_path)
+    linears = our_linears(model, "float")
+    with_head = our_linears(model, "int4")
     if STATIC not in rows.get(GROUP_FREE, {}):
         calib = windows_of(read_token_ids(CALIB, lambda: metric.tokenizer), settings["seq_len"],
                            settings["calib_samples"], 1, str(CALIB), bos=metric.bos)

@@ -9,8 +9,8 @@ input) or the asymmetric zero points, packed two a byte per output channel. accu
 Config.ort_accuracy_level: 0 (default), and ONNX Runtime computes in float what the graph says; 4, and
 its CPU kernel quantizes each linear's input to int8 per block of K itself and multiplies in int8, the
 incumbent's fast path. At 4 the graph writes no activation QDQ: the kernel would quantize the QDQ's
-output again (a static scale has no use there), and the QDQ nodes cost a tenth of SmolLM2's decode
-speed (docs/benchmarks.md). The activations are then ORT's per-block int8, finer than a per-tensor
+output again (a static scale has no use there), and the QDQ nodes cost decode speed (SmolLM2 in
+onnxruntime-genai: 0.78-0.80x the builder's int4 model with them, 0.81-0.92x without; docs/benchmarks.md). The activations are then ORT's per-block int8, finer than a per-tensor
 scale; the schemes still decide the LAE folds.
 
 An int8 LM head (Config.lm_head) is MatMulNBits with bits=8 and its tied embedding lookups

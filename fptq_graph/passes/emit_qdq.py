@@ -35,13 +35,13 @@ class EmitQDQ:
         for linear in state.linears.values():
             if linear.scheme != "float":
                 linear.act_scale = activation_scale(linear)
-            if linear.scheme != "float" and self.quantizes_input(linear):
                 # Siblings read the same tensor with the same scheme (and, under LAE, the same s): one QDQ.
                 key = (linear.activation.name, linear.scheme)
-                if key not in shared:
-                    shared[key] = (self._per_token(graph, linear) if linear.scheme == "dynamic"
-                                   else self._per_tensor(graph, linear, linear.act_scale))
-                linear.node.inputs[0] = shared[key]
+                if self.quantizes_input(linear):
+                    if key not in shared:
+                        shared[key] = (self._per_token(graph, linear) if linear.scheme == "dynamic"
+                                       else self._per_tensor(graph, linear, linear.act_scale))
+                    linear.node.inputs[0] = shared[key]
             weight_bytes += self.emit_weight(graph, linear)
         if tied:
             self.tie_embeddings(graph, head, tied)

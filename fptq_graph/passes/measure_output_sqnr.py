@@ -19,7 +19,7 @@ from ..model_io import finish_split
 from ..runtime import session
 from ..split_model import SplitModel, body_reads
 from ..state import State
-from .quantize_weights import sqnr_db
+from .quantize_weights import signal_and_noise, sqnr_db
 
 MIN_CHUNK, MAX_CHUNK = 32 * 2**20, 256 * 2**20   # bytes of outputs fetched per run
 
@@ -49,7 +49,7 @@ class MeasureOutputSQNR:
                 reference, candidate = (ort_errors.run(sess, chunk, feeds, f"the {kind} model for output SQNR")
                                         for sess, kind in zip(runs, ("float", "quantized")))
                 for name, ref, out in zip(chunk, reference, candidate):
-                    power, error = _signal_and_noise(ref, out)
+                    power, error = signal_and_noise(ref, out)
                     signal[name] += power
                     noise[name] += error
             samples += 1
@@ -59,20 +59,6 @@ class MeasureOutputSQNR:
             if linear.output_sqnr_db < worst[1]:
                 worst = (linear.name, linear.output_sqnr_db)
         return f"output SQNR of {len(linears)} linears on {samples} samples; lowest {worst[1]:.1f} dB ({worst[0]})"
-
-
-def _signal_and_noise(ref: np.ndarray, out: np.ndarray, block: int = 1 << 22) -> tuple[float, float]:
-    """sum(ref^2) and sum((ref - out)^2) in float64, `block` elements at a time: an LM head's output
-    ([tokens, 262144] for a Gemma-3-sized vocabulary, 268 MB a sample) made four float64 temporaries
-    of twice its size at once when converted whole, more memory than the model's weights."""
-    ref, out = ref.reshape(-1), out.reshape(-1)
-    power = error = 0.0
-    for start in range(0, ref.size, block):
-        r = ref[start:start + block].astype(np.float64)
-        d = r - out[start:start + block]
-        power += float(r @ r)
-        error += float(d @ d)
-    return power, error
 
 
 def _chunks(linears: list, bytes_per_channel: int, budget: int) -> list[list[str]]:

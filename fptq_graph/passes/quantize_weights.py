@@ -86,14 +86,31 @@ def weight_sqnr(reference: np.ndarray, approx: np.ndarray | QuantizedWeight) -> 
     if isinstance(approx, QuantizedWeight) and approx.bits != 8:
         approx = approx.dequantize()   # 4-bit codes unpack whole; such weights are no wider than the layers
     signal = noise = 0.0
-    step = max(1, (1 << 22) // max(1, reference.shape[0]))
+    step = max(1, BLOCK_ELEMENTS // max(1, reference.shape[0]))
     for start in range(0, reference.shape[-1], step):
         cols = slice(start, start + step)
-        ref = reference[..., cols].astype(np.float64)
-        err = ref - (approx.dequantize(cols) if isinstance(approx, QuantizedWeight) else approx[..., cols])
-        signal += float(np.sum(ref * ref))
-        noise += float(np.sum(err * err))
+        power, error = signal_and_noise(
+            reference[..., cols], approx.dequantize(cols) if isinstance(approx, QuantizedWeight) else approx[..., cols])
+        signal += power
+        noise += error
     return sqnr_db(signal, noise)
+
+
+BLOCK_ELEMENTS = 1 << 22   # float64 temporaries of at most 32 MiB
+
+
+def signal_and_noise(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    """sum(ref^2) and sum((ref - out)^2) in float64, BLOCK_ELEMENTS at a time: an LM head's output
+    ([tokens, 262144] for a Gemma-3-sized vocabulary, 268 MB a sample) made four float64 temporaries
+    of twice its size at once when converted whole, more memory than the model's weights."""
+    ref, out = ref.reshape(-1), out.reshape(-1)
+    power = error = 0.0
+    for start in range(0, ref.size, BLOCK_ELEMENTS):
+        r = ref[start:start + BLOCK_ELEMENTS].astype(np.float64)
+        d = r - out[start:start + BLOCK_ELEMENTS]
+        power += float(r @ r)
+        error += float(d @ d)
+    return power, error
 
 
 def sqnr_db(signal: float, noise: float) -> float:
