@@ -178,7 +178,7 @@ def run_model(name: str, result: dict, args, out: Path, save) -> None:
 
 def model_bytes(path: Path) -> int:
     """The model file and its external data."""
-    from fptq_graph.run_outputs import model_files
+    from fptq_graph.ir.run_outputs import model_files
 
     return sum(Path(p).stat().st_size for p in model_files(path))
 
@@ -208,7 +208,7 @@ class Metric:
         import onnxruntime as ort
 
         from fptq_graph.evaluate import embedding_agreement, perplexity, sentence_embeddings
-        from fptq_graph.model_io import load_split
+        from fptq_graph.ir.load import load_split
         from fptq_graph.runtime import session
 
         # Ours through our session (reference numerics, op library); ORT's models as ORT runs them.
@@ -233,7 +233,7 @@ def our_linears(model, lm_head: str) -> list[str]:
 
     from fptq_graph import Config
     from fptq_graph.passes import FindQuantizableLinears
-    from fptq_graph.state import State
+    from fptq_graph.passes.state import State
 
     state = State(graph=gs.import_onnx(model), config=Config(lm_head=lm_head))
     FindQuantizableLinears().run(state)
@@ -249,8 +249,7 @@ def ort_quantized(name: str, float_path: Path, metric: Metric, settings: dict, g
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from fptq_graph.calibration import read_token_ids, windows_of
-    from fptq_graph.model_io import load_model
-
+    from fptq_graph.ir.load import load_model
     model = load_model(float_path)
     linears = our_linears(model, "float")
     with_head = our_linears(model, "int4")

@@ -64,8 +64,7 @@ def measure_decoder(path: str, threads: int, heldout: str) -> dict:
     """Runs in a child process: prefill latency, decode speed, peak RSS."""
     from fptq_graph.calibration import feeds_for, load_tokenizer, read_token_ids
     from fptq_graph.generate import greedy_generate
-    from fptq_graph.model_io import load_split
-
+    from fptq_graph.ir.load import load_split
     header = load_split(path).proto   # the structure (weights mapped, not read): KV sizes, tokenizer link
     inputs = list(header.graph.input)
     tokenizer = load_tokenizer(None, header, path)

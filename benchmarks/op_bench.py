@@ -36,8 +36,8 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from fptq_graph import runtime  # noqa: E402
-from fptq_graph.int4 import pack_int4, quantize_groupwise  # noqa: E402
-from fptq_graph.w4a8_op import DOMAIN, OP_TYPE, pack_weight  # noqa: E402
+from fptq_graph.quant.int4 import pack_int4, quantize_groupwise  # noqa: E402
+from fptq_graph.runtime.w4a8_op import DOMAIN, OP_TYPE, pack_weight  # noqa: E402
 
 GROUP = 128
 

@@ -188,8 +188,7 @@ def run_step(size: str, step: str, work: Path) -> None:
 
 def calibration_batches(model_path: Path, size: str):
     from fptq_graph.calibration import from_random
-    from fptq_graph.model_io import load_split
-
+    from fptq_graph.ir.load import load_split
     inputs = load_split(model_path).proto.graph.input   # the weights stay in the file: no RSS for them
     return from_random(CALIB_SAMPLES, vocab(size), CALIB_TOKENS, CALIB_BATCH).feed_batches(inputs)
 

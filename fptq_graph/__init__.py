@@ -1,10 +1,36 @@
-"""fptq-graph: FPTQ W4A8 post-training quantization for ONNX graphs."""
+"""fptq-graph: FPTQ W4A8 post-training quantization for ONNX graphs.
+
+The public names load on first use (PEP 562), so `import fptq_graph` (and the command's first line,
+which installs its signal handlers) does not wait for torch, onnx and ONNX Runtime.
+"""
+import importlib
+
+from fptq_graph import compat
+
 __version__ = "0.1.0"
 
-from .config import Config  # noqa: E402
-from .errors import CalibrationError, ExportError, FptqError, ModelLoadError, NoQuantizableLinearError  # noqa: E402
-from .api import QuantizeResult, calibrate, quantize  # noqa: E402
-from . import runtime  # noqa: E402
+_EXPORTS = {"Config": "fptq_graph.config", "quantize": "fptq_graph.api", "calibrate": "fptq_graph.api",
+            "QuantizeResult": "fptq_graph.api", "FptqError": "fptq_graph.errors", "ModelLoadError": "fptq_graph.errors",
+            "NoQuantizableLinearError": "fptq_graph.errors", "CalibrationError": "fptq_graph.errors",
+            "ExportError": "fptq_graph.errors"}
+_SUBPACKAGES = ("runtime", "ir", "passes", "plan", "quant", "patterns", "report", "exporters", "cli")
 
-__all__ = ["Config", "quantize", "calibrate", "runtime", "QuantizeResult", "FptqError", "ModelLoadError", "NoQuantizableLinearError",
-           "CalibrationError", "ExportError", "__version__"]
+compat.install()   # the old module names (fptq_graph.w4a8_op, fptq_graph.model_io, ...) as aliases
+
+__all__ = ["Config", "quantize", "calibrate", "runtime", "QuantizeResult", "FptqError", "ModelLoadError",
+           "NoQuantizableLinearError", "CalibrationError", "ExportError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"fptq_graph.{name}")
+    else:
+        raise AttributeError(f"module 'fptq_graph' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))

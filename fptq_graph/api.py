@@ -12,19 +12,22 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import __version__
-from .calibration import (CalibrationSet, CalibrationWarning, FeedsCalibration, check_token_ids, feeds_from_npz,
+from fptq_graph import __version__
+from fptq_graph.calibration import (CalibrationSet, CalibrationWarning, FeedsCalibration, check_token_ids, feeds_from_npz,
                           from_random, leading_bos, load_tokenizer, random_feeds, read_token_ids, takes_tokens, vocab_size_of,
                           windows_of)
-from .config import Config
-from .errors import CalibrationError, ModelLoadError
-from .model_io import (MIN_OPSET, TOKENIZER_KEY, finish_model, finish_split, get_metadata, load_split, save_model,
-                       set_metadata, upgrade_opset, validate_model, write_atomic)
-from .split_model import SplitModel, bind_arrays, split_proto
-from .run_outputs import Output, RunOutputs, model_files
-from .pipeline import PassRecord, default_passes, run_passes
-from .report import REPORT_KEY, format_table, layer_rows, to_json
-from .state import State
+from fptq_graph.config import Config
+from fptq_graph.errors import CalibrationError, ModelLoadError
+from fptq_graph.ir.load import load_split, validate_model
+from fptq_graph.ir.metadata import TOKENIZER_KEY, get_metadata, set_metadata
+from fptq_graph.ir.opset import MIN_OPSET, upgrade_opset
+from fptq_graph.ir.save import finish_model, finish_split, save_model, write_atomic
+from fptq_graph.ir.split_model import SplitModel, bind_arrays, split_proto
+from fptq_graph.ir.run_outputs import Output, RunOutputs, model_files
+from fptq_graph.passes.base import PassRecord
+from fptq_graph.passes.pipeline import calibration_pipeline, default_pipeline
+from fptq_graph.report.layers import REPORT_KEY, format_table, json_numbers, layer_rows, to_json
+from fptq_graph.passes.state import State
 
 
 @dataclass
@@ -36,6 +39,11 @@ class QuantizeResult:
     source: str = ""
     calibration: str = ""
     kept_float: list[dict] = field(default_factory=list)   # linears left float on purpose (lm_head), with why
+    plan: Any = None             # the frozen plan (plan/plan.py): every linear's decisions, the LM head's
+
+    def stats(self, pass_name: str) -> dict:
+        """The numbers a pass reported (its PassResult.stats)."""
+        return dict(next(p.stats for p in self.passes if p.name == pass_name))
 
     @functools.cached_property
     def model(self) -> onnx.ModelProto:
@@ -48,7 +56,8 @@ class QuantizeResult:
             "source": self.source,
             "calibration": self.calibration,
             "config": self.config.to_dict(),
-            "passes": [{"name": p.name, "summary": p.summary, "seconds": round(p.seconds, 3)} for p in self.passes],
+            "passes": [{"name": p.name, "kind": p.kind, "summary": p.summary, "stats": json_numbers(p.stats),
+                        "seconds": round(p.seconds, 3)} for p in self.passes],
             "layers": self.layers,
             "kept_float": self.kept_float,
         }
@@ -98,28 +107,29 @@ def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: An
     copied). One float copy of the weights lives through the run (see split_model).
     """
     state, source = _prepare(model_or_path, calibration, config, tokenizer)
-    records = run_passes(state, default_passes(state.config.format), log=log)
+    records = default_pipeline(state.config.format).run(state, log=log)
     out = finish_split(state.graph, state.source_model.proto)
     result = QuantizeResult(split=out, layers=layer_rows(state), passes=records, config=state.config, source=source,
-                            calibration=state.calibration.source, kept_float=list(state.kept_float.values()))
+                            calibration=state.calibration.source, kept_float=list(state.kept_float.values()),
+                            plan=state.plan)
     set_metadata(out.proto, REPORT_KEY, json.dumps(result.report(), allow_nan=False, default=str))
     return result
 
 
 def calibrate(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: Any, config: Config | None = None,
               *, tokenizer: Any = None, log=None) -> dict[str, Any]:
-    """Only the calibration `quantize` starts with: {activation name: per-channel max|X| [K]} for the
-    input of every quantizable linear (what ClassifyActivations and LAE will see)."""
+    """Only the calibration `quantize` starts with (calibration_pipeline, a prefix of the default):
+    {activation name: per-channel max|X| [K]} for the input of every quantizable linear (what
+    ClassifyActivations and LAE will see)."""
     state, _ = _prepare(model_or_path, calibration, config, tokenizer)
-    passes = default_passes(state.config.format)
-    last = next(i for i, p in enumerate(passes) if p.name == "calibrate")
-    run_passes(state, passes[: last + 1], log=log)
-    return dict(state.act_max)
+    calibration_pipeline().run(state, log=log)
+    return {activation: stats.max for activation, stats in state.stats.items()}
 
 
 def _prepare(model_or_path, calibration, config: Config | None, tokenizer) -> tuple[State, str]:
     config = config or Config()
     config.validate()
+    config = config.with_recipe_options()
     split, source = _load(model_or_path)
     calib = _calibration_set(calibration, split.proto, config, tokenizer, source)
     graph = bind_arrays(gs.import_onnx(split.proto), split.arrays)

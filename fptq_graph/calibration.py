@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from .errors import CalibrationError
+from fptq_graph.errors import CalibrationError
 
 INT_TYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
@@ -292,7 +292,7 @@ def feeds_from_npz(path: str | os.PathLike, model_inputs: Sequence[onnx.ValueInf
 
 def empty_past(value: onnx.ValueInfoProto, batch: int) -> np.ndarray:
     """A zero-length past for a KV cache input [batch, kv_heads, past_sequence, head_dim]."""
-    from .exporters.kv_layout import past_problem
+    from fptq_graph.exporters.kv_layout import past_problem
 
     problem = past_problem(value)
     if problem:
@@ -324,8 +324,7 @@ def vocab_size_of(model: onnx.ModelProto) -> int | None:
 def load_tokenizer(override, model: onnx.ModelProto, source: str):
     """A tokenizer object as given, or loaded from `override` (a directory), or from the directory our
     exporter recorded in the model (relative to the model file `source`)."""
-    from .model_io import TOKENIZER_KEY, get_metadata
-
+    from fptq_graph.ir.metadata import TOKENIZER_KEY, get_metadata
     if override is not None and not isinstance(override, (str, os.PathLike)):
         return override
     location = override or get_metadata(model, TOKENIZER_KEY)

@@ -1,14 +1,10 @@
 """User-facing configuration of one quantization run."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
-from .recipes import RECIPE_TABLE, WEIGHT_QUANTIZERS
+from fptq_graph.recipes import RECIPES, WEIGHT_QUANTIZERS, RecipeError, recipe_row  # noqa: F401  (RECIPES: the built-in names)
 
-# The recipes are rows of one table (recipes.py): classifier x equalizer x weight quantizer.
-RECIPES = tuple(RECIPE_TABLE)
-# Recipes whose weights are int8 per output channel instead of INT4 group-wise.
-INT8_WEIGHT_RECIPES = tuple(name for name, row in RECIPE_TABLE.items() if row.weight_bits == 8)
 FORMATS = ("qdq", "w4a8", "ort")
 # The block sizes ONNX Runtime's MatMulNBits kernels accept (onnxruntime 1.31, CPU and CUDA).
 ORT_BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -20,7 +16,8 @@ LM_HEAD_MODES = ("float", "int8", "int4")
 class Config:
     """What `quantize` does. Defaults follow FPTQ (arXiv 2308.15987) as described in docs/FPTQ.md.
 
-    recipe:          "fptq" classifies each linear by its activation max; "naive-w4a8" makes every
+    recipe:          a built-in recipe's name (recipes.RECIPES), the path of a TOML recipe, or a recipes.Recipe;
+                     "fptq" classifies each linear by its activation max; "naive-w4a8" makes every
                      linear per-tensor static with no equalization (the baseline FPTQ improves on);
                      "dynamic-w4a8" makes every linear per-token dynamic; "smoothquant-w4a8" folds
                      SmoothQuant scales (smooth_alpha) wherever a producer can take them, then static;
@@ -39,7 +36,7 @@ class Config:
                      GPTQ, AWQ and SmoothQuant do); "int4" quantizes it like every other linear (INT4, group
                      lm_head_group_size or group_size; SmolLM2: +93% at group 128, +20% at 32). When its
                      weight is also an embedding Gather's table (tied embeddings), the int8 head and the
-                     lookup read one quantized table (passes/plan_lm_head.py).
+                     lookup read one quantized table (passes/analysis/plan_lm_head.py; each emitter in passes/lower/ writes it).
     lm_head_group_size: the INT4 group of an int4 head (None: group_size).
     quantize_lm_head: the older switch, an alias of lm_head="int4" (it wins over lm_head).
     gptq:            quantize weights with GPTQ (error feedback through the calibration Hessian X^T X,
@@ -52,7 +49,7 @@ class Config:
                      when its estimated output SQNR is within this of the best scheme's.
     format:          "qdq" writes standard QuantizeLinear/DequantizeLinear (runs on any ONNX Runtime, the
                      reference numerics); "w4a8" writes the bundled fptq::W4A8MatMul op (same numerics,
-                     integer kernels on CPU and CUDA; load it with fptq_graph.runtime.session); "ort" writes
+                     integer kernels on CPU and CUDA; load it with fptq_graph.runtime.sessions); "ort" writes
                      ONNX Runtime's com.microsoft.MatMulNBits weights (stock ORT, CPU and CUDA), activations
                      as in qdq.
     ort_accuracy_level: the ort form's MatMulNBits accuracy_level. 0 (default): ORT computes in float
@@ -93,14 +90,16 @@ class Config:
     progress: bool = True
 
     def validate(self) -> None:
-        from .errors import FptqError
+        from fptq_graph.errors import FptqError
 
-        if self.recipe not in RECIPES:
-            raise FptqError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        try:
+            row = recipe_row(self.recipe)
+        except RecipeError as exc:
+            raise FptqError(str(exc)) from None
         if self.format not in FORMATS:
             raise FptqError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
-        if self.format in ("w4a8", "ort") and self.recipe in INT8_WEIGHT_RECIPES:
-            raise FptqError(f"format {self.format!r} takes INT4 weights; recipe {self.recipe!r} has int8 weights: use --format qdq")
+        if self.format in ("w4a8", "ort") and row.weight_bits == 8:
+            raise FptqError(f"format {self.format!r} takes INT4 weights; recipe {row.name!r} has int8 weights: use --format qdq")
         g = self.group_size
         if self.format == "ort" and g not in ORT_BLOCK_SIZES:
             raise FptqError(f"format 'ort' (ONNX Runtime's MatMulNBits) takes group sizes "
@@ -152,7 +151,15 @@ class Config:
 
     @property
     def weight_bits(self) -> int:
-        return 8 if self.recipe in INT8_WEIGHT_RECIPES else 4
+        return recipe_row(self.recipe).weight_bits
+
+    def with_recipe_options(self) -> "Config":
+        """This config with the recipe's [options] put in where a field still holds its default (a value
+        the user set wins over the recipe's); built-in recipes have none."""
+        defaults = {f.name: f.default for f in fields(Config)}
+        row = recipe_row(self.recipe)
+        changes = {k: v for k, v in row.options if getattr(self, k) == defaults[k]}
+        return replace(self, **changes) if changes else self
 
     def to_dict(self) -> dict:
         return asdict(self)

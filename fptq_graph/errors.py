@@ -19,3 +19,9 @@ class CalibrationError(FptqError):
 
 class ExportError(FptqError):
     """A model could not be exported to ONNX."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (a library's multi-line error in our one-line form)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import ort_errors
-from .calibration import feeds_for, session_inputs
-from .errors import FptqError
+from fptq_graph.runtime import ort_errors
+from fptq_graph.calibration import feeds_for, session_inputs
+from fptq_graph.errors import FptqError
 
 
 def heldout_passages(path: str | Path, limit: int | None = None, min_chars: int = 40) -> list[str]:

@@ -12,9 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import ort_errors
-from .calibration import feeds_for, session_inputs
-from .errors import FptqError
+from fptq_graph.runtime import ort_errors
+from fptq_graph.calibration import feeds_for, session_inputs
+from fptq_graph.errors import FptqError
 
 PAST = "past_key_values."
 

@@ -1,18 +1,20 @@
-"""Recipes as data: one row per `--recipe` name. The passes read the row, never the name.
+"""Recipes as data: one row per `--recipe` name, or a user's row from a TOML file. The passes read the
+row, never the name; `recipe_row` is the one lookup, `run_row` the row with the user's weight
+quantizer put in (what plan_statistics starts from).
 
 A recipe is an activation classifier x an equalizer x a weight quantizer:
 
-classifier  which activation scheme each linear gets (passes/classify.py)
+classifier  which activation scheme each linear gets (passes/analysis/classify.py)
   bands       FPTQ's layer-wise bands on the calibrated max v: v <= static_bound static, LAE band
               equalized then static, v > dynamic_bound per-token dynamic (docs/FPTQ.md section 2)
   measured    each layer's scheme from its estimated output SQNR on the calibration data: per-tensor
               static where it is within Config.measured_tolerance_db of the best scheme's, else LAE where
-              a producer takes it and it is within the tolerance, else per-token (passes/classify.py)
+              a producer takes it and it is within the tolerance, else per-token (passes/analysis/classify.py)
   static      every linear per-tensor static (naive W4A8)
   smooth      every linear whose producer can take a scale equalized, the others static (SmoothQuant)
   dynamic     every linear per-token dynamic
   float       activations stay float (weights only)
-equalizer   the activation-side scale the equalized linears get (passes/fold_equalization.py)
+equalizer   the activation-side scale the equalized linears get (passes/analysis/plan_equalization.py)
   lae         FPTQ's s_j = m_j / log2(2 + m_j)
   smoothquant s_j = m_j^a / max|W_j|^(1-a), a = Config.smooth_alpha
   none        nothing to equalize
@@ -24,15 +26,37 @@ weights     the weight quantizer: rtn (round to nearest, max-abs scales), clip (
             gptq-clip (GPTQ whose group scales come from the clipping search);
             Config.weight_quantizer (--weight-quantizer) overrides it, Config.gptq means "gptq"
 weight_bits 4 (INT4 group-wise) or 8 (int8 per output channel)
+options     Config defaults the recipe changes (RECIPE_OPTIONS: bounds, alphas, damping): applied where the
+            user's Config still holds the default (Config.with_recipe_options)
+
+A TOML recipe (`--recipe my.toml`; `fptq-graph quantize --recipe show fptq` prints one to start from):
+    name = "my-recipe"
+    classifier = "bands"        # CLASSIFIERS
+    equalizer = "lae"           # EQUALIZERS
+    awq = true
+    weights = "gptq-clip"       # WEIGHT_QUANTIZERS
+    weight_bits = 4
+    summary = "..."
+    [options]
+    static_bound = 10.0
+Unknown keys, types and values are refused with one line naming the key and the file.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+import functools
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
 
 CLASSIFIERS = ("bands", "measured", "static", "smooth", "dynamic", "float")
 EQUALIZERS = ("lae", "smoothquant", "none")
 WEIGHT_QUANTIZERS = ("rtn", "clip", "gptq", "gptq-clip")
+# Config fields a recipe's [options] may set, with their types.
+RECIPE_OPTIONS = {"static_bound": float, "dynamic_bound": float, "smooth_alpha": float, "measured_tolerance_db": float,
+                  "gptq_damp": float, "act_order": bool, "compensate_residual": bool}
 
 
 @dataclass(frozen=True)
@@ -44,6 +68,7 @@ class Recipe:
     weights: str
     weight_bits: int
     summary: str
+    options: tuple[tuple[str, Any], ...] = ()   # (Config field, value) pairs, RECIPE_OPTIONS
 
 
 _ROWS = [
@@ -60,37 +85,41 @@ _ROWS = [
     Recipe("awq-w4a16",        "float",    "none",        True,  "clip", 4, "weights only with AWQ scales and clipped INT4 scales"),
 ]
 RECIPE_TABLE: dict[str, Recipe] = {r.name: r for r in _ROWS}
+RECIPES = tuple(RECIPE_TABLE)
 
 
-def recipe_of(config) -> Recipe:
-    return RECIPE_TABLE[config.recipe]
+class RecipeError(ValueError):
+    """A recipe that is not a known name or a valid TOML row (cli and Config turn it into FptqError)."""
 
 
-def resolved(config) -> Recipe:
-    """The recipe's row with the user's weight quantizer (--weight-quantizer, --gptq) put in."""
-    return replace(recipe_of(config), weights=weight_quantizer(config))
+def recipe_row(spec: "str | os.PathLike | Recipe") -> Recipe:
+    """The one lookup: a built-in name, the path of a TOML recipe, or a Recipe itself."""
+    if isinstance(spec, Recipe):
+        return check_row(spec, "<Recipe>")
+    if str(spec).endswith(".toml"):
+        path = Path(spec)
+        if not path.is_file():
+            raise RecipeError(f"{path}: no such recipe file")
+        return _load_toml(str(path.resolve()), path.stat().st_mtime_ns)
+    if spec in RECIPE_TABLE:
+        return RECIPE_TABLE[spec]
+    raise RecipeError(f"unknown recipe {spec!r}; choose one of {', '.join(RECIPES)} or give a recipe .toml "
+                      "(fptq-graph quantize --recipe list)")
 
 
-def effective(state) -> Recipe:
-    """What this run does: the row passes/plan_statistics.py settled on (it may trade GPTQ and AWQ for
-    the clipping search when their X^T X statistics would not fit), else the resolved row."""
-    return state.recipe if getattr(state, "recipe", None) is not None else resolved(state.config)
-
-
-def weight_quantizer(config) -> str:
-    """rtn, clip, gptq or gptq-clip: --weight-quantizer, else --gptq, else the recipe's own."""
+def run_row(config) -> Recipe:
+    """The recipe's row with the user's weight quantizer (--weight-quantizer, else --gptq) put in."""
+    row = recipe_row(config.recipe)
     if getattr(config, "weight_quantizer", None):
-        return config.weight_quantizer
-    if config.gptq:
-        return "gptq"
-    return recipe_of(config).weights
+        return replace(row, weights=config.weight_quantizer)
+    return replace(row, weights="gptq") if config.gptq else row
 
 
 def observers_needed(row: Recipe) -> set[str]:
-    """What calibration records beside max|X| for a (resolved or effective) row: "gram" (X^T X, for GPTQ
-    and AWQ), "diag" (sum x_j^2 per channel, the diagonal of X^T X: the clipping search and the measured
-    classifier), "rows" (the token count, to turn sums into means) and "token_max" (sum over tokens of
-    max_j x_tj^2: per-token noise)."""
+    """What calibration records beside max|X| for a run's row: "gram" (X^T X, for GPTQ and AWQ), "diag"
+    (sum x_j^2 per channel, the diagonal of X^T X: the clipping search and the measured classifier),
+    "rows" (the token count, to turn sums into means) and "token_max" (the per-token sums of the
+    measured classifier: plan/statistics.py)."""
     needs = set()
     if row.weight_bits == 4 and row.weights.startswith("gptq") or row.awq:
         needs.add("gram")
@@ -105,6 +134,67 @@ def observers_needed(row: Recipe) -> set[str]:
     return needs
 
 
+_TYPES = {"name": str, "classifier": str, "equalizer": str, "awq": bool, "weights": str, "weight_bits": int,
+          "summary": str, "options": dict}
+_CHOICES = {"classifier": CLASSIFIERS, "equalizer": EQUALIZERS, "weights": WEIGHT_QUANTIZERS, "weight_bits": (4, 8)}
+
+
+def check_row(row: Recipe, where: str) -> Recipe:
+    for key, choices in _CHOICES.items():
+        if getattr(row, key) not in choices:
+            raise RecipeError(f"{where}: {key} = {getattr(row, key)!r} is not one of {', '.join(map(str, choices))}")
+    for key, value in row.options:
+        if key not in RECIPE_OPTIONS:
+            raise RecipeError(f"{where}: unknown option {key!r} in [options]; options are {', '.join(RECIPE_OPTIONS)}")
+        kind = RECIPE_OPTIONS[key]
+        if not isinstance(value, kind) or (kind is float and isinstance(value, bool)):
+            if not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+                raise RecipeError(f"{where}: option {key} must be a {kind.__name__}, got {value!r}")
+    return row
+
+
+@functools.lru_cache(maxsize=32)
+def _load_toml(path: str, mtime_ns: int) -> Recipe:
+    """A TOML recipe (cached per file version)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(data) - set(_TYPES))
+    if unknown:
+        raise RecipeError(f"{path}: unknown key {unknown[0]!r}; a recipe has {', '.join(_TYPES)}")
+    missing = [k for k in ("classifier", "equalizer", "awq", "weights", "weight_bits") if k not in data]
+    if missing:
+        raise RecipeError(f"{path}: missing key {missing[0]!r}")
+    for key, value in data.items():
+        kind = _TYPES[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise RecipeError(f"{path}: {key} must be a {'table' if kind is dict else kind.__name__}, got {value!r}")
+    options = data.pop("options", {})
+    data.setdefault("name", Path(path).stem)
+    data.setdefault("summary", f"user recipe {Path(path).name}")
+    row = Recipe(**data, options=tuple(sorted((k, float(v) if RECIPE_OPTIONS.get(k) is float and isinstance(v, int)
+                                                 and not isinstance(v, bool) else v) for k, v in options.items())))
+    return check_row(row, path)
+
+
+def to_toml(row: Recipe) -> str:
+    """The row as a TOML recipe file (what `--recipe show NAME` prints)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    lines = [f"# fptq-graph recipe; keys: {', '.join(_TYPES)}"]
+    lines += [f"{f.name} = {value(getattr(row, f.name))}" for f in fields(row) if f.name != "options"]
+    lines.append("[options]   # Config defaults this recipe changes: " + ", ".join(RECIPE_OPTIONS))
+    lines += [f"{k} = {value(v)}" for k, v in row.options]
+    return "\n".join(lines) + "\n"
+
+
 def describe() -> str:
     """The table `fptq-graph quantize --recipe list` prints."""
     head = ("recipe", "activations", "equalizer", "awq", "weights", "bits", "")
@@ -115,7 +205,8 @@ def describe() -> str:
 
 
 class RecipeAction(argparse.Action):
-    """--recipe NAME, or --recipe list: print the table and exit (before the other arguments are checked)."""
+    """--recipe NAME | FILE.toml (checked by Config.validate: one line naming the problem); --recipe list
+    prints the table and exits before the other arguments are checked. (--recipe show NAME is the CLI's.)"""
 
     def __call__(self, parser, namespace, values, option_string=None):
         if values == "list":

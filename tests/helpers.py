@@ -5,8 +5,8 @@ import onnx_graphsurgeon as gs
 
 from fptq_graph.api import finish_model
 from fptq_graph.calibration import FeedsCalibration
-from fptq_graph.pipeline import default_passes, run_passes
-from fptq_graph.state import State
+from fptq_graph.passes.pipeline import default_passes, run_passes
+from fptq_graph.passes.state import State
 
 
 def run_until(model, calibration, config, last: str):

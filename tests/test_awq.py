@@ -5,7 +5,7 @@ import pytest
 
 import crafted as C
 from fptq_graph import Config, quantize
-from fptq_graph.awq import AWQ_ALPHAS, search_awq
+from fptq_graph.quant.awq import AWQ_ALPHAS, search_awq
 from fptq_graph.runtime import session
 from helpers import run_until
 from swiglu_block import forward, swiglu_block, swiglu_feeds
@@ -66,16 +66,17 @@ def test_awq_fold_keeps_the_float_model():
     calib = swiglu_feeds(rng, 4, outlier_token=True)
     state, folded = run_until(model, calib, Config(recipe="fptq-awq", group_size=32, progress=False, lm_head="float"),
                               "fold_equalization")
-    down, up = state.linears["down_proj"], state.linears["up_proj"]
-    assert down.eq_scale is not None and "AWQ alpha=" in down.reason
-    assert "output columns carry 1/s of AWQ for down_proj" in up.reason
-    assert state.linears["q_proj"].eq_scale is not None
+    down, up = state.plan["down_proj"], state.plan["up_proj"]
+    assert down.eq_scale is not None and up.equalization.column_scale is not None
+    assert state.plan.product_folds == (("up_proj", ("down_proj",)),)
+    np.testing.assert_array_equal(up.equalization.column_scale, down.eq_scale)
+    assert state.plan["q_proj"].eq_scale is not None
     weights = {i.name: i for i in folded.graph.initializer}
     up_w = next(v for n, v in weights.items() if n.startswith("up_proj"))
     from onnx import numpy_helper
     # up_proj's weight: rows by the norm group's s, columns by 1/s of down_proj's
     np.testing.assert_allclose(numpy_helper.to_array(up_w),
-                               w["Wu"] * state.linears["up_proj"].eq_scale[:, None] / down.eq_scale[None, :], rtol=1e-5)
+                               w["Wu"] * state.plan["up_proj"].eq_scale[:, None] / down.eq_scale[None, :], rtol=1e-5)
     test = swiglu_feeds(np.random.default_rng(6), 1, outlier_token=True)[0]
     ref = session(model).run(None, test)
     out = session(folded).run(None, test)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 import crafted as C
-from fptq_graph.gptq import gptq_quantize
-from fptq_graph.int4 import quantize_groupwise
-from fptq_graph.weight_clipping import CLIP_GRID, clipped_groupwise, quantize_groupwise_clipped
+from fptq_graph.quant.gptq import gptq_quantize
+from fptq_graph.quant.int4 import quantize_groupwise
+from fptq_graph.quant.clipping import CLIP_GRID, clipped_groupwise, quantize_groupwise_clipped
 from test_weight_quantizers import correlated_inputs, textbook_gptq
 
 RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)

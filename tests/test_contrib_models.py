@@ -20,7 +20,9 @@ from conftest import CALIB_TEXT, HELDOUT_TEXT, ROOT, SHARED
 from fptq_graph import Config, FptqError, quantize
 from fptq_graph.errors import ModelLoadError
 from fptq_graph.exporters.kv_layout import infer_past_dims, past_problem
-from fptq_graph.model_io import finish_model, load_model, load_split, upgrade_opset, validate_model
+from fptq_graph.ir.load import load_model, load_split, validate_model
+from fptq_graph.ir.opset import upgrade_opset
+from fptq_graph.ir.save import finish_model
 from fptq_graph.runtime import session
 from helpers import run_until
 
@@ -38,8 +40,8 @@ def bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.uint8)
 
 
-def summary(result, name: str) -> str:
-    return next(p.summary for p in result.passes if p.name == name)
+def stats(result, name: str) -> dict:
+    return result.stats(name)
 
 
 def init(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -94,8 +96,8 @@ def test_norm_form_folds_lae_and_matches_the_numpy_reference(op):
     model, w = C.norm_block(op, np.random.default_rng(0))
     calib = C.norm_feeds(op, np.random.default_rng(1), 3)
     result = quantize(model, calib, Config(group_size=16, **FAST))
-    assert summary(result, "find_linears").startswith("2 quantizable linears, 1 normalization producers")
-    assert summary(result, "fold_equalization").startswith("equalization folded into 2 linears")
+    assert (stats(result, "find_linears")["linears"], stats(result, "find_linears")["producers"]) == (2, 1)
+    assert stats(result, "fold_equalization")["folded"] == 2
     assert [(r["scheme"], r["producer"]) for r in result.layers] == [("lae", f"{op} 'norm'")] * 2
 
     # the reference: the norm in float64, LAE s from its calibration maxima, fake-quantized int8 x INT4
@@ -115,8 +117,8 @@ def test_norm_form_folds_lae_and_matches_the_numpy_reference(op):
 
 
 def test_simplified_layernorm_in_the_microsoft_domain_is_a_producer():
-    from fptq_graph.passes.find_linears import FindQuantizableLinears
-    from fptq_graph.state import State
+    from fptq_graph.passes.analysis.find_linears import FindQuantizableLinears
+    from fptq_graph.passes.state import State
 
     model, _ = C.norm_block("SimplifiedLayerNormalization", np.random.default_rng(0))
     model.graph.node[0].domain = "com.microsoft"
@@ -143,7 +145,7 @@ def test_optimum_fp16_rmsnorm_with_casts_folds(form):
     cfg = Config(group_size=16, **FAST)
     state, folded = run_until(model, calib, cfg, "fold_equalization")
     assert [p.kind for p in state.producers.values()] == ["RMSNorm (decomposed)"]
-    assert {l.scheme for l in state.linears.values()} == {"lae"}
+    assert {p.scheme for p in state.plan.values()} == {"lae"}
     # the gain is divided by s from the float64 reference's maxima; the weights' rows multiplied by it
     maxima = np.max([np.abs(C.ref_rmsnorm(f["x"].astype(np.float32), w["gain"])).reshape(-1, C.K).max(0)
                      for f in calib], axis=0)
@@ -155,7 +157,7 @@ def test_optimum_fp16_rmsnorm_with_casts_folds(form):
     for name in ("q", "k", "v"):
         assert C.rel_err(after[name], before[name]) <= 3e-3, name   # float-exact up to fp16 rounding
     result = quantize(model, calib, cfg)
-    assert summary(result, "fold_equalization").startswith("equalization folded into 3 linears")
+    assert stats(result, "fold_equalization")["folded"] == 3
     ref = C.fake_quant_static(C.ref_rmsnorm(test["x"].astype(np.float32), w["gain"]) / s,
                               float(init(result.model, "q_proj.act_scale"))) @ C.ref_int4(w["Wq"].astype(np.float64) * s[:, None], 16)
     assert C.rel_err(outputs(result.model, test)["q"], ref) <= 2e-2   # fp16 activations and scales
@@ -174,8 +176,8 @@ def builder(tmp_path_factory):
 
 def test_builder_decoder_quantizes_with_its_norms_as_lae_producers(builder):
     _, _, _, result = builder
-    assert summary(result, "find_linears").startswith("6 quantizable linears, 3 normalization producers")
-    assert summary(result, "fold_equalization").startswith("equalization folded into 4 linears")
+    assert (stats(result, "find_linears")["linears"], stats(result, "find_linears")["producers"]) == (6, 3)
+    assert stats(result, "fold_equalization")["folded"] == 4
     rows = {r["name"]: r for r in result.layers}
     assert {name: (r["scheme"], r["producer"]) for name, r in rows.items() if r["scheme"] == "lae"} == {
         "layers.0.attn.qkv_proj": ("lae", "SkipSimplifiedLayerNormalization 'layers.0.input_layernorm'"),
@@ -297,7 +299,7 @@ def test_no_relabel_without_converting():
     model, _ = _opset18_block()
     state, _ = run_until(model, C.feeds(np.random.default_rng(1), 2), Config(group_size=16, **FAST), "fold_equalization")
     assert next(o.version for o in finish_model(state.graph, model).opset_import if o.domain == "") == 18  # float: kept
-    from fptq_graph.pipeline import default_passes, run_passes
+    from fptq_graph.passes.pipeline import default_passes, run_passes
 
     passes = default_passes()
     names = [p.name for p in passes]

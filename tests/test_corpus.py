@@ -164,7 +164,7 @@ def test_read_only_output_directory(tmp_path):
 KILLED_WRITER = r"""
 import sys, numpy as np, onnx
 from onnx import helper, numpy_helper, TensorProto
-import fptq_graph.model_io as io
+import fptq_graph.ir.save as io
 k = 2048
 w = numpy_helper.from_array(np.ones((k, 8192), np.float32), "w")
 g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["a"])], "big",

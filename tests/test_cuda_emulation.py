@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fptq_graph import runtime
-from fptq_graph.w4a8_op import reference
+from fptq_graph.runtime.w4a8_op import reference
 from test_w4a8_op import op_model, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from PIL import Image
 import crafted as C
 from fptq_graph import Config, quantize
 from fptq_graph.cli import main
-from fptq_graph.report_plot import activation_figure, plot_data
+from fptq_graph.report.plot import activation_figure, plot_data
 
 
 @pytest.fixture(scope="module")

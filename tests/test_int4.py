@@ -6,7 +6,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from crafted import ref_int4
-from fptq_graph.int4 import pack_int4, quantize_groupwise, unpack_int4
+from fptq_graph.quant.int4 import pack_int4, quantize_groupwise, unpack_int4
 
 
 @pytest.mark.parametrize("shape", [(8, 4), (7, 3), (1, 1), (130, 5)])
@@ -72,8 +72,8 @@ def test_zero_group_gets_unit_scale():
 def test_weight_sqnr_by_column_blocks_matches_float64(bits):
     """weight_sqnr dequantizes an int8 weight a block of columns at a time (a wide LM head is never held
     whole in float): the same value as the whole-array float64 formula, to float64 rounding."""
-    from fptq_graph.int8 import quantize_per_channel_int8
-    from fptq_graph.passes.quantize_weights import weight_sqnr
+    from fptq_graph.quant.int8 import quantize_per_channel_int8
+    from fptq_graph.passes.rewrite.quantize_weights import weight_sqnr
 
     rng = np.random.default_rng(7)
     w = rng.standard_normal((96, 70000)).astype(np.float32)   # > 2^22 elements: several column blocks

@@ -12,6 +12,7 @@ from onnx import helper, numpy_helper
 
 import bad_models
 from crafted import fake_quant_per_token, fake_quant_static, rel_err
+from fptq_graph.plan.plan import WeightSpec
 from fptq_graph import Config, FptqError, quantize
 from crafted import ort_requantize
 from fptq_graph.runtime import session
@@ -19,7 +20,7 @@ from fptq_graph.runtime import session
 FORMS = ("qdq", "w4a8", "ort")
 # Every form computes the reference's products up to float32 rounding (w4a8 in integers). The ort form's
 # MatMulNBits(bits=8, accuracy_level=4) re-quantizes the already-int8 activations per block of K (ONNX
-# Runtime's kernel; passes/plan_lm_head.py), so its reference does that too (ort_requantize).
+# Runtime's kernel; passes/lower/emit_ort.py), so its reference does that too (ort_requantize).
 TOLERANCE = 1e-5
 
 
@@ -86,7 +87,7 @@ def test_int8_head_equals_numpy_reference(form, scheme, tmp_path):
     result = quantize(model, [{"input_ids": ids}], Config(lm_head="int8", format=form, group_size=16, progress=False,
                                                           **bounds[scheme]))
     row = next(r for r in result.layers if r["name"] == "lm_head")
-    assert row["scheme"] == scheme and "int8 per-output-channel" in row["reason"]
+    assert row["scheme"] == scheme and result.plan["lm_head"].weight == WeightSpec(8, None, True, "rtn")
     q = loaded(result, tmp_path)
     # The head's input in the quantized model (the hidden linear's output), then the logits.
     x, logits = session(with_outputs(q, ["hid"])).run(["hid", "logits"], {"input_ids": ids})
@@ -141,7 +142,7 @@ def test_tied_embedding_table_is_stored_once_quantized(form, tmp_path):
     assert h.dtype == np.float32 and np.array_equal(h, rows)
     # The head: the same dequantized table, activations per token (a tied head leaves the LAE band as dynamic).
     row = next(r for r in result.layers if r["name"] == "lm_head")
-    assert "table shared with embedding embed" in row["reason"]
+    assert [g.name for g in result.plan.head.tied] == ["embed"]
     normed, logits = session(with_outputs(q, ["normed"])).run(["normed", "logits"], {"input_ids": ids})
     xq = fake_quant_static(normed, act_scale(q)) if row["scheme"] == "static" else fake_quant_per_token(normed)
     if form == "ort":   # K = 64: one MatMulNBits block a row
@@ -158,7 +159,7 @@ def test_tied_head_in_the_lae_band_goes_per_token_and_keeps_the_table(tmp_path):
     assert next(r for r in untied.layers if r["name"] == "lm_head")["scheme"] == "lae"
     tied = quantize(model, [{"input_ids": ids}], Config(lm_head="int8", **cfg))
     row = next(r for r in tied.layers if r["name"] == "lm_head")
-    assert row["scheme"] == "dynamic" and "tied embedding table" in row["reason"]
+    assert row["scheme"] == "dynamic" and tied.plan.head.tied and "tied embedding table" in row["reason"]   # the report says why
 
 
 def test_int8_default_float_and_int4_alias():
@@ -166,14 +167,14 @@ def test_int8_default_float_and_int4_alias():
     ids = token_ids(40)
     default = quantize(model, [{"input_ids": ids}], Config(group_size=16, progress=False))
     assert Config().lm_head == "int8" and not default.kept_float
-    assert "int8 per-output-channel" in next(r for r in default.layers if r["name"] == "lm_head")["reason"]
+    assert default.plan.head.mode == "int8" and default.plan["lm_head"].weight.bits == 8
     kept = quantize(model, [{"input_ids": ids}], Config(lm_head="float", group_size=16, progress=False))
     assert [k["name"] for k in kept.kept_float] == ["lm_head"] and "lm_head" not in {r["name"] for r in kept.layers}
     for cfg in (Config(quantize_lm_head=True), Config(lm_head="int4")):
         assert cfg.lm_head_mode == "int4"
         result = quantize(model, [{"input_ids": ids}], Config(**{**cfg.to_dict(), "group_size": 16, "progress": False}))
         row = next(r for r in result.layers if r["name"] == "lm_head")
-        assert not result.kept_float and "INT4 weights, group 16" in row["reason"]
+        assert not result.kept_float and result.plan["lm_head"].weight.group_size == row["group_size"] == 16
     with pytest.raises(FptqError, match="unknown lm_head"):
         Config(lm_head="int2").validate()
     with pytest.raises(FptqError, match="for the LM head"):

@@ -45,7 +45,7 @@ def test_lae_fold_keeps_real_outputs(minilm_onnx, tokenizer, calib_text, heldout
     calib = from_text(calib_text, tokenizer, 256, 16, 8)
     cfg = Config(recipe=PAPER, static_bound=1.0, dynamic_bound=1e9, progress=False)  # fold LAE wherever it can go
     state, folded = run_until(model, calib, cfg, "fold_equalization")
-    lae = [l for l in state.linears.values() if l.scheme == "lae"]
+    lae = [p for p in state.plan.values() if p.scheme == "lae"]
     assert len(lae) >= 24   # q/k/v (post-LN, compensated residual) and FFN-up of every layer
     ref = session(model).run(None, heldout_feeds)[0]
     out = session(folded).run(None, heldout_feeds)[0]

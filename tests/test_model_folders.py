@@ -76,8 +76,8 @@ def our_tokens(folder, count: int = 20) -> list[int]:
 
     from fptq_graph.calibration import tokenize_text
     from fptq_graph.generate import greedy_generate
-    from fptq_graph.model_folder import open_folder
-    from fptq_graph.model_io import load_split
+    from fptq_graph.ir.folder import open_folder
+    from fptq_graph.ir.load import load_split
     from fptq_graph.runtime import session
 
     found = open_folder(folder)

@@ -278,7 +278,7 @@ def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(work, capsys
     def broken(*_args, **_kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(api, "run_passes", broken)
+    monkeypatch.setattr(api, "default_pipeline", broken)
     args = ["quantize", work / "in.onnx", "-o", work / "q.onnx", *QUANT]
     code, _, err = run_cli(args, capsys)
     assert code == 2
@@ -347,7 +347,7 @@ def test_signal_before_commit_stops_and_after_commit_does_not(tmp_path):
     """In-process, no timing: a SIGTERM before the commit raises Terminated and leaves nothing; one held
     during the commit's renames, or arriving after it, finds the outputs complete and stops nothing (the
     CLI would otherwise print "no output written" over files it had just put in place)."""
-    from fptq_graph.run_outputs import RunOutputs, Terminated, signals
+    from fptq_graph.ir.run_outputs import RunOutputs, Terminated, signals
 
     def run(kill_at: str) -> None:
         outputs = RunOutputs(inputs=[])

@@ -6,7 +6,7 @@ import pytest
 import crafted as C
 from fptq_graph import Config, quantize
 from fptq_graph.errors import FptqError
-from fptq_graph.passes.emit_ort import nbits_weight
+from fptq_graph.passes.lower.emit_ort import nbits_weight
 from fptq_graph.runtime import session
 
 

@@ -61,7 +61,7 @@ def test_lae_fold_keeps_outputs(gamma_scale):
     calib = C.feeds(rng, 2)
     cfg = Config(recipe="fptq-paper", static_bound=0.0, dynamic_bound=1e9, progress=False)  # every foldable linear in the LAE band
     state, folded = run_until(model, calib, cfg, "fold_equalization")
-    assert state.linears["lin_a"].eq_scale is not None
+    assert state.plan["lin_a"].eq_scale is not None
     assert any(n.op_type == "Mul" and n.name.endswith("equalization_restore") for n in folded.graph.node)
     test = C.feeds(np.random.default_rng(12), 1)[0]
     ref = session(model).run(None, test)
@@ -123,8 +123,8 @@ def test_smoothquant_recipe_scale_and_fold_equivalence():
     calib = C.feeds(rng, 2)
     cfg = Config(recipe="smoothquant-w4a8", smooth_alpha=0.6, progress=False)
     state, folded = run_until(model, calib, cfg, "fold_equalization")
-    assert state.linears["lin_a"].scheme == state.linears["lin_b"].scheme == "smooth"
-    assert state.linears["lin_h"].scheme == "static" and "not foldable" in state.linears["lin_h"].reason
+    assert state.plan["lin_a"].scheme == state.plan["lin_b"].scheme == "smooth"
+    assert state.plan["lin_h"].scheme == "static" and "not foldable" in state.plan["lin_h"].reason
     # s read back from the folded LayerNorm gain equals SmoothQuant's formula over both siblings' rows
     gains = {i.name: onnx.numpy_helper.to_array(i) for i in folded.graph.initializer}
     ln = next(n for n in folded.graph.node if n.op_type == "LayerNormalization")

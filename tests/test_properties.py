@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fptq_graph import Config
 from fptq_graph.calibration import FeedsCalibration
-from fptq_graph.int4 import pack_int4, quantize_groupwise, unpack_int4
+from fptq_graph.quant.int4 import pack_int4, quantize_groupwise, unpack_int4
 from fptq_graph.runtime import session
 from helpers import run_until
 
@@ -79,7 +79,7 @@ def test_equalization_fold_keeps_the_float_outputs(k, widths, gamma_scale, recip
     # bounds that put every linear in the LAE band, so the fold happens whatever the range
     config = Config(recipe=recipe, static_bound=0.0, dynamic_bound=1e30, progress=False)
     state, folded = run_until(model, FeedsCalibration([{"x": x}]), config, "fold_equalization")
-    assert all(l.eq_scale is not None for l in state.linears.values())
+    assert all(p.eq_scale is not None for p in state.plan.values())
     test = {"x": (rng.standard_normal((4, k)) * 3).astype(np.float32)}
     for ref, out in zip(session(model).run(None, test), session(folded).run(None, test)):
         assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())

@@ -8,10 +8,10 @@ import pytest
 
 import crafted as C
 from fptq_graph import Config, quantize
-from fptq_graph.config import INT8_WEIGHT_RECIPES, RECIPES
 from fptq_graph.errors import FptqError
-from fptq_graph.passes.classify import measured_sqnr
-from fptq_graph.recipes import RECIPE_TABLE, describe, observers_needed, resolved, weight_quantizer
+from fptq_graph.passes.analysis.classify import CLASSIFIERS, measured_sqnr
+from fptq_graph.recipes import (CLASSIFIERS as CLASSIFIER_NAMES, RECIPE_TABLE, RECIPES, describe, observers_needed,
+                                recipe_row, run_row)
 from fptq_graph.runtime import session
 from helpers import run_until
 from swiglu_block import forward, swiglu_block, swiglu_feeds
@@ -20,17 +20,19 @@ from swiglu_block import forward, swiglu_block, swiglu_feeds
 def test_table_holds_every_recipe_and_the_old_names():
     for name in ("fptq", "naive-w4a8", "dynamic-w4a8", "smoothquant-w4a8", "w8a8-smoothquant", "rtn-w4a16"):
         assert name in RECIPES
-    assert RECIPES == tuple(RECIPE_TABLE) and INT8_WEIGHT_RECIPES == ("w8a8-smoothquant",)
+    assert RECIPES == tuple(RECIPE_TABLE) and [r.name for r in RECIPE_TABLE.values() if r.weight_bits == 8] == ["w8a8-smoothquant"]
+    assert set(CLASSIFIERS) == set(CLASSIFIER_NAMES)   # every classifier a row can name has its function
     assert RECIPE_TABLE["fptq-paper"].weights == "rtn" and not RECIPE_TABLE["fptq-paper"].awq   # the paper's numerics
     assert RECIPE_TABLE["fptq"].weights == "gptq-clip" and RECIPE_TABLE["fptq"].awq           # the measured best
-    assert weight_quantizer(Config(gptq=True)) == "gptq"
-    assert weight_quantizer(Config(recipe="fptq-awq")) == "clip"
-    assert weight_quantizer(Config(recipe="fptq-awq", weight_quantizer="rtn")) == "rtn"
-    assert observers_needed(resolved(Config(recipe="fptq-paper"))) == set()
-    assert observers_needed(resolved(Config())) == {"gram", "rows"}   # the default: AWQ + GPTQ-clip
-    assert observers_needed(resolved(Config(recipe="fptq-paper", weight_quantizer="clip"))) == {"diag"}
-    assert observers_needed(resolved(Config(recipe="fptq-awq"))) == {"gram", "rows"}
-    assert observers_needed(resolved(Config(recipe="fptq-measured"))) == {"diag", "rows", "token_max"}
+    assert run_row(Config(gptq=True)).weights == "gptq"
+    assert run_row(Config(recipe="fptq-awq")).weights == "clip"
+    assert run_row(Config(recipe="fptq-awq", weight_quantizer="rtn")).weights == "rtn"
+    assert recipe_row("fptq") is RECIPE_TABLE["fptq"]
+    assert observers_needed(run_row(Config(recipe="fptq-paper"))) == set()
+    assert observers_needed(run_row(Config())) == {"gram", "rows"}   # the default: AWQ + GPTQ-clip
+    assert observers_needed(run_row(Config(recipe="fptq-paper", weight_quantizer="clip"))) == {"diag"}
+    assert observers_needed(run_row(Config(recipe="fptq-awq"))) == {"gram", "rows"}
+    assert observers_needed(run_row(Config(recipe="fptq-measured"))) == {"diag", "rows", "token_max"}
     with pytest.raises(FptqError, match="weight quantizer"):
         Config(weight_quantizer="awq").validate()
     with pytest.raises(FptqError, match="contradicts"):
@@ -45,14 +47,15 @@ def test_statistics_over_the_budget_trade_awq_and_gptq_for_clipping():
     feeds = C.feeds(np.random.default_rng(1), 2)
     small = Config(group_size=16, sqnr_samples=0, progress=False, statistics_budget_mib=0)
     state, _ = run_until(model, feeds, small, "calibrate")
-    assert state.recipe.weights == "clip" and not state.recipe.awq and "traded for the clipping search" in state.statistics_note
-    assert state.gram_observers and all(key.endswith("#diag") for key in state.gram_observers)   # no full X^T X
+    assert state.recipe.weights == "clip" and not state.recipe.awq and state.statistics_note
+    assert all(set(o.sums) == {"diag"} for o in state.observers.values())   # no full X^T X
+    assert all(s.gram is None and s.diag is not None for s in state.stats.values())
     state, _ = run_until(model, feeds, Config(group_size=16, sqnr_samples=0, progress=False), "calibrate")
-    assert state.recipe.weights == "gptq-clip" and state.recipe.awq and "y" in state.gram_observers
+    assert state.recipe.weights == "gptq-clip" and state.recipe.awq and state.stats["y"].gram is not None
     asked = Config(group_size=16, sqnr_samples=0, progress=False, statistics_budget_mib=0, recipe="fptq-paper",
                    weight_quantizer="gptq")
     state, _ = run_until(model, feeds, asked, "calibrate")
-    assert state.recipe.weights == "gptq" and "y" in state.gram_observers
+    assert state.recipe.weights == "gptq" and state.stats["y"].gram is not None
 
 
 def test_cli_lists_the_recipes():
@@ -79,11 +82,10 @@ def test_every_recipe_runs_and_reports_its_choices(recipe):
         assert set(schemes.values()) == {"float"}
     if row.classifier == "dynamic":
         assert set(schemes.values()) == {"dynamic"}
-    summary = next(p.summary for p in result.passes if p.name == "quantize_weights")
     if row.weights == "clip":
-        assert "clipped" in summary and all("weights clipped" in r["reason"] for r in result.layers)
+        assert all(result.plan[name].weight.quantizer == "clip" for name in result.plan)
     if row.awq:
-        assert any("AWQ alpha=" in r["reason"] for r in result.layers)
+        assert result.stats("plan_equalization")["awq_groups"] > 0
     if row.classifier == "measured":
         assert all(r["reason"].startswith("measured: est. token-mean output SQNR") for r in result.layers)
     test = C.feeds(np.random.default_rng(18), 1)[0]
@@ -101,7 +103,7 @@ def test_measured_estimates_follow_the_real_output_error():
     state, _ = run_until(model, calib, Config(recipe="fptq-measured", group_size=32, progress=False, lm_head="float"),
                          "classify")
     p = np.concatenate([forward(w, f["x"])["p"].reshape(-1, 96) for f in calib])
-    est = measured_sqnr(state, state.linears["down_proj"].group, per_token=False)
+    est = measured_sqnr(state, state.linears["down_proj"].sibling_tensor, per_token=False)
     wq = C.ref_int4(w["Wd"], 32)
     ref = p @ w["Wd"].astype(np.float64)
     real = {"static": C.fake_quant_static(p, np.abs(p).max() / 127) @ wq, "dynamic": C.fake_quant_per_token(p) @ wq}
@@ -110,16 +112,16 @@ def test_measured_estimates_follow_the_real_output_error():
         print(scheme, f"estimated {est[scheme]:.2f} dB, measured {db:.2f} dB")
         assert est[scheme] == pytest.approx(db, abs=1.5)
     # the total energy is the massive tokens': there static costs little. Token by token it does not:
-    tok = measured_sqnr(state, state.linears["down_proj"].group)
+    tok = measured_sqnr(state, state.linears["down_proj"].sibling_tensor)
     for scheme, out in real.items():
         db = -10 * np.log10(np.mean(np.sum((out - ref) ** 2, -1) / np.sum(ref ** 2, -1)))
         print(scheme, f"token mean: estimated {tok[scheme]:.2f} dB, measured {db:.2f} dB")
         assert tok[scheme] == pytest.approx(db, abs=3.0)
     assert tok["dynamic"] > tok["static"] + 10 > est["static"] - est["dynamic"] + 10
     # the rule on these estimates: static within the tolerance of the best, else LAE (not foldable here), else per token
-    down = state.linears["down_proj"]
-    assert down.scheme == "dynamic", down.reason
-    assert f"static {tok['static']:.1f} dB" in down.reason and "LAE not foldable" in down.reason
+    scheme, reason = state.draft.activation["down_proj"]
+    assert scheme == "dynamic", reason
+    assert f"static {tok['static']:.1f} dB" in reason and "LAE not foldable" in reason
 
 
 def token_error(out, ref):

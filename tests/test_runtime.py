@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import crafted as C
-from fptq_graph.int4 import pack_int4
+from fptq_graph.quant.int4 import pack_int4
 from fptq_graph.runtime import session
 
 

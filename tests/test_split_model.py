@@ -10,10 +10,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fptq_graph import Config, quantize
 from fptq_graph.errors import ModelLoadError
-from fptq_graph.model_io import load_split, save_model
-from fptq_graph.protobuf_wire import read_varint, varint
+from fptq_graph.ir.load import load_split
+from fptq_graph.ir.save import save_model
+from fptq_graph.ir.protobuf_wire import read_varint, varint
 from fptq_graph.runtime import session
-from fptq_graph.split_model import IN_MEMORY, SplitModel, is_in_memory, open_split, split_proto, write_external
+from fptq_graph.ir.split_model import IN_MEMORY, SplitModel, is_in_memory, open_split, split_proto, write_external
 
 
 def model_with_weights(rng):

@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fptq_graph import runtime
-from fptq_graph.int4 import quantize_groupwise
-from fptq_graph.w4a8_op import pack_weight, reference
+from fptq_graph.quant.int4 import quantize_groupwise
+from fptq_graph.runtime.w4a8_op import pack_weight, reference
 
 ISAS = runtime.library_info()["cpu_isas"]      # best first; generic is always there
 

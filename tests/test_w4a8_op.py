@@ -15,8 +15,8 @@ from onnx.reference import ReferenceEvaluator
 
 import crafted as C
 from fptq_graph import Config, FptqError, quantize, runtime
-from fptq_graph.int4 import quantize_groupwise
-from fptq_graph.w4a8_op import W4A8MatMulReference, pack_weight, reference, unpack_weight
+from fptq_graph.quant.int4 import quantize_groupwise
+from fptq_graph.runtime.w4a8_op import W4A8MatMulReference, pack_weight, reference, unpack_weight
 
 
 def op_model(K, N, group, *, static=False, bias=False, dtype=np.float32, seed=0, rank=3, attrs=None):
@@ -233,7 +233,7 @@ def test_bad_inputs_fail_clearly(case, match):
 
 def test_missing_library_is_a_clear_error(monkeypatch, tmp_path):
     model, _ = op_model(64, 8, 32)
-    monkeypatch.setattr(runtime, "LIBRARY_NAME", "libfptq_ops_missing.so")
+    monkeypatch.setattr(runtime.sessions, "LIBRARY_NAME", "libfptq_ops_missing.so")
     with pytest.raises(FptqError, match=r"uses the fptq::W4A8MatMul op but the fptq op library libfptq_ops_missing.so is not installed"):
         runtime.session(model)
 

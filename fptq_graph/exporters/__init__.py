@@ -6,9 +6,9 @@ def __getattr__(name: str):
     # Imported on first use: the graph-side helpers (kv_layout) are read by the loader, which must not
     # pay for importing torch.
     if name == "export_module":
-        from .torch_module import export_module
+        from fptq_graph.exporters.torch_module import export_module
         return export_module
     if name == "export_hf":
-        from .huggingface import export_hf
+        from fptq_graph.exporters.huggingface import export_hf
         return export_hf
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

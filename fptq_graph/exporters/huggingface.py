@@ -13,9 +13,9 @@ from pathlib import Path
 import onnx
 import torch
 
-from ..errors import ExportError
-from .kv_cache import kv_export_arguments
-from .torch_module import export_module
+from fptq_graph.errors import ExportError
+from fptq_graph.exporters.kv_cache import kv_export_arguments
+from fptq_graph.exporters.torch_module import export_module
 
 
 class _LogitsOnly(torch.nn.Module):

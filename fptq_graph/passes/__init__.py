@@ -1,37 +1,31 @@
-"""The compiler's passes, one per module, each a small rewrite or analysis over a `State`.
+"""The compiler's passes, one per module, each a small analysis, rewrite or lowering over a `State`
+(passes/state.py), behind one contract (passes/base.py: PassResult, requires/ensures, Pipeline).
 
-Order (see pipeline.default_passes): find quantizable linears -> canonicalize their weights ->
-insert observers -> calibrate -> classify -> plan the LM head (int8 head, tied embeddings) -> fold equalization (LAE) -> quantize weights -> emit
-(qdq: standard QuantizeLinear/DequantizeLinear; w4a8: the bundled fptq::W4A8MatMul op; ort: ONNX
-Runtime's MatMulNBits) -> measure
-each linear's output SQNR against the float model.
+analysis/  find linears, plan statistics, insert observers, calibrate, classify, plan the LM head,
+           plan equalization (LAE, SmoothQuant, AWQ), freeze the plan
+rewrite/   canonicalize weights, fold equalization, quantize weights (they read the frozen plan)
+lower/     one emitter per output form (qdq, w4a8, ort) and the node patterns they share
+measure_output_sqnr.py   per-layer output SQNR of the result against the float model
+pipeline.py              the default pipeline, as a value
 """
-from .find_linears import FindQuantizableLinears
-from .plan_statistics import PlanStatistics
-from .canonicalize_weights import CanonicalizeWeights
-from .insert_observers import InsertObservers
-from .calibrate import Calibrate
-from .classify import ClassifyActivations
-from .plan_lm_head import PlanLMHead
-from .fold_equalization import FoldEqualizationScales
-from .quantize_weights import QuantizeWeights
-from .emit_qdq import EmitQDQ
-from .emit_w4a8 import EmitW4A8
-from .emit_ort import EmitORT
-from .measure_output_sqnr import MeasureOutputSQNR
+from fptq_graph.passes.analysis.calibrate import Calibrate
+from fptq_graph.passes.analysis.classify import ClassifyActivations
+from fptq_graph.passes.analysis.find_linears import FindQuantizableLinears
+from fptq_graph.passes.analysis.freeze_plan import FreezePlan
+from fptq_graph.passes.analysis.insert_observers import InsertObservers
+from fptq_graph.passes.analysis.plan_equalization import PlanEqualization
+from fptq_graph.passes.analysis.plan_lm_head import PlanLMHead
+from fptq_graph.passes.analysis.plan_statistics import PlanStatistics
+from fptq_graph.passes.base import Pass, PassRecord, PassResult, Pipeline
+from fptq_graph.passes.lower.emit_ort import EmitORT
+from fptq_graph.passes.lower.emit_qdq import EmitQDQ
+from fptq_graph.passes.lower.emit_w4a8 import EmitW4A8
+from fptq_graph.passes.measure_output_sqnr import MeasureOutputSQNR
+from fptq_graph.passes.rewrite.canonicalize_weights import CanonicalizeWeights
+from fptq_graph.passes.rewrite.fold_equalization import FoldEqualizationScales
+from fptq_graph.passes.rewrite.quantize_weights import QuantizeWeights
 
-__all__ = [
-    "FindQuantizableLinears",
-    "PlanStatistics",
-    "CanonicalizeWeights",
-    "InsertObservers",
-    "Calibrate",
-    "ClassifyActivations",
-    "PlanLMHead",
-    "FoldEqualizationScales",
-    "QuantizeWeights",
-    "EmitQDQ",
-    "EmitW4A8",
-    "EmitORT",
-    "MeasureOutputSQNR",
-]
+__all__ = ["Pass", "PassResult", "PassRecord", "Pipeline", "FindQuantizableLinears", "PlanStatistics",
+           "CanonicalizeWeights", "InsertObservers", "Calibrate", "ClassifyActivations", "PlanLMHead",
+           "PlanEqualization", "FreezePlan", "FoldEqualizationScales", "QuantizeWeights", "EmitQDQ", "EmitW4A8",
+           "EmitORT", "MeasureOutputSQNR"]

@@ -1,4 +1,4 @@
-"""Measure each linear's output SQNR in the quantized model against the float model (an analysis).
+"""Measure each linear's output SQNR in the quantized model against the float model (a measurement).
 
 Both models run on the first few calibration samples (Config.sqnr_samples), one sample at a time,
 with every linear's output made a model output. The error is end to end: a linear's output in the
@@ -14,23 +14,27 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .. import ort_errors
-from ..model_io import finish_split
-from ..runtime import session
-from ..split_model import SplitModel, body_reads
-from ..state import State
-from .quantize_weights import signal_and_noise, sqnr_db
+from fptq_graph.runtime import ort_errors
+from fptq_graph.ir.save import finish_split
+from fptq_graph.runtime.sessions import session
+from fptq_graph.ir.bodies import body_reads
+from fptq_graph.ir.split_model import SplitModel
+from fptq_graph.passes.base import Pass, PassResult
+from fptq_graph.passes.rewrite.quantize_weights import signal_and_noise, sqnr_db
 
 MIN_CHUNK, MAX_CHUNK = 32 * 2**20, 256 * 2**20   # bytes of outputs fetched per run
 
 
-class MeasureOutputSQNR:
+class MeasureOutputSQNR(Pass):
     name = "measure_output_sqnr"
+    kind = "measure"
+    requires = frozenset({"lowered"})
+    ensures = frozenset({"output_sqnr"})
 
-    def run(self, state: State) -> str:
+    def run(self, state) -> PassResult:
         count = state.config.sqnr_samples
         if count == 0 or state.calibration is None or state.source_model is None:
-            return "skipped (no samples)"
+            return PassResult("skipped (no samples)", stats={"samples": 0})
         linears = list(state.linears.values())
         names = [linear.output for linear in linears]
         # Both sessions use the arrays in place: the float weights (mapped from the input) and the
@@ -55,10 +59,11 @@ class MeasureOutputSQNR:
             samples += 1
         worst = ("", np.inf)
         for linear in linears:
-            linear.output_sqnr_db = sqnr_db(signal[linear.output], noise[linear.output])
-            if linear.output_sqnr_db < worst[1]:
-                worst = (linear.name, linear.output_sqnr_db)
-        return f"output SQNR of {len(linears)} linears on {samples} samples; lowest {worst[1]:.1f} dB ({worst[0]})"
+            db = state.output_sqnr[linear.name] = sqnr_db(signal[linear.output], noise[linear.output])
+            if db < worst[1]:
+                worst = (linear.name, db)
+        return PassResult(f"output SQNR of {len(linears)} linears on {samples} samples; lowest {worst[1]:.1f} dB ({worst[0]})",
+                          stats={"samples": samples, "lowest_db": worst[1], "lowest": worst[0]})
 
 
 def _chunks(linears: list, bytes_per_channel: int, budget: int) -> list[list[str]]:

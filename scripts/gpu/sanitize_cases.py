@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from test_w4a8_op import op_model, rel_err  # noqa: E402
 
 from fptq_graph import runtime  # noqa: E402
-from fptq_graph.w4a8_op import reference  # noqa: E402
+from fptq_graph.runtime.w4a8_op import reference  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")

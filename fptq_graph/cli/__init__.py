@@ -1,0 +1,36 @@
+"""The `fptq-graph` command: export, quantize, eval, generate, inspect (commands.py).
+
+SIGTERM and SIGHUP are answered from the command's first line: the handler below is installed before
+the heavy imports (torch, onnx, ONNX Runtime: seconds on a loaded machine), so a signal at any time
+gives the same exit code (128 + signal) and message; once a command runs, ir/run_outputs.signals()
+takes over and cleans up what the run staged.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+from fptq_graph.ir.run_outputs import swap_stop_handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    finished = {"done": False}
+
+    def stopped_while_starting(signum, _frame):
+        if finished["done"]:   # the command has returned: its outputs are what it left
+            return
+        print(f"fptq-graph: stopped by {signal.Signals(signum).name}; no output written", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    previous = swap_stop_handlers(stopped_while_starting)
+    try:
+        from fptq_graph.cli.commands import main as run
+
+        return run(argv)
+    finally:
+        finished["done"] = True
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+__all__ = ["main"]

@@ -1,0 +1,448 @@
+"""The `fptq-graph` command: export, quantize, inspect."""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from fptq_graph.errors import FptqError
+from fptq_graph.ir.run_outputs import RunOutputs, Terminated, model_files, signals
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--recipe" in argv[:-2] and argv[argv.index("--recipe") + 1] == "show":   # --recipe show NAME: print, exit
+        return _show_recipe(argv[argv.index("--recipe") + 2])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        with signals(), warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
+    except FptqError as exc:
+        return _fail(str(exc))
+    except Terminated as exc:
+        print(f"fptq-graph: stopped by {exc}; no output written", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("fptq-graph: interrupted; no output written", file=sys.stderr)
+        return 130
+    except OSError as exc:   # a full disk, a vanished folder, a permission the early checks could not see
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}; no output written")
+    except MemoryError:
+        if args.debug:
+            raise
+        return _fail("out of memory; lower --batch-size or --seq-len (calibration memory grows with both); "
+                     "no output written")
+    except Exception as exc:  # a bug or an input we did not foresee: one line, the traceback on request
+        if args.debug:
+            raise
+        detail = str(exc).strip().splitlines()
+        return _fail(f"unexpected {type(exc).__name__}: {detail[0] if detail else 'no message'} "
+                     "(run again with --debug for the traceback, and please report it); no output written")
+
+
+def _show_recipe(spec: str) -> int:
+    from fptq_graph.recipes import RecipeError, recipe_row, to_toml
+
+    try:
+        print(to_toml(recipe_row(spec)), end="")
+    except RecipeError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings as one line each; other libraries' warnings keep their usual form."""
+    if issubclass(category, UserWarning) and category.__module__.startswith("fptq_graph"):
+        print(f"fptq-graph: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
+
+
+def _fail(message: str) -> int:
+    print(f"fptq-graph: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    from fptq_graph.config import FORMATS, RECIPES, Config
+    from fptq_graph.recipes import WEIGHT_QUANTIZERS, RecipeAction
+
+    defaults = Config()
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the Python traceback of an unexpected error")
+    parser = argparse.ArgumentParser(prog="fptq-graph", description="FPTQ W4A8 quantization for ONNX graphs.",
+                                     parents=[common])
+    parser.set_defaults(debug=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", parents=[common], help="export a Hugging Face model directory to ONNX (opset 21, dynamic batch/sequence)",
+                       description="Export a Hugging Face model directory to ONNX through torch.export. The tokenizer "
+                                   "is saved beside the ONNX as <name>.tokenizer/ and recorded in the model.")
+    p.add_argument("model_dir", help="local Hugging Face model directory (config.json + weights), a .gguf file, "
+                                     "or a packaged sample: 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M-Instruct)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path")
+    p.add_argument("--fx", action="store_true", help="also write the torch.export FX graph as <name>.fx.txt")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="causal LMs: export past keys/values as inputs and presents as outputs (for generate)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("quantize", parents=[common], help="quantize a float ONNX model to W4A8 with FPTQ",
+                       description="Quantize a float ONNX model to W4A8 (INT4 group-wise weights, int8 activations) "
+                                   "with FPTQ's layer-wise activation strategy; writes the qdq form "
+                                   "(standard ONNX) or, with --format w4a8, the bundled fptq::W4A8MatMul op.")
+    p.add_argument("input", help="float ONNX model, or a model folder (ONNX Runtime GenAI, optimum or Hugging Face): "
+                                 "then -o names a new folder holding everything the input held, the model quantized")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+    calib = p.add_mutually_exclusive_group(required=True)
+    calib.add_argument("--calib", metavar="FILE", help="calibration text file, tokenized with the model's tokenizer; "
+                                                       "or a .npz of feeds (one array per model input, samples first)")
+    calib.add_argument("--calib-random", metavar="N", type=int,
+                       help="N random samples (data-free calibration): random tokens for a language model, values of "
+                            "each input's type and shape for other models")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the one recorded by export)")
+    p.add_argument("--recipe", default=defaults.recipe, action=RecipeAction, metavar="{" + ",".join(RECIPES) + "} | FILE.toml",
+                   help="default: fptq; a .toml file holds a recipe of your own; 'list' prints every recipe's row "
+                        "(classifier, equalizer, AWQ, weights) and exits; 'show NAME' prints one as TOML and exits")
+    p.add_argument("--format", default=defaults.format, choices=FORMATS,
+                   help="qdq: standard ONNX QDQ, runs anywhere (default); w4a8: the bundled integer op "
+                        "(load with fptq_graph.runtime.session or register fptq_graph.runtime.library_path()); "
+                        "ort: ONNX Runtime's MatMulNBits weights, activations as in qdq")
+    p.add_argument("--group-size", type=int, default=defaults.group_size, help="INT4 weight group along K (default %(default)s)")
+    p.add_argument("--asymmetric", action="store_true", help="uint4 weights with zero points instead of symmetric int4")
+    p.add_argument("--static-bound", type=float, default=defaults.static_bound, help="v <= this: per-tensor static (default %(default)s)")
+    p.add_argument("--dynamic-bound", type=float, default=defaults.dynamic_bound, help="v > this: per-token dynamic (default %(default)s)")
+    p.add_argument("--smooth-alpha", type=float, default=defaults.smooth_alpha, help="SmoothQuant alpha for smoothquant-w4a8 (default %(default)s)")
+    p.add_argument("--gptq", action="store_true", help="GPTQ weights (error feedback through calibration X^T X) "
+                                                        "instead of round-to-nearest")
+    p.add_argument("--weight-quantizer", choices=WEIGHT_QUANTIZERS, default=None,
+                   help="INT4 weight quantizer: rtn (max-abs scales), clip (each group's clipping ratio searched "
+                        "against diag(X^T X)-weighted error), gptq, gptq-clip (GPTQ on clipped scales); "
+                        "default: the recipe's (--recipe list)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize rows by decreasing diag(X^T X)")
+    p.add_argument("--ort-accuracy-level", type=int, choices=(0, 4), default=defaults.ort_accuracy_level,
+                   help="--format ort: MatMulNBits accuracy_level; 0 computes what the graph says (default), "
+                        "4 lets ONNX Runtime's CPU kernel quantize each input to int8 per block of K itself "
+                        "(no activation QDQ in the graph; faster decode)")
+    p.add_argument("--lm-head", choices=("float", "int8", "int4"), default=defaults.lm_head,
+                   help="the LM head (the linear producing the model output 'logits'): float, int8 per output "
+                        "channel (a tied embedding table is then stored once, quantized) or INT4 like the other "
+                        "linears (default %(default)s)")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="the older switch: the same as --lm-head int4")
+    p.add_argument("--sqnr-samples", type=int, default=defaults.sqnr_samples,
+                   help="calibration sequences the per-layer output SQNR is measured on; 0 skips it (default %(default)s)")
+    p.add_argument("--no-residual-compensation", action="store_true",
+                   help="do not fold LAE into a norm that also feeds a residual; fall back to dynamic instead")
+    p.add_argument("--calib-samples", type=int, default=defaults.calib_samples, help="calibration sequences (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=defaults.calib_seq_len, help="calibration sequence length (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=defaults.calib_batch_size, help="calibration batch size (default %(default)s)")
+    p.add_argument("--report", metavar="R.json", help="write the per-layer report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or pass log")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("eval", parents=[common], help="perplexity of a causal LM (float or quantized) on a text file",
+                       description="Perplexity through ONNX Runtime over non-overlapping windows of a text file, "
+                                   "tokenized with the model's recorded tokenizer (or --tokenizer).")
+    p.add_argument("model", help="ONNX causal LM with a 'logits' output")
+    p.add_argument("--text", required=True, help="evaluation text (use held-out text calibration never saw)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the one recorded by export)")
+    p.add_argument("--json", metavar="OUT.json", help="also write the result as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", parents=[common], help="greedy generation from a causal LM (float or quantized) in ONNX Runtime",
+                       description="Greedy generation through ONNX Runtime with the fptq op library registered; "
+                                   "new tokens are streamed to stdout, timings to stderr. Export with --kv-cache "
+                                   "for one-token steps.")
+    p.add_argument("model", help="ONNX causal LM with a 'logits' output, or a model folder (its tokenizer beside it)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="default %(default)s")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the one recorded by export)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("inspect", parents=[common], help="print what the compiler decided for each layer of a model",
+                       description="For a quantized model: the per-layer table (scheme, reason, activation max before "
+                                   "and after LAE, weight SQNR) stored in it. For a float model: its quantizable linears.")
+    p.add_argument("model", help="ONNX model")
+    p.add_argument("--json", action="store_true", help="print the stored report as JSON")
+    p.add_argument("--report", metavar="R.json", help="write the stored report as JSON")
+    p.add_argument("--html", metavar="R.html", help="write a self-contained HTML page: table, plot, passes")
+    p.add_argument("--plot", metavar="R.png", help="write the per-layer activation-max plot (log axis, bands shaded)")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def _cmd_export(args) -> int:
+    from fptq_graph.exporters import export_hf
+    from fptq_graph.exporters.packaged import PACKAGED, packaged_model
+
+    source = packaged_model(args.model_dir) if args.model_dir in PACKAGED else args.model_dir
+    outputs = RunOutputs()
+    outputs.add_input(source)
+    target = Path(args.output)
+    out = outputs.add(target, "-o", companions=(target.name + ".data",) + ((target.stem + ".fx.txt",) if args.fx else ()),
+                      folders=(target.stem + ".tokenizer",))
+    with outputs:
+        model = export_hf(source, out.staged, fx=args.fx, kv_cache=args.kv_cache)
+    print(f"wrote {args.output} ({_mib(model_files(args.output)):.1f} MiB, "
+          f"{len(model.graph.node)} nodes, opset {model.opset_import[0].version})")
+    if args.fx:
+        print(f"wrote {target.with_suffix('.fx.txt')}")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from fptq_graph.api import quantize
+    from fptq_graph.config import Config
+
+    config = Config(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
+                    group_size=args.group_size, symmetric=not args.asymmetric, format=args.format,
+                    compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
+                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, act_order=args.act_order, ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head, quantize_lm_head=args.quantize_lm_head, sqnr_samples=args.sqnr_samples,
+                    calib_batch_size=args.batch_size,
+                    calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet)
+    config.validate()   # every argument checked before any work
+    if Path(args.input).is_dir():
+        return _quantize_folder(args, config)
+    outputs = _outputs_reading(args.input, args.calib, args.tokenizer)
+    model_out = outputs.add(args.output, "-o", companions=(Path(args.output).name + ".data",))
+    report_out = outputs.add(args.report, "--report") if args.report is not None else None
+    calibration = args.calib if args.calib is not None else args.calib_random
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    with outputs:
+        result = quantize(args.input, calibration, config, tokenizer=args.tokenizer, log=log)
+        result.write(model_out, report_out)
+    if not args.quiet:
+        print(result.table())
+    size_in, size_out = _mib(model_files(args.input)), _mib(model_files(args.output))
+    print(f"wrote {args.output}: {size_out:.1f} MiB (input {size_in:.1f} MiB)"
+          + (f"; report {args.report}" if args.report else ""))
+    return 0
+
+
+def _quantize_folder(args, config) -> int:
+    """quantize MODEL_DIR -o OUT_DIR: a GenAI, optimum or Hugging Face folder in, the same folder with the
+    model quantized out (model_folder.py says what changes)."""
+    from fptq_graph.api import quantize
+    from fptq_graph.ir.folder import TOKENIZER_FILES, copy_companions, open_folder, update_genai_config
+    from fptq_graph.ir.metadata import TOKENIZER_KEY, set_metadata
+    from fptq_graph.ir.run_outputs import Output
+
+    folder = open_folder(args.input)
+    outputs = _outputs_reading(str(folder.model) if folder.model else None, args.calib, args.tokenizer)
+    outputs.add_input(folder.path)
+    out = outputs.add(args.output, "-o", is_folder=True)
+    report_out = outputs.add(args.report, "--report") if args.report is not None else None
+    calibration = args.calib if args.calib is not None else args.calib_random
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    name = folder.model.name if folder.model else "model.onnx"
+    with outputs, tempfile.TemporaryDirectory(prefix=".fptq-export-", dir=out.staged.parent) as scratch:
+        model_path = folder.model
+        if folder.kind == "huggingface":   # export first, with the KV cache for a causal LM
+            from fptq_graph.exporters import export_hf
+
+            model_path = Path(scratch) / name
+            export_hf(folder.path, model_path, kv_cache=_is_causal(folder.path))
+            for item in folder.path.iterdir():   # the tokenizer and configs, not the float weights
+                if item.name in TOKENIZER_FILES + ("config.json", "generation_config.json", "special_tokens_map.json"):
+                    shutil.copy2(item, out.staged / item.name)
+        else:
+            copy_companions(folder, set(model_files(folder.model)), out.staged)
+        result = quantize(model_path, calibration, config, tokenizer=args.tokenizer or folder.tokenizer, log=log)
+        if folder.tokenizer or folder.kind == "huggingface":   # the tokenizer travels in the folder
+            set_metadata(result.split.proto, TOKENIZER_KEY, str(out.final.resolve()))
+        result.write(Output("-o", out.final / name, out.staged / name), report_out)
+        if folder.kind == "genai":
+            library = None
+            if config.format == "w4a8":
+                from fptq_graph.runtime.sessions import library_path
+
+                library = library_path()
+            update_genai_config(out.staged, name, config.format, library)
+    if not args.quiet:
+        print(result.table())
+    size_in = _mib(model_files(folder.model)) if folder.model else 0.0
+    print(f"wrote {args.output}/ ({folder.kind} folder): {name} {_mib(model_files(out.final / name)):.1f} MiB "
+          f"(input {size_in:.1f} MiB)" + (f"; report {args.report}" if args.report else ""))
+    return 0
+
+
+def _is_causal(folder: Path) -> bool:
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except ValueError:
+        return False
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def _cmd_eval(args) -> int:
+    from fptq_graph.calibration import check_token_ids, leading_bos, load_tokenizer, read_token_ids, vocab_size_of
+    from fptq_graph.evaluate import perplexity
+    from fptq_graph.ir.load import load_model
+    from fptq_graph.ir.save import write_atomic
+    from fptq_graph.runtime.sessions import session
+
+    if args.seq_len < 2:
+        raise FptqError(f"--seq-len must be at least 2 (a window predicts its tokens after the first), got {args.seq_len}")
+    if args.max_tokens is not None and args.max_tokens < args.seq_len:
+        raise FptqError(f"--max-tokens must be at least one window (--seq-len {args.seq_len}), got {args.max_tokens}")
+    outputs = _outputs_reading(args.model, args.text, args.tokenizer)
+    json_out = outputs.add(args.json, "--json") if args.json is not None else None
+    with outputs:
+        model = load_model(args.model)
+        names = [o.name for o in model.graph.output]
+        if "logits" not in names:
+            raise FptqError(f"{args.model}: no 'logits' output (outputs: {', '.join(names)}); "
+                            "eval measures the perplexity of causal LMs")
+        get_tokenizer = functools.cache(lambda: load_tokenizer(args.tokenizer, model, args.model))
+        ids = read_token_ids(args.text, get_tokenizer, role="evaluation text")
+        check_token_ids(ids, vocab_size_of(model), args.text, args.model)
+        bos = leading_bos(get_tokenizer())
+        sess = session(args.model)
+        used = min(ids.size, args.max_tokens or ids.size)
+        value = perplexity(sess, ids, args.seq_len, max_tokens=args.max_tokens, progress=True, bos=bos,
+                           inputs=model.graph.input)
+        windows = used // (args.seq_len - (bos is not None))
+        result = {"model": args.model, "text": args.text, "seq_len": args.seq_len, "bos": bos,
+                  "tokens_scored": windows * (args.seq_len - 1), "windows": windows, "perplexity": value}
+        if json_out:
+            write_atomic(json_out.staged, json.dumps(result, indent=2))
+    print(f"{args.model}: perplexity {value:.4f} over {result['tokens_scored']} predicted tokens "
+          f"({windows} windows of {args.seq_len}{f', each starting with BOS {bos}' if bos is not None else ''})")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from fptq_graph.calibration import leading_bos, load_tokenizer, tokenize_text
+    from fptq_graph.generate import greedy_generate
+    from fptq_graph.ir.load import load_split
+    from fptq_graph.runtime.sessions import PROVIDERS, session
+
+    # The structure only: the tokenizer link, and the inputs with any KV cache sizes the loader filled in;
+    # one-line errors for a bad file.
+    if Path(args.model).is_dir():   # a model folder: its model, and the tokenizer beside it
+        from fptq_graph.ir.folder import open_folder
+
+        folder = open_folder(args.model)
+        if folder.model is None:
+            raise FptqError(f"{args.model}: a Hugging Face folder without an ONNX model; quantize or export it first")
+        args.model, args.tokenizer = str(folder.model), args.tokenizer or folder.tokenizer
+    header = load_split(args.model).proto
+    tokenizer = load_tokenizer(args.tokenizer, header, args.model)
+    inputs = list(header.graph.input)
+    del header
+    sess = session(args.model, providers=PROVIDERS[args.provider])
+    bos = leading_bos(tokenizer)
+    prompt = ([bos] if bos is not None else []) + tokenize_text(tokenizer, args.prompt)
+    print(args.prompt, end="", flush=True)
+    shown = ""
+    generated: list[int] = []
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)   # decode the whole tail: tokens can merge
+        shown = text
+
+    result = greedy_generate(sess, prompt, args.max_new_tokens, tokenizer.eos_token_id, stream, inputs=inputs)
+    print()
+    print(f"[{args.provider}] prompt {result.prompt_tokens} tokens: first token in {result.prefill_seconds * 1e3:.1f} ms; "
+          f"{len(result.decode_seconds)} more at {result.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from fptq_graph.ir.load import load_model
+    from fptq_graph.ir.metadata import get_metadata
+    from fptq_graph.report.layers import REPORT_KEY, format_table, parse_stored
+
+    outputs = _outputs_reading(args.model)
+    planned = {flag: outputs.add(path, flag) for flag, path in
+               (("--report", args.report), ("--html", args.html), ("--plot", args.plot)) if path is not None}
+    with outputs:
+        model = load_model(args.model)
+        stored = get_metadata(model, REPORT_KEY)
+        if stored is None:
+            if planned:
+                raise FptqError(f"{args.model}: not quantized by fptq-graph, so there is no report to write "
+                                "(--report/--html/--plot need a model written by 'fptq-graph quantize')")
+            return _inspect_float(model, args)
+        report = parse_stored(stored, args.model)
+        _write_inspect_files(report, planned, args.model)
+    for out in planned.values():
+        print(f"wrote {out.final}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    cfg = report["config"]
+    print(f"{args.model}: recipe {cfg['recipe']}, group {cfg['group_size']}, bounds {float(cfg['static_bound']):g}/"
+          f"{float(cfg['dynamic_bound']):g}, calibration {report['calibration']}")
+    for p in report["passes"]:
+        print(f"  [{p['name']}] {p['summary']}")
+    print(format_table(report["layers"]))
+    for kept in report.get("kept_float", []):
+        print(f"  kept float: {kept['name']} (K={kept['K']} N={kept['N']}): {kept['reason']}")
+    return 0
+
+
+def _write_inspect_files(report: dict, planned: dict, model_path: str) -> None:
+    from fptq_graph.ir.save import write_atomic
+    from fptq_graph.report.layers import to_json
+
+    if "--report" in planned:
+        write_atomic(planned["--report"].staged, to_json(report))
+    if "--plot" in planned:
+        from fptq_graph.report.plot import activation_png
+
+        write_atomic(planned["--plot"].staged, activation_png(report))
+    if "--html" in planned:
+        from fptq_graph.report.html import report_html
+
+        write_atomic(planned["--html"].staged, report_html(report, Path(model_path).name))
+
+
+def _outputs_reading(model: str | None, *others: str | None) -> RunOutputs:
+    """The run's outputs, guarded against every file it reads: the model with its external data files,
+    and the text and tokenizer given on the command line."""
+    outputs = RunOutputs()
+    if model is not None:
+        for path in model_files(model):
+            outputs.add_input(path)
+    for path in others:
+        outputs.add_input(path)
+    return outputs
+
+
+def _mib(files: list[Path]) -> float:
+    """Size of a model on disk, its external data included."""
+    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+
+
+def _inspect_float(model, args) -> int:
+    import onnx_graphsurgeon as gs
+
+    from fptq_graph.config import Config
+    from fptq_graph.passes import FindQuantizableLinears
+    from fptq_graph.passes.state import State
+
+    state = State(graph=gs.import_onnx(model), config=Config())
+    result = FindQuantizableLinears().run(state)
+    print(f"{args.model}: not quantized by fptq-graph; {result.summary}")
+    for linear in state.linears.values():
+        producer = f"{linear.producer.kind} '{linear.producer.node.name}'" if linear.producer else "none"
+        print(f"  {linear.name}  K={linear.k} N={linear.n}  producer: {producer}")
+    return 0

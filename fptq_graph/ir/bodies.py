@@ -1,0 +1,47 @@
+"""The one walker of control-flow bodies (If/Loop/Scan subgraphs), for both graph forms we hold:
+onnx-graphsurgeon graphs (the passes) and ONNX protos (loading, saving, sessions)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import onnx
+import onnx_graphsurgeon as gs
+
+
+def proto_bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs among a NodeProto's attributes (If's branches, Loop's and Scan's body)."""
+    return [b for attr in node.attribute for b in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
+
+
+def gs_bodies(node: gs.Node) -> list[gs.Graph]:
+    return [b for attr in node.attrs.values() for b in (attr if isinstance(attr, list) else [attr])
+            if isinstance(b, gs.Graph)]
+
+
+def proto_nodes(nodes) -> Iterator[onnx.NodeProto]:
+    """Every NodeProto in `nodes` and, depth first after each, those of its bodies at any depth."""
+    for node in nodes:
+        yield node
+        for body in proto_bodies(node):
+            yield from proto_nodes(body.node)
+
+
+def gs_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and every body in it, at any depth."""
+    yield graph
+    for node in graph.nodes:
+        for body in gs_bodies(node):
+            yield from gs_graphs(body)
+
+
+def gs_body_nodes(graph: gs.Graph, owner: str = "") -> Iterator[tuple[gs.Node, str]]:
+    """(node, the control-flow node owning its body: "If 'name'", "" at the top) for every node at any depth."""
+    for node in graph.nodes:
+        yield node, owner
+        for body in gs_bodies(node):
+            yield from gs_body_nodes(body, f"{node.op} '{node.name or node.op}'")
+
+
+def body_reads(node: onnx.NodeProto) -> set[str]:
+    """Names the bodies of `node` read, at any depth: outer-scope references included."""
+    return {name for body in proto_bodies(node) for inner in proto_nodes(body.node) for name in inner.input}

@@ -1,0 +1,131 @@
+"""Quantize each linear's [K, N] weight, tensor by tensor: group-wise INT4 by the recipe's weight
+quantizer (the plan's WeightSpec): round-to-nearest, the clipping search (weight_clipping.py,
+errors weighted by the recorded diag(X^T X)) or GPTQ (gptq.py, the recorded X^T X; "gptq-clip":
+each group's scale by the clipping search); int8 per output channel for the
+w8a8 recipe. The weight quantized is the one the linear now holds, i.e. after any equalization fold.
+A quantized LM head (Config.lm_head) is int8 per output channel ("int8") or INT4 at Config.lm_head_group ("int4").
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fptq_graph.errors import FptqError
+from fptq_graph.passes.base import Pass, PassResult
+from fptq_graph.plan.statistics import equalized, hessian_diag
+from fptq_graph.quant.clipping import clipped_groupwise
+from fptq_graph.quant.finite import check_weights_finite
+from fptq_graph.quant.gptq import gptq_quantize
+from fptq_graph.quant.int4 import QuantizedWeight, quantize_groupwise
+from fptq_graph.quant.int8 import quantize_per_channel_int8
+
+
+class QuantizeWeights(Pass):
+    name = "quantize_weights"
+    kind = "rewrite"
+    requires = frozenset({"plan", "equalization_folded"})
+    ensures = frozenset({"quantized_weights"})
+
+    def run(self, state) -> PassResult:
+        cfg, plan = state.config, state.plan
+        worst = ("", np.inf)
+        for linear in state.linears.values():
+            spec = plan[linear.name]
+            check_weights_finite([linear])
+            weight = linear.node.inputs[1].values
+            qw, note = quantize_weight(weight, spec, state.stats[linear.activation.name])
+            state.quantized[linear.name] = qw
+            if note:
+                state.weight_notes[linear.name] = note
+            sqnr = weight_sqnr(weight, qw)
+            state.weight_sqnr[linear.name] = sqnr
+            if sqnr < worst[1]:
+                worst = (linear.name, sqnr)
+        method = plan.recipe.weights
+        clip_scales = method == "gptq-clip"
+        if plan.recipe.weight_bits == 8:
+            kind = "int8 per output channel"
+        else:
+            kind = ("symmetric int4" if cfg.symmetric else "asymmetric uint4") + f", group {cfg.group_size}"
+            kind += {"gptq": " by GPTQ" + (" (clipped scales)" if clip_scales else "") + (" in act order" if cfg.act_order else ""),
+                     "clip": " by clipped round-to-nearest", "rtn": " by round-to-nearest"}["gptq" if clip_scales else method]
+        head = plan.head
+        if head.linear is not None:
+            kind += (f"; LM head '{head.linear}' " + ("int8 per output channel" if head.mode == "int8"
+                                                      else f"INT4 group {head.group_size}")
+                     + f" ({state.weight_sqnr[head.linear]:.1f} dB)")
+        return PassResult(f"{len(state.linears)} weights to {kind}; lowest SQNR {worst[1]:.1f} dB ({worst[0]})",
+                          stats={"weights": len(state.linears), "lowest_sqnr_db": worst[1], "lowest": worst[0]})
+
+
+def quantize_weight(weight: np.ndarray, plan, stats) -> tuple[QuantizedWeight, str]:
+    """One linear's weight quantized as its WeightSpec says, and a note on what the quantizer did.
+    `stats` is its input's ActivationStats (X^T X or its diagonal for GPTQ and the clipping search)."""
+    spec = plan.weight
+    if spec.bits == 8:
+        return quantize_per_channel_int8(weight), ""
+    if spec.quantizer in ("gptq", "gptq-clip"):
+        clip_scales = spec.quantizer == "gptq-clip"
+        qw = gptq_quantize(weight, equalized_hessian(stats, plan), spec.group_size, spec.symmetric, spec.damp,
+                           clip=clip_scales, act_order=spec.act_order)
+        return qw, f"weights GPTQ{' with clipped scales' if clip_scales else ''}{', act order' if spec.act_order else ''}"
+    if spec.quantizer == "clip":
+        # diag(H) weighting (recorded alone when nothing needs all of X^T X): 7 grid points cost
+        # about twice round-to-nearest; H's full group blocks cost 3x more for SmolLM2 (tried)
+        h = equalized(hessian_diag(stats), plan.eq_scale)
+        qw, ratio = clipped_groupwise(weight, spec.group_size, spec.symmetric, h)
+        return qw, (f"weights clipped ({'diag(X^T X)' if h is not None else 'unweighted'} search, "
+                    f"{100 * float(np.mean(ratio < 1)):.0f}% of groups below max-abs)")
+    return quantize_groupwise(weight, spec.group_size, spec.symmetric), ""
+
+
+def equalized_hessian(stats, plan) -> np.ndarray:
+    """X^T X of what the linear reads now: an equalization fold divided X by s, so H becomes H / (s s^T)."""
+    gram = stats.gram
+    if gram is None:
+        raise FptqError(f"GPTQ needs X^T X for '{plan.name}', which calibration did not record")
+    if plan.eq_scale is None:
+        return gram
+    s = plan.eq_scale.astype(np.float64)
+    return gram / np.outer(s, s)
+
+
+def weight_sqnr(reference: np.ndarray, approx: np.ndarray | QuantizedWeight) -> float:
+    """SQNR of `approx` (an array, or a QuantizedWeight dequantized a block at a time) against
+    `reference`, summed in float64 a block of columns at a time: whole-array float64 temporaries of a
+    262k-vocabulary LM head took quantize's peak to 7x the weights, and its whole float32
+    dequantization still added twice the head's float size."""
+    if isinstance(approx, QuantizedWeight) and approx.bits != 8:
+        approx = approx.dequantize()   # 4-bit codes unpack whole; such weights are no wider than the layers
+    signal = noise = 0.0
+    step = max(1, BLOCK_ELEMENTS // max(1, reference.shape[0]))
+    for start in range(0, reference.shape[-1], step):
+        cols = slice(start, start + step)
+        power, error = signal_and_noise(
+            reference[..., cols], approx.dequantize(cols) if isinstance(approx, QuantizedWeight) else approx[..., cols])
+        signal += power
+        noise += error
+    return sqnr_db(signal, noise)
+
+
+BLOCK_ELEMENTS = 1 << 22   # float64 temporaries of at most 32 MiB
+
+
+def signal_and_noise(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    """sum(ref^2) and sum((ref - out)^2) in float64, BLOCK_ELEMENTS at a time: an LM head's output
+    ([tokens, 262144] for a Gemma-3-sized vocabulary, 268 MB a sample) made four float64 temporaries
+    of twice its size at once when converted whole, more memory than the model's weights."""
+    ref, out = ref.reshape(-1), out.reshape(-1)
+    power = error = 0.0
+    for start in range(0, ref.size, BLOCK_ELEMENTS):
+        r = ref[start:start + BLOCK_ELEMENTS].astype(np.float64)
+        d = r - out[start:start + BLOCK_ELEMENTS]
+        power += float(r @ r)
+        error += float(d @ d)
+    return power, error
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise): +inf without noise, -inf without signal."""
+    if noise == 0:
+        return float("inf")
+    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")

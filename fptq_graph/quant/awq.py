@@ -1,0 +1,96 @@
+"""Activation-aware weight scales (AWQ, arXiv 2306.00978; SmoothQuant+), searched per sibling group on
+the recorded X^T X, with no extra forward pass.
+
+For siblings W_l [K, N] reading one input X (Hessian H = X^T X over T tokens, per-channel RMS
+r_j = sqrt(H_jj / T), per-channel max m_j) and a base scale s0 (FPTQ's LAE scale, or 1), candidate scales
+are s(alpha) = s0 * r^alpha (alpha on AWQ_ALPHAS; the r^alpha factor normalised to geometric mean 1),
+applied as X' = X / s, W' = diag(s) W. Each candidate is scored by the group's estimated W4A8 output
+error, in the units of the original product:
+  weight part      sum_l tr(ΔW_lᵀ H ΔW_l),  ΔW_l = W_l - diag(1/s) Q(diag(s) W_l)  (Q: round-to-nearest INT4)
+  activation part  (static int8 activations only: schemes static / lae / smooth) the int8 rounding of
+                   X / s as uniform noise of step Δ = max_j(m_j / s_j) / 127, i.e. s_j Δ on channel j:
+                   sum_j min(T (s_j Δ)^2 / 12, H_jj) sum_l |W_l,j|^2
+alpha = 0 is s0 itself (LAE, or no scale), so the search never picks a scale it estimates worse than
+FPTQ's own. How this composes with LAE: LAE fixes the static int8 range of the band 15-150; AWQ may
+move it only where the activation part says the int8 noise it adds is paid back by the INT4 weights
+(the equalized max is part of the objective instead of a hard budget). Per-token layers (dynamic) and
+float activations are scored on the weight part alone (their int8 step follows each token).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fptq_graph.quant.int4 import quantize_groupwise
+
+AWQ_ALPHAS = tuple(i / 10 for i in range(11))
+# The search scores each candidate on every (N / AWQ_COLUMNS)-th output column of each sibling: the weight
+# error is a sum of independent per-column terms, so a strided subset estimates it (the fold then applies
+# the chosen s to every column). 128 keeps SmolLM2's search to seconds (its full 576..1536 columns: minutes).
+AWQ_COLUMNS = 128
+
+
+@dataclass
+class AWQChoice:
+    scale: np.ndarray        # s = s0 * factor [K], float32
+    alpha: float
+    error: float             # estimated output error at the chosen alpha
+    base_error: float        # ... at alpha = 0 (s0 alone)
+
+
+def awq_factor(hessian_diag: np.ndarray, tokens: float, alpha: float) -> np.ndarray:
+    r = np.sqrt(np.maximum(np.asarray(hessian_diag, np.float64), 0.0) / max(tokens, 1.0))
+    live = r > 0
+    f = np.ones_like(r)
+    if alpha == 0 or not live.any():
+        return f
+    f[live] = r[live] ** alpha
+    f[live] /= np.exp(np.mean(np.log(f[live])))   # geometric mean 1: the product is unchanged anyway
+    return f
+
+
+def group_error(weights: list[np.ndarray], hessian: np.ndarray, s: np.ndarray, group_size: int, symmetric: bool,
+                act_max: np.ndarray | None, tokens: float, columns: int | None = None) -> float:
+    """Estimated output error of the siblings with scale s (see the module doc); act_max None: no activation
+    part. `columns`: the weight part from every (N / columns)-th output column only, scaled up (its
+    columns are independent terms of one sum); None: every column."""
+    s = s.astype(np.float64)
+    h32 = hessian.astype(np.float32)
+    total = 0.0
+    w2 = np.zeros(len(s))
+    for w in weights:
+        w = np.asarray(w, np.float64)
+        w2 += np.sum(w * w, axis=1)
+        stride = max(1, -(-w.shape[1] // columns)) if columns else 1
+        sub = w[:, ::stride]
+        scaled = (sub * s[:, None]).astype(np.float32)
+        delta = (sub - quantize_groupwise(scaled, group_size, symmetric).dequantize().astype(np.float64) / s[:, None])
+        delta = delta.astype(np.float32)
+        total += float(np.einsum("kn,kn->", delta, h32 @ delta, dtype=np.float64)) * (w.shape[1] / sub.shape[1])
+    if act_max is not None:
+        step = float((act_max / s).max()) / 127.0
+        d = np.maximum(np.diag(hessian), 0.0)
+        total += float(np.sum(np.minimum(tokens * (s * step) ** 2 / 12.0, d) * w2))
+    return total
+
+
+def search_awq(weights: list[np.ndarray], hessian: np.ndarray, tokens: float, base: np.ndarray | None,
+               group_size: int, symmetric: bool, act_max: np.ndarray | None, alphas=AWQ_ALPHAS,
+               columns: int | None = AWQ_COLUMNS) -> AWQChoice:
+    """The alpha (and scale) of least estimated error; act_max given for static int8 activations."""
+    k = hessian.shape[0]
+    s0 = np.ones(k) if base is None else np.asarray(base, np.float64)
+    diag = np.diag(hessian)
+    best = None
+    base_error = None
+    for alpha in alphas:
+        s = (s0 * awq_factor(diag, tokens, alpha)).astype(np.float32)
+        err = group_error(weights, hessian, s, group_size, symmetric,
+                          None if act_max is None else np.asarray(act_max, np.float64), tokens, columns)
+        if alpha == 0:
+            base_error = err
+        if best is None or err < best.error:
+            best = AWQChoice(scale=s, alpha=float(alpha), error=err, base_error=err)
+    best.base_error = base_error if base_error is not None else best.error
+    return best

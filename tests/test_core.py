@@ -1,0 +1,174 @@
+"""The compiler's core: the pass contract, the frozen plan, recipes as data (TOML), and the report fixes
+that came with them (an LM head's own group size; a linear in an If body is not called the LM head)."""
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import bad_models
+import crafted as C
+from fptq_graph import Config, FptqError, quantize
+from fptq_graph.cli import main
+from fptq_graph.passes import (Calibrate, ClassifyActivations, FindQuantizableLinears, InsertObservers, PassResult,
+                               Pipeline, PlanStatistics)
+from fptq_graph.passes.base import PassContractError
+from fptq_graph.passes.pipeline import calibration_pipeline, default_pipeline
+from fptq_graph.plan.plan import PlanFrozenError
+from fptq_graph.recipes import RECIPE_TABLE, recipe_row, to_toml
+from fptq_graph.report import REPORT_KEY
+from fingerprints import graph_fingerprint
+
+FAST = dict(group_size=16, sqnr_samples=0, progress=False)
+
+
+def test_a_pipeline_in_the_wrong_order_is_refused_before_any_work():
+    with pytest.raises(PassContractError, match="pass 'calibrate' requires observed_model"):
+        Pipeline([FindQuantizableLinears(), PlanStatistics(), Calibrate()])
+    with pytest.raises(PassContractError, match="'classify' requires"):
+        Pipeline([FindQuantizableLinears(), ClassifyActivations()])
+    with pytest.raises(PassContractError, match="'insert_observers' requires .*canonical_weights"):
+        Pipeline([FindQuantizableLinears(), PlanStatistics(), InsertObservers()])
+
+
+def test_calibration_is_a_prefix_of_the_default_pipeline():
+    for form in ("qdq", "w4a8", "ort"):
+        full = default_pipeline(form)
+        assert full.names[:len(calibration_pipeline())] == calibration_pipeline().names
+        assert full.until("statistics").names == calibration_pipeline().names
+        kinds = [p.kind for p in full]
+        # analysis before the plan is frozen; after it only rewrites, one lowering and a measurement
+        frozen = full.names.index("freeze_plan")
+        assert set(kinds[frozen + 1:]) <= {"rewrite", "lower", "measure"} and kinds.count("lower") == 1
+
+
+def test_every_pass_returns_a_result_with_numbers():
+    model, _ = C.ln_block(5.0, np.random.default_rng(0))
+    result = quantize(model, C.feeds(np.random.default_rng(1), 2), Config(recipe="fptq-paper", **FAST))
+    assert [p.name for p in result.passes] == default_pipeline().names
+    assert all(isinstance(p.result, PassResult) and p.stats for p in result.passes)
+    assert result.stats("find_linears")["linears"] == len(result.layers) == 4   # lin_a, lin_b, lin_h, lin_c
+    assert sum(result.stats("classify").values()) == 4
+    # analysis passes say they left the graph alone; the emitter rewrote it
+    assert not any(p.result.modified for p in result.passes if p.kind == "analysis")
+    assert next(p for p in result.passes if p.name == "emit_qdq").result.modified
+    report = result.report()
+    assert report["passes"][0]["stats"]["linears"] == 4 and json.dumps(report, allow_nan=False)
+
+
+def test_the_plan_is_frozen_and_matches_the_report():
+    model, _ = C.ln_block(5.0, np.random.default_rng(0))
+    result = quantize(model, C.feeds(np.random.default_rng(1), 2), Config(recipe="fptq-paper", **FAST))
+    plan = result.plan
+    with pytest.raises(PlanFrozenError):
+        plan.head = None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan["lin_a"].activation.scheme = "dynamic"
+    with pytest.raises(TypeError):
+        plan._linears["lin_a"] = None                       # a read-only mapping
+    s = plan["lin_a"].eq_scale
+    assert s is not None and not s.flags.writeable          # the LAE scale cannot be changed in place
+    rows = {r["name"]: r for r in result.layers}
+    for name, p in plan.items():
+        assert rows[name]["scheme"] == p.scheme and rows[name]["group_size"] == p.weight.group_size == 16
+        assert rows[name]["act_scale"] == (None if p.activation.scale is None else pytest.approx(p.activation.scale, rel=1e-4))
+        assert rows[name]["reason"].startswith(p.reason)
+
+
+def test_the_report_gives_the_lm_head_its_own_group():
+    model = bad_models.token_model(vocab=40)
+    ids = bad_models_ids(40)
+    int4 = quantize(model, [{"input_ids": ids}], Config(lm_head="int4", lm_head_group_size=8, **FAST))
+    rows = {r["name"]: r for r in int4.layers}
+    assert rows["lm_head"]["group_size"] == 8 and int4.plan.head.group_size == 8
+    assert all(r["group_size"] == 16 for name, r in rows.items() if name != "lm_head")
+    int8 = quantize(model, [{"input_ids": ids}], Config(**FAST))
+    assert {r["name"]: r for r in int8.layers}["lm_head"]["group_size"] is None   # per output channel
+
+
+def bad_models_ids(vocab):
+    return np.random.default_rng(0).integers(0, vocab, (2, 8)).astype(np.int64)
+
+
+def test_a_linear_in_an_if_body_is_not_called_the_lm_head(tmp_path, capsys):
+    path = Path(bad_models.save(bad_models.matmul_in_if(), tmp_path / "branchy.onnx"))
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(path), "-o", str(out), "--calib-random", "2", "--seq-len", "8", "--group-size", "8",
+                 "-q"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "LM head kept float" not in text and "in control-flow bodies kept float (inner)" in text
+    report = json.loads(next(p.value for p in onnx.load(str(out)).metadata_props if p.key == REPORT_KEY))
+    stats = next(p["stats"] for p in report["passes"] if p["name"] == "find_linears")
+    assert stats["in_bodies_kept_float"] == 1 and stats["head_kept_float"] == 0
+
+
+def test_a_toml_recipe_is_the_row_it_prints(tmp_path):
+    """`--recipe show NAME` round-trips: the TOML of a built-in row loads as the same row and gives the
+    same graph, byte for byte."""
+    model, _ = C.ln_block(5.0, np.random.default_rng(0))
+    feeds = C.feeds(np.random.default_rng(1), 2)
+    for name in ("fptq", "smoothquant-w4a8", "fptq-measured"):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(to_toml(RECIPE_TABLE[name]))
+        assert recipe_row(str(path)) == RECIPE_TABLE[name]
+        ours = quantize(model, feeds, Config(recipe=str(path), **FAST))
+        theirs = quantize(model, feeds, Config(recipe=name, **FAST))
+        assert graph_fingerprint(ours.model) == graph_fingerprint(theirs.model)
+
+
+def test_a_toml_recipe_changes_what_it_says(tmp_path):
+    model, _ = C.ln_block(5.0, np.random.default_rng(0))
+    feeds = C.feeds(np.random.default_rng(1), 2)
+    path = tmp_path / "mine.toml"
+    path.write_text('classifier = "bands"\nequalizer = "lae"\nawq = false\nweights = "clip"\nweight_bits = 4\n'
+                    '[options]\nstatic_bound = 0.0\ndynamic_bound = 1e9\n')
+    result = quantize(model, feeds, Config(recipe=str(path), **FAST))
+    assert result.plan.recipe.name == "mine" and result.config.static_bound == 0.0
+    assert {p.weight.quantizer for p in result.plan.values()} == {"clip"}
+    assert result.plan["lin_a"].scheme == result.plan["lin_b"].scheme == "lae"   # every foldable linear in the band
+    explicit = quantize(model, feeds, Config(recipe=str(path), static_bound=1e8, dynamic_bound=1e9, **FAST))
+    assert {p.scheme for p in explicit.plan.values()} == {"static"}               # the user's value wins
+
+
+@pytest.mark.parametrize("text,problem", [
+    ('classifier = "bands"\nequalizer = "lae"\nawq = false\nweights = "rtn"\nweight_bits = 4\ncolour = 3\n', "unknown key 'colour'"),
+    ('classifier = "bands"\nequalizer = "lae"\nawq = false\nweights = "rtn"\n', "missing key 'weight_bits'"),
+    ('classifier = "vibes"\nequalizer = "lae"\nawq = false\nweights = "rtn"\nweight_bits = 4\n', "classifier = 'vibes'"),
+    ('classifier = "bands"\nequalizer = "lae"\nawq = "yes"\nweights = "rtn"\nweight_bits = 4\n', "awq must be a bool"),
+    ('classifier = "bands"\nequalizer = "lae"\nawq = false\nweights = "rtn"\nweight_bits = 4\n[options]\nalpha = 1.0\n',
+     "unknown option 'alpha'"),
+    ('classifier = "bands"\nequalizer = \n', "not valid TOML"),
+])
+def test_a_bad_toml_recipe_is_one_line_naming_the_key(tmp_path, capsys, text, problem):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(FptqError, match=problem):
+        Config(recipe=str(path)).validate()
+    model = tmp_path / "m.onnx"
+    C.save(C.ln_block(1.0, np.random.default_rng(0))[0], model)
+    assert main(["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calib-random", "2", "--recipe", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and problem.split("'")[0] in err and str(path) in err
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_recipe_show_prints_toml(capsys):
+    assert main(["quantize", "--recipe", "show", "fptq"]) == 0
+    out = capsys.readouterr().out
+    assert 'weights = "gptq-clip"' in out and "awq = true" in out
+    assert main(["quantize", "--recipe", "show", "nope"]) == 2
+
+
+def test_the_old_module_names_still_import():
+    import importlib
+
+    from fptq_graph.compat import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    from fptq_graph.model_io import load_model, save_model   # noqa: F401  (the old loaders' home)
+    from fptq_graph.w4a8_op import pack_weight                # noqa: F401
