@@ -147,9 +147,9 @@ def check_row(row: Recipe, where: str) -> Recipe:
         if key not in RECIPE_OPTIONS:
             raise RecipeError(f"{where}: unknown option {key!r} in [options]; options are {', '.join(RECIPE_OPTIONS)}")
         kind = RECIPE_OPTIONS[key]
-        if not isinstance(value, kind) or (kind is float and isinstance(value, bool)):
-            if not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
-                raise RecipeError(f"{where}: option {key} must be a {kind.__name__}, got {value!r}")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (isinstance(value, bool) if kind is bool else numeric):
+            raise RecipeError(f"{where}: option {key} must be a {kind.__name__}, got {value!r}")
     return row
 
 
@@ -174,9 +174,9 @@ def _load_toml(path: str, mtime_ns: int) -> Recipe:
     options = data.pop("options", {})
     data.setdefault("name", Path(path).stem)
     data.setdefault("summary", f"user recipe {Path(path).name}")
-    row = Recipe(**data, options=tuple(sorted((k, float(v) if RECIPE_OPTIONS.get(k) is float and isinstance(v, int)
-                                                 and not isinstance(v, bool) else v) for k, v in options.items())))
-    return check_row(row, path)
+    row = check_row(Recipe(**data, options=tuple(sorted(options.items()))), path)
+    # TOML writes 10 for 10.0: float options are floats from here on
+    return replace(row, options=tuple((k, float(v) if RECIPE_OPTIONS[k] is float else v) for k, v in row.options))
 
 
 def to_toml(row: Recipe) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from fptq_graph.config import Config
-from fptq_graph.plan.plan import EQUALIZED, SCHEMES, Plan, PlanDraft  # noqa: F401  (SCHEMES/EQUALIZED: their home is plan.py)
+from fptq_graph.plan.plan import Plan, PlanDraft
 from fptq_graph.plan.statistics import ActivationStats
 
 

@@ -99,7 +99,6 @@ class HeadPlan:
     linear: str | None = None
     group_size: int | None = None              # INT4 group of an int4 head; None for int8 (per channel)
     tied: tuple = ()                           # the tied embedding Gather nodes, in graph order
-    summary: str = ""
 
 
 @dataclass
@@ -147,9 +146,6 @@ class Plan(Mapping):
 
     def __len__(self) -> int:
         return len(self._linears)
-
-    def is_head(self, name: str) -> bool:
-        return self.head.linear is not None and self.head.linear == name
 
 
 def linear_plan(name: str, draft: PlanDraft, act_max: np.ndarray, weight: WeightSpec) -> LinearPlan:

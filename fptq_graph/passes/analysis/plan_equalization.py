@@ -47,7 +47,7 @@ class PlanEqualization(Pass):
         searched: list[float] = []      # AWQ: the alpha chosen per group
         column_divided: dict[str, np.ndarray] = {}   # a product source's weight with 1/s in its columns
         products = product_groups(state) if awq else []
-        pending = list(products)
+        searched_products = 0            # product groups are searched in graph order, each before its source's group
         outputs = {t.name for t in state.graph.outputs}
         head = draft.head.linear if draft.head is not None else None
         equalized = 0
@@ -57,9 +57,10 @@ class PlanEqualization(Pass):
 
         def search_products(until: int) -> None:
             """The product groups (in graph order) up to index `until`, before any group reads their source."""
-            nonlocal equalized
-            while pending and products.index(pending[0]) <= until:
-                group = pending.pop(0)
+            nonlocal equalized, searched_products
+            while searched_products < len(products) and searched_products <= until:
+                group = products[searched_products]
+                searched_products += 1
                 choice = self._search(state, group.readers, None, np.max([state.act_max(l) for l in group.readers], axis=0),
                                       weight)
                 if choice is None:

@@ -83,10 +83,7 @@ def equalized_hessian(stats, plan) -> np.ndarray:
     gram = stats.gram
     if gram is None:
         raise FptqError(f"GPTQ needs X^T X for '{plan.name}', which calibration did not record")
-    if plan.eq_scale is None:
-        return gram
-    s = plan.eq_scale.astype(np.float64)
-    return gram / np.outer(s, s)
+    return equalized(gram, plan.eq_scale)
 
 
 def weight_sqnr(reference: np.ndarray, approx: np.ndarray | QuantizedWeight) -> float:
