@@ -24,10 +24,12 @@ from fptq_graph.ir.opset import MIN_OPSET, upgrade_opset
 from fptq_graph.ir.save import finish_model, finish_split, save_model, write_atomic
 from fptq_graph.ir.split_model import SplitModel, bind_arrays, split_proto
 from fptq_graph.ir.run_outputs import Output, RunOutputs, model_files
-from fptq_graph.passes.base import PassRecord
+from fptq_graph.passes.base import PassRecord, Pipeline
 from fptq_graph.passes.pipeline import calibration_pipeline, default_pipeline
 from fptq_graph.report.layers import REPORT_KEY, format_table, json_numbers, layer_rows, to_json
 from fptq_graph.passes.state import State
+from fptq_graph.sequential.block_by_block import run_block_by_block
+from fptq_graph.sequential.mode import choose_mode
 
 
 @dataclass
@@ -40,6 +42,14 @@ class QuantizeResult:
     calibration: str = ""
     kept_float: list[dict] = field(default_factory=list)   # linears left float on purpose (lm_head), with why
     plan: Any = None             # the frozen plan (plan/plan.py): every linear's decisions, the LM head's
+    run: dict = field(default_factory=dict)   # whole graph or block by block, why, and per block time and memory
+    work: Any = None             # sequential.work_folder.WorkFolder of a block-by-block run (its codes back the model)
+
+    def discard_work(self) -> None:
+        """Removes a block-by-block run's work folder (call once the model is written: its codes are read
+        from there)."""
+        if self.work is not None:
+            self.work.remove()
 
     def stats(self, pass_name: str) -> dict:
         """The numbers a pass reported (its PassResult.stats)."""
@@ -60,6 +70,7 @@ class QuantizeResult:
                         "seconds": round(p.seconds, 3)} for p in self.passes],
             "layers": self.layers,
             "kept_float": self.kept_float,
+            "run": self.run,
         }
 
     def table(self) -> str:
@@ -77,6 +88,7 @@ class QuantizeResult:
         report = outputs.add(report_path, "report") if report_path is not None else None
         with outputs:
             self.write(model, report)
+        self.discard_work()
         return Path(path)
 
     def write(self, model: Output, report: Output | None = None) -> None:
@@ -97,7 +109,8 @@ class QuantizeResult:
 
 
 def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: Any, config: Config | None = None,
-             *, tokenizer: Any = None, log=None) -> QuantizeResult:
+             *, tokenizer: Any = None, log=None, work_dir: str | os.PathLike | None = None,
+             resume: bool = False) -> QuantizeResult:
     """Quantize a float ONNX model to W4A8 with FPTQ.
 
     calibration: a CalibrationSet; a list of feed dicts (one per batch); an int N for N random-token
@@ -105,13 +118,30 @@ def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: An
     tokenized with `tokenizer` (an HF tokenizer or its directory) or the one our exporter recorded.
     The input model is never modified (a path is read, its weights mapped read-only; a ModelProto is
     copied). One float copy of the weights lives through the run (see split_model).
+
+    Large models go block by block (sequential/: Config.sequential, memory_budget_mib); `work_dir` is
+    then the folder of finished blocks (default: a temporary one) and `resume` continues an earlier
+    run's from it. result.run says which way the run went and why; result.discard_work() removes the
+    folder once the output is written (save() does).
     """
     state, source = _prepare(model_or_path, calibration, config, tokenizer)
-    records = default_pipeline(state.config.format).run(state, log=log)
+    pipeline = default_pipeline(state.config.format)
+    records = pipeline.until("linears").run(state, log=log)
+    mode = choose_mode(state)
+    work = None
+    if mode.sequential:
+        state.sequential = True
+        more, run, work = run_block_by_block(state, mode, source, log=log, work_dir=work_dir, resume=resume)
+        records += more
+    else:
+        if log:
+            log(f"[mode] whole graph: {mode.why}")
+        records += Pipeline(list(pipeline)[1:], given=state.facts).run(state, log=log)
+        run = mode.to_dict()
     out = finish_split(state.graph, state.source_model.proto)
     result = QuantizeResult(split=out, layers=layer_rows(state), passes=records, config=state.config, source=source,
                             calibration=state.calibration.source, kept_float=list(state.kept_float.values()),
-                            plan=state.plan)
+                            plan=state.plan, run=run, work=work)
     set_metadata(out.proto, REPORT_KEY, json.dumps(result.report(), allow_nan=False, default=str))
     return result
 

@@ -82,6 +82,12 @@ class Config:
     quantize_lm_head: bool = False   # alias of lm_head="int4"
     gptq_damp: float = 0.01          # GPTQ: dampening added to diag(H), as a fraction of its mean
     sqnr_samples: int = 2            # calibration sequences the report's per-layer output SQNR is measured on
+    # Block by block (sequential/): None decides (block by block when the whole-graph run would not fit
+    # memory_budget_mib, or would have to trade AWQ/GPTQ for memory); True forces it, False refuses it.
+    sequential: bool | None = None
+    memory_budget_mib: int | None = None   # what the whole-graph run may take (None: 60% of the available memory)
+    block_inputs: str = "float"      # block by block: each block calibrated on the float model's activations
+                                     # ("float") or on what the already quantized blocks before it give ("quantized")
     # Calibration
     calib_batch_size: int = 8
     calib_seq_len: int = 512
@@ -134,6 +140,13 @@ class Config:
             raise FptqError(f"measured_tolerance_db must be >= 0, got {self.measured_tolerance_db}")
         if not 0.0 < self.gptq_damp < 1.0:
             raise FptqError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
+        if self.block_inputs not in ("float", "quantized"):
+            raise FptqError(f"block_inputs must be 'float' or 'quantized', got {self.block_inputs!r}")
+        if self.block_inputs == "quantized" and self.sequential is False:
+            raise FptqError("block_inputs='quantized' (--block-inputs quantized) needs the block-by-block run, which "
+                            "sequential=False (--no-sequential) refuses")
+        if self.memory_budget_mib is not None and self.memory_budget_mib < 1:
+            raise FptqError(f"memory_budget_mib must be >= 1, got {self.memory_budget_mib}")
         if self.sqnr_samples < 0:
             raise FptqError(f"sqnr_samples must be >= 0, got {self.sqnr_samples}")
         for name in ("calib_batch_size", "calib_seq_len", "calib_samples"):

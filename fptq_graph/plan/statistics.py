@@ -42,9 +42,11 @@ class ActivationStats:
 
     def add(self, field_name: str, value: np.ndarray) -> None:
         """Sums one batch's value of a SUMMED field (float64)."""
-        value = value.astype(np.float64)
         current = getattr(self, field_name)
-        setattr(self, field_name, value if current is None else current + value)
+        if current is None:
+            setattr(self, field_name, np.array(value, dtype=np.float64))
+        else:   # in place: a [K, K] float64 temporary per batch doubled X^T X's memory
+            current += np.asarray(value)
 
     def scalar(self, field_name: str) -> float | None:
         value = getattr(self, field_name)

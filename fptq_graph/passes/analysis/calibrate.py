@@ -29,27 +29,47 @@ class Calibrate(Pass):
         check_weights_finite(state.linears.values())
         model = state.observed_model
         sess = session(model, early_reductions=True)   # each observer runs as soon as its input exists
-        names = [n for o in state.observers.values() for n in (o.max, o.finite)]
-        names += [n for o in state.observers.values() for n in o.sums.values()]
-        running: dict[str, np.ndarray] = {}
-        stats = {activation: ActivationStats() for activation in state.observers}
+        names = observer_outputs(state.observers)
+        accumulate = StatisticsSum(state.observers, state.linears)
         bar = tqdm(state.calibration.feed_batches(model.proto.graph.input), total=len(state.calibration),
                    desc="calibrating", unit="batch", disable=not state.config.progress)
         for index, feeds in enumerate(bar):
-            results = dict(zip(names, ort_errors.run(sess, names, feeds, f"calibration batch {index}")))
-            for activation, observed in state.observers.items():
-                if np.isnan(results[observed.finite]) or not np.all(np.isfinite(results[observed.max])):
-                    users = [l.name for l in state.linears.values() if l.activation.name == activation]
-                    raise CalibrationError(
-                        f"NaN or Inf during calibration (batch {index}) in '{activation}', the input of {', '.join(users)}"
-                    )
-                batch_max = results[observed.max].astype(np.float32)
-                running[activation] = batch_max if activation not in running else np.maximum(running[activation], batch_max)
-                for field_name, output in observed.sums.items():
-                    stats[activation].add(field_name, results[output])
-        for activation, maxima in running.items():
-            stats[activation].max = maxima
+            accumulate(dict(zip(names, ort_errors.run(sess, names, feeds, f"calibration batch {index}"))), index)
+        stats = accumulate.result()
         state.stats = stats
         calib = state.calibration
         return PassResult(f"{calib.num_samples} samples in {len(calib)} batches from {calib.source}",
                           stats={"samples": calib.num_samples, "batches": len(calib)})
+
+
+def observer_outputs(observers: dict) -> list[str]:
+    """The observed model's outputs for `observers` (activation -> Observers), in fetch order."""
+    return [n for o in observers.values() for n in (o.max, o.finite)] + [n for o in observers.values() for n in o.sums.values()]
+
+
+class StatisticsSum:
+    """Sums one batch's observer outputs after another into ActivationStats: the running per-channel
+    max and the float64 sums (the whole-graph and the block-by-block calibration share it)."""
+
+    def __init__(self, observers: dict, linears: dict):
+        self.observers, self.linears = observers, linears
+        self.running: dict[str, np.ndarray] = {}
+        self.stats = {activation: ActivationStats() for activation in observers}
+
+    def __call__(self, results: dict[str, np.ndarray], index: int) -> None:
+        for activation, observed in self.observers.items():
+            if np.isnan(results[observed.finite]) or not np.all(np.isfinite(results[observed.max])):
+                users = [l.name for l in self.linears.values() if l.activation.name == activation]
+                raise CalibrationError(
+                    f"NaN or Inf during calibration (batch {index}) in '{activation}', the input of {', '.join(users)}"
+                )
+            batch_max = results[observed.max].astype(np.float32)
+            running = self.running.get(activation)
+            self.running[activation] = batch_max if running is None else np.maximum(running, batch_max)
+            for field_name, output in observed.sums.items():
+                self.stats[activation].add(field_name, results[output])
+
+    def result(self) -> dict:
+        for activation, maxima in self.running.items():
+            self.stats[activation].max = maxima
+        return self.stats

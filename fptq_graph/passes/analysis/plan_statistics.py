@@ -7,7 +7,9 @@ weights plus calibration activations). So when the recipe's own choice (the defa
 AWQ + GPTQ-clip) would need more than Config.statistics_budget_mib (default: the float weights' size,
 at least 1 GiB), this pass trades GPTQ and AWQ for the clipping search, which needs only diag(X^T X)
 (K floats an input), and says so in its summary and in every layer's reason. A weight quantizer the
-user asked for (--weight-quantizer, --gptq) is never traded.
+user asked for (--weight-quantizer, --gptq) is never traded. Block by block (state.sequential), X^T X is
+held one block at a time and nothing is traded: sequential/mode.py goes block by block, by default,
+exactly where this pass would otherwise trade.
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ class PlanStatistics(Pass):
         chosen = f"recipe {row.name}: {row.classifier} activations, {row.equalizer} equalizer" \
                  f"{', AWQ' if row.awq else ''}, {row.weights} weights"
         stats = {"gram_bytes": gram_bytes, "budget_bytes": budget, "traded": False}
+        if state.sequential:
+            extra = f"; X^T X for {len(inputs)} inputs: {gram_bytes / MIB:.0f} MiB, held one block at a time" if gram_bytes else ""
+            return PassResult(chosen + extra, stats=stats)
         if gram_bytes <= budget:
             extra = f"; X^T X for {len(inputs)} inputs: {gram_bytes / MIB:.0f} MiB" if gram_bytes else ""
             return PassResult(chosen + extra, stats=stats)

@@ -1,0 +1,161 @@
+"""The work folder of a block-by-block run: each finished block's decisions and quantized codes, so a
+run that is stopped (killed, out of disk, a power cut) resumes at the first unfinished block.
+
+    <folder>/manifest.json          the run's fingerprint (input files, calibration, config, blocks)
+    <folder>/block-00007/           one finished block: result.pkl (its plans, notes, SQNRs, pass
+                                    records) and one .npy per quantized array (codes, scales, zero points)
+    <folder>/activations/           spilled cut activations (cut_store.py; never resumed from)
+
+A block is written into block-00007.tmp-<pid> and renamed into place once complete, so a block folder
+that exists is whole; temporary folders of dead runs are removed when a run opens the folder. Resuming
+needs the same fingerprint: a folder made by another input, calibration or configuration is refused,
+never mixed in. The codes are read back memory-mapped, so finished blocks cost no memory until the
+output is written.
+
+Resident: nothing but the manifest; a loaded block's codes are mapped files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from fptq_graph.errors import FptqError
+from fptq_graph.quant.int4 import QuantizedWeight
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+class WorkFolderError(FptqError):
+    """A work folder that cannot be used for this run (another run's, or unreadable)."""
+
+
+@dataclass
+class BlockResult:
+    plans: dict                      # linear -> LinearPlan
+    head: object                     # HeadPlan if this block holds the LM head, else None
+    product_folds: tuple
+    quantized: dict                  # linear -> QuantizedWeight
+    notes: dict = field(default_factory=dict)
+    weight_sqnr: dict = field(default_factory=dict)
+    records: list = field(default_factory=list)
+    gram_bytes: int = 0
+
+
+class WorkFolder:
+    def __init__(self, path: Path, fingerprint: str, blocks: int):
+        self.path, self.fingerprint, self.blocks = Path(path), fingerprint, blocks
+        self.kept = 0     # finished blocks found from an earlier run
+
+    def open(self, resume: bool, log=None) -> None:
+        """Creates the folder, or takes up an earlier run's: resumed with `resume` when its fingerprint
+        is this run's, else emptied (said in `log`)."""
+        manifest = self.path / MANIFEST
+        if manifest.is_file():
+            try:
+                earlier = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                earlier = {}
+            finished = self._finished_indices()
+            same = earlier.get("fingerprint") == self.fingerprint and earlier.get("format") == FORMAT
+            if resume and not same:
+                raise WorkFolderError(f"{self.path}: this work folder belongs to another run (different input, "
+                                      "calibration or settings); remove it, or run without --resume to start over")
+            if resume:
+                self.kept = len(finished)
+                self._remove_stale()
+                if log:
+                    log(f"[resume] {self.path}: {len(finished)} of {self.blocks} blocks finished earlier; going on "
+                        f"from block {min(set(range(self.blocks)) - set(finished), default=self.blocks) + 1}")
+                return
+            if finished and log:
+                log(f"[work] {self.path}: an earlier run left {len(finished)} finished block(s); starting over "
+                    f"(--resume would have continued {'it' if same else 'nothing: it was another run'})")
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif resume and log:
+            log(f"[resume] {self.path}: no earlier run to resume; starting from block 1")
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / (MANIFEST + ".tmp")).write_text(json.dumps({"format": FORMAT, "fingerprint": self.fingerprint,
+                                                                 "blocks": self.blocks, "pid": os.getpid()}))
+        os.replace(self.path / (MANIFEST + ".tmp"), manifest)
+
+    def _finished_indices(self) -> list[int]:
+        found = []
+        for entry in self.path.glob("block-*"):
+            if entry.is_dir() and ".tmp-" not in entry.name and (entry / "result.pkl").is_file():
+                try:
+                    found.append(int(entry.name.split("-")[1]))
+                except ValueError:
+                    continue
+        return sorted(found)
+
+    def _remove_stale(self) -> None:
+        for entry in self.path.glob("block-*.tmp-*"):
+            shutil.rmtree(entry, ignore_errors=True)
+        shutil.rmtree(self.path / "activations", ignore_errors=True)
+
+    def block_dir(self, index: int) -> Path:
+        return self.path / f"block-{index:05d}"
+
+    def finished(self, index: int) -> bool:
+        return (self.block_dir(index) / "result.pkl").is_file()
+
+    def save(self, index: int, result: BlockResult) -> None:
+        final = self.block_dir(index)
+        staged = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        try:
+            stored = {}
+            for number, (name, qw) in enumerate(result.quantized.items()):
+                files = {}
+                for part in ("codes", "scale", "zero_point"):
+                    array = getattr(qw, part)
+                    if array is not None:
+                        files[part] = f"w{number}.{part}.npy"
+                        np.save(staged / files[part], np.ascontiguousarray(array))
+                stored[name] = (files, qw.shape, qw.group_size, qw.bits)
+            head = result.head
+            tied = tuple(g.outputs[0].name for g in head.tied) if head is not None and head.tied else ()
+            meta = replace(result, quantized=stored, head=(replace(head, tied=()) if head is not None else None, tied))
+            with open(staged / "result.pkl", "wb") as f:
+                pickle.dump(meta, f, protocol=pickle.HIGHEST_PROTOCOL)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(staged, final)
+        except OSError as exc:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise WorkFolderError(f"{self.path}: could not write block {index + 1} ({exc.strerror or exc}); the "
+                                  "blocks finished before it are kept: rerun with --resume") from None
+
+    def load(self, index: int, node_by_output: dict) -> BlockResult:
+        """A finished block, its codes mapped read-only; `node_by_output` resolves the tied lookups."""
+        folder = self.block_dir(index)
+        try:
+            with open(folder / "result.pkl", "rb") as f:
+                meta = pickle.load(f)
+            quantized = {}
+            for name, (files, shape, group_size, bits) in meta.quantized.items():
+                parts = {part: np.load(folder / file, mmap_mode="r") for part, file in files.items()}
+                quantized[name] = QuantizedWeight(codes=parts["codes"], shape=tuple(shape), scale=parts["scale"],
+                                                  zero_point=parts.get("zero_point"), group_size=group_size, bits=bits)
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, KeyError) as exc:
+            raise WorkFolderError(f"{folder}: unreadable finished block ({exc}); remove the work folder "
+                                  f"{self.path} and run again") from None
+        head, tied = meta.head
+        if head is not None and tied:
+            head = replace(head, tied=tuple(node_by_output[name] for name in tied))
+        for plan in meta.plans.values():
+            for array in (plan.equalization.scale, plan.equalization.column_scale):
+                if array is not None:
+                    array.flags.writeable = False
+        return replace(meta, quantized=quantized, head=head)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
