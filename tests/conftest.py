@@ -56,3 +56,45 @@ def smollm2_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("smollm2") / "smollm2.onnx"
     export_hf(packaged_model("smollm2"), path, kv_cache=True)
     return path
+
+
+FOLDER_LAYERS = 2   # hf_folder's decoder layers
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+    """A small random LLaMA (2 layers, hidden 64) saved as a Hugging Face folder with SmolLM2's tokenizer;
+    its input norms scaled up so that some linears land in FPTQ's LAE band."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fptq_graph.exporters.packaged import packaged_model
+
+    gguf = packaged_model("smollm2")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=FOLDER_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.mul_(20.0)   # q/k/v inputs into the LAE band (15, 150]
+    folder = tmp_path_factory.mktemp("llama") / "hf"
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def builder_folder(hf_folder):
+    """hf_folder made into an ONNX Runtime GenAI folder by the GenAI model builder itself (fp32, CPU)."""
+    import subprocess
+    out = hf_folder.parent / "genai-fp32"
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(out),
+                           "-p", "fp32", "-e", "cpu"], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "genai_config.json").is_file()
+    return out

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import shutil
 import sys
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from fptq_graph.errors import FptqError
@@ -149,6 +151,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=defaults.calib_batch_size, help="calibration batch size (default %(default)s)")
     p.add_argument("--report", metavar="R.json", help="write the per-layer report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or pass log")
+    big = p.add_argument_group("large models", "block by block: one transformer block's weights, statistics and "
+                               "activations in memory at a time (chosen automatically when the whole graph would not "
+                               "fit, or would have to trade AWQ/GPTQ for memory)")
+    big.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                     help="force (--sequential) or refuse (--no-sequential) the block-by-block run (default: decided "
+                          "from the memory budget, and said)")
+    big.add_argument("--memory-budget", type=int, metavar="MIB", default=None,
+                     help="memory the whole-graph run may take before the run goes block by block (default: 60%% of "
+                          "the memory available)")
+    big.add_argument("--block-inputs", choices=("float", "quantized"), default=defaults.block_inputs,
+                     help="block by block: calibrate each block on the float model's activations, or on what the "
+                          "already quantized blocks before it give (default %(default)s)")
+    big.add_argument("--resume", action="store_true",
+                     help="continue a stopped block-by-block run from its work folder (same arguments)")
+    big.add_argument("--work-dir", metavar="DIR", default=None,
+                     help="the block-by-block run's work folder of finished blocks (default: .<output name>.fptq-work "
+                          "beside the output; removed once the output is written)")
+    big.add_argument("--workers", type=int, metavar="N", default=None,
+                     help="calibrate each block on N Ray worker processes (a local Ray cluster for the run; needs "
+                          "pip install fptq-graph[distributed])")
+    big.add_argument("--ray-address", metavar="ADDR", default=None,
+                     help="calibrate on an existing Ray cluster (ray start --head; 'auto' finds the local one)")
     p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("eval", parents=[common], help="perplexity of a causal LM (float or quantized) on a text file",
@@ -213,18 +237,30 @@ def _cmd_quantize(args) -> int:
                     compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
                     gptq=args.gptq, weight_quantizer=args.weight_quantizer, act_order=args.act_order, ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head, quantize_lm_head=args.quantize_lm_head, sqnr_samples=args.sqnr_samples,
                     calib_batch_size=args.batch_size,
-                    calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet)
+                    calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet,
+                    sequential=args.sequential, memory_budget_mib=args.memory_budget, block_inputs=args.block_inputs)
     config.validate()   # every argument checked before any work
+    if args.sequential is False and (args.resume or args.workers or args.ray_address):
+        flag = "--resume" if args.resume else "--workers" if args.workers else "--ray-address"
+        return _fail(f"{flag} is for the block-by-block run, which --no-sequential refuses")
+    if args.workers is not None and args.workers < 1:
+        return _fail(f"--workers must be >= 1, got {args.workers}")
+    if args.workers and args.ray_address:
+        return _fail("--workers starts a local Ray cluster and --ray-address joins one: give one of them")
+    blocks = _block_options(args)
+    if args.sequential is None and (args.resume or args.workers or args.ray_address):
+        config = replace(config, sequential=True)   # these only mean something block by block
     if Path(args.input).is_dir():
-        return _quantize_folder(args, config)
+        return _quantize_folder(args, config, blocks)
     outputs = _outputs_reading(args.input, args.calib, args.tokenizer)
     model_out = outputs.add(args.output, "-o", companions=(Path(args.output).name + ".data",))
     report_out = outputs.add(args.report, "--report") if args.report is not None else None
     calibration = args.calib if args.calib is not None else args.calib_random
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
-    with outputs:
-        result = quantize(args.input, calibration, config, tokenizer=args.tokenizer, log=log)
+    with outputs, _keeping_work(blocks["work_dir"]):
+        result = quantize(args.input, calibration, config, tokenizer=args.tokenizer, log=log, **blocks)
         result.write(model_out, report_out)
+    result.discard_work()
     if not args.quiet:
         print(result.table())
     size_in, size_out = _mib(model_files(args.input)), _mib(model_files(args.output))
@@ -233,7 +269,28 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
-def _quantize_folder(args, config) -> int:
+def _block_options(args) -> dict:
+    """quantize's block-by-block arguments: the work folder (beside the output unless given), resume,
+    and the Ray workers."""
+    output = Path(args.output)
+    work = Path(args.work_dir) if args.work_dir else output.resolve().parent / f".{output.name}.fptq-work"
+    return {"work_dir": work, "resume": args.resume, "workers": args.workers, "ray_address": args.ray_address}
+
+
+@contextlib.contextmanager
+def _keeping_work(work_dir: Path):
+    """On a failed or stopped run, says where its finished blocks are and how to go on from them."""
+    try:
+        yield
+    except BaseException:
+        finished = sum(1 for e in work_dir.glob("block-*") if ".tmp-" not in e.name) if work_dir.is_dir() else 0
+        if finished:
+            print(f"fptq-graph: {finished} finished block(s) kept in {work_dir}: run the same command with --resume "
+                  "to go on from there", file=sys.stderr)
+        raise
+
+
+def _quantize_folder(args, config, blocks: dict) -> int:
     """quantize MODEL_DIR -o OUT_DIR: a GenAI, optimum or Hugging Face folder in, the same folder with the
     model quantized out (model_folder.py says what changes)."""
     from fptq_graph.api import quantize
@@ -261,7 +318,9 @@ def _quantize_folder(args, config) -> int:
                     shutil.copy2(item, out.staged / item.name)
         else:
             copy_companions(folder, set(model_files(folder.model)), out.staged)
-        result = quantize(model_path, calibration, config, tokenizer=args.tokenizer or folder.tokenizer, log=log)
+        with _keeping_work(blocks["work_dir"]):
+            result = quantize(model_path, calibration, config, tokenizer=args.tokenizer or folder.tokenizer, log=log,
+                              **blocks)
         if folder.tokenizer or folder.kind == "huggingface":   # the tokenizer travels in the folder
             set_metadata(result.split.proto, TOKENIZER_KEY, str(out.final.resolve()))
         result.write(Output("-o", out.final / name, out.staged / name), report_out)
@@ -272,6 +331,7 @@ def _quantize_folder(args, config) -> int:
 
                 library = library_path()
             update_genai_config(out.staged, name, config.format, library)
+    result.discard_work()
     if not args.quiet:
         print(result.table())
     size_in = _mib(model_files(folder.model)) if folder.model else 0.0

@@ -31,11 +31,13 @@ from fptq_graph.passes.base import PassRecord, PassResult, Pipeline
 from fptq_graph.passes.pipeline import EMITTERS, default_pipeline
 from fptq_graph.sequential.blocks import BlockCutError
 from fptq_graph.sequential.run import BlockRun, plan_blocks, quantize_blocks
+from fptq_graph.sequential.runners import make_runner
 from fptq_graph.sequential.work_folder import WorkFolder
 
 
 def run_block_by_block(state, mode, source: str, log=None, work_dir: str | os.PathLike | None = None,
-                       resume: bool = False) -> tuple[list[PassRecord], dict, WorkFolder | None]:
+                       resume: bool = False, workers: int | None = None,
+                       ray_address: str | None = None) -> tuple[list[PassRecord], dict, WorkFolder | None]:
     """Runs the rest of the default pipeline (after find_linears) block by block over `state`.
     Returns the pass records, the report's "run" section and the work folder (None when the run fell
     back to the whole graph); the caller removes the folder once the output is written."""
@@ -63,7 +65,12 @@ def run_block_by_block(state, mode, source: str, log=None, work_dir: str | os.Pa
     work = WorkFolder(folder, fingerprint(state, source, blocks), len(blocks))
     work.open(resume, log=log)
     run = BlockRun(why=mode.why)
-    records += quantize_blocks(state, form, blocks, work, run, log=log)
+    runner = make_runner(workers, ray_address, log=log)
+    try:
+        records += quantize_blocks(state, form, blocks, work, run, runner=runner, log=log)
+    finally:
+        runner.close()
+    run.workers = runner.workers
     emit = Pipeline([EMITTERS[form]()], given=state.facts)
     records += emit.run(state, log=log)
     left = [t.name for t in state.graph.tensors().values() if isinstance(t, gs.Constant) and is_spent(t._values)]
@@ -81,7 +88,8 @@ def fingerprint(state, source: str, blocks) -> str:
     """What makes a finished block reusable: this version, the input's files, the calibration data, the
     settings (not the progress display) and the block cut."""
     digest = hashlib.sha256()
-    config = {k: v for k, v in state.config.to_dict().items() if k != "progress"}
+    # how the run goes (progress display, the mode decision) does not change what a block decides
+    config = {k: v for k, v in state.config.to_dict().items() if k not in ("progress", "sequential", "memory_budget_mib")}
     files = []
     if Path(source).is_file():
         for path in model_files(source):

@@ -84,9 +84,7 @@ class CutStore:
         self._serial += 1
         path = self.folder / f"cut-{self._serial:06d}.bin"
         try:
-            mapped = np.memmap(path, dtype=array.dtype, mode="w+", shape=array.shape)
-            mapped[...] = array
-            mapped.flush()
+            write_file(path, array)
         except OSError as exc:
             path.unlink(missing_ok=True)
             if exc.errno == errno.ENOSPC:
@@ -95,5 +93,10 @@ class CutStore:
                                  "rerun with --resume (finished blocks are kept)") from None
             raise SpillError(f"{path}: could not spill activations ({exc.strerror or exc})") from None
         self.spilled += array.nbytes
-        release_pages([mapped])
         return np.memmap(path, dtype=array.dtype, mode="r", shape=array.shape)
+
+
+def write_file(path: Path, array: np.ndarray) -> None:
+    """The array's bytes into `path` (raises OSError, ENOSPC when the disk is full)."""
+    with open(path, "wb") as f:
+        f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))

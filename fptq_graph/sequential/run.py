@@ -20,6 +20,8 @@ mapped spill files), and the quantized codes of the finished blocks, mapped from
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass, field, replace
 
@@ -34,8 +36,7 @@ from fptq_graph.passes.base import PassRecord, PassResult, Pipeline
 from fptq_graph.passes.pipeline import default_pipeline
 from fptq_graph.plan.plan import HeadPlan, Plan, PlanDraft
 from fptq_graph.quant.finite import check_weights_finite
-from fptq_graph.runtime import ort_errors
-from fptq_graph.runtime.sessions import session
+from fptq_graph.sequential.runners import LocalRunner
 from fptq_graph.sequential.block_model import block_model
 from fptq_graph.sequential.blocks import Block, find_blocks
 from fptq_graph.sequential.cut_store import CutStore
@@ -54,9 +55,10 @@ class BlockRun:
     blocks: list[dict] = field(default_factory=list)
     resumed: int = 0
     spilled_bytes: int = 0
+    workers: int = 1
 
     def to_dict(self) -> dict:
-        return {"mode": "block by block", "why": self.why, "resumed_blocks": self.resumed,
+        return {"mode": "block by block", "why": self.why, "workers": self.workers, "resumed_blocks": self.resumed,
                 "spilled_activation_mib": round(self.spilled_bytes / MIB, 1), "blocks": self.blocks}
 
 
@@ -91,13 +93,14 @@ def block_pipeline(form: str, given) -> Pipeline:
 
 
 def quantize_blocks(state, form: str, blocks: list[Block], work: WorkFolder, run: BlockRun,
-                    log=None) -> list[PassRecord]:
+                    runner=None, log=None) -> list[PassRecord]:
     """Calibrates, plans and quantizes `blocks` one after another (after the structural prefix has run
     on `state`); leaves state.plan, state.quantized, weight notes and SQNRs for all linears, the graph
     folded, and returns the block passes' records, summed over the blocks."""
     cfg = state.config
     calib = state.calibration
     observed = state.observed_model
+    runner = runner or LocalRunner()
     per_block = block_pipeline(form, given=state.facts | {"statistics"})
     graph_inputs = list(observed.proto.graph.input)
     graph_input_names = {v.name for v in graph_inputs}
@@ -130,30 +133,29 @@ def quantize_blocks(state, form: str, blocks: list[Block], work: WorkFolder, run
                 result = work.load(block.index, node_by_output)
                 run.resumed += 1
                 if block.index < last_needed:
-                    _forward(observed, block, store, calib, graph_inputs, names, result, cfg, view_linears)
+                    _forward(runner, work.fingerprint[:16], observed, block, store, calib, graph_inputs, names, result, cfg, view_linears)
             else:
                 check_weights_finite(view_linears.values())
                 model = block_model(observed, block, store.dtypes())
                 observers = {a: state.observers[a] for a in block.observers}
                 fetch = observer_outputs(observers)
                 hand_over = list(block.hand_over)
-                sess = session(model, early_reductions=True)
                 accumulate = StatisticsSum(observers, view_linears)
-                for index, feeds in enumerate(calib.feed_batches(graph_inputs)):
-                    feeds = {n: feeds[n] for n in block.inputs if n in feeds} | store.feeds(index, names)
-                    values = ort_errors.run(sess, fetch + hand_over, feeds,
-                                            f"calibration batch {index}, block {block.index} ({block.label})")
+                for index, values in runner.run_block(f"{work.fingerprint[:16]}/calibrate/{block.index}", model,
+                                                      fetch + hand_over, _batches(calib, graph_inputs, block, store, names),
+                                                      f"block {block.index} ({block.label})", early_reductions=True):
                     accumulate(dict(zip(fetch, values[:len(fetch)])), index)
                     if cfg.block_inputs == "float":
                         for name, value in zip(hand_over, values[len(fetch):]):
                             store.put(index, name, value)
-                del sess, values
+                    del values
                 calibrate_seconds += time.perf_counter() - t0
                 stats_pending.update(accumulate.result())
                 result = _plan_and_quantize(state, block, view_linears, stats_pending, per_block)
                 work.save(block.index, result)
+                _maybe_stop(block.index)
                 if cfg.block_inputs == "quantized" and block.index < last_needed:
-                    _forward(observed, block, store, calib, graph_inputs, names, result, cfg, view_linears)
+                    _forward(runner, work.fingerprint[:16], observed, block, store, calib, graph_inputs, names, result, cfg, view_linears)
                 release_pages(model.arrays.values())
             for linear in view_linears.values():
                 readers_left[linear.activation.name] -= 1
@@ -203,6 +205,16 @@ def quantize_blocks(state, form: str, blocks: list[Block], work: WorkFolder, run
     return summed + [_sum_records(name, recs, len(blocks)) for name, recs in records.items()]
 
 
+# Fault injection for the tests: the run kills itself (SIGKILL, nothing cleaned up) right after saving
+# this block, as a run killed by the user or the out-of-memory killer would stop.
+STOP_ENV = "FPTQ_TEST_KILL_AFTER_BLOCK"
+
+
+def _maybe_stop(index: int) -> None:
+    if os.environ.get(STOP_ENV) == str(index):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _plan_and_quantize(state, block: Block, linears: dict, stats: dict, per_block: Pipeline) -> BlockResult:
     """The planning and rewriting passes over a view of `state` that holds only this block."""
     names = set(linears)
@@ -244,8 +256,8 @@ def _spend(linears) -> None:
             weight.values = spent(values)
 
 
-def _forward(observed, block: Block, store: CutStore, calib, graph_inputs, names: list[str], result: BlockResult,
-             cfg, linears: dict) -> None:
+def _forward(runner, key: str, observed, block: Block, store: CutStore, calib, graph_inputs, names: list[str],
+             result: BlockResult, cfg, linears: dict) -> None:
     """Runs a block only for what it hands over (resumed blocks; and, with quantized block inputs, a
     quantized block again with its weights dequantized)."""
     hand_over = list(block.hand_over)
@@ -254,14 +266,19 @@ def _forward(observed, block: Block, store: CutStore, calib, graph_inputs, names
         overrides = _dequantized_weights(observed, linears, result)
     pruned = replace(block, outputs=hand_over, nodes=_needed(observed, block, hand_over))
     model = block_model(observed, pruned, store.dtypes(), overrides)
-    sess = session(model)
-    for index, feeds in enumerate(calib.feed_batches(graph_inputs)):
-        feeds = {n: feeds[n] for n in pruned.inputs if n in feeds} | store.feeds(index, names)
-        values = ort_errors.run(sess, hand_over, feeds, f"calibration batch {index}, block {block.index} ({block.label})")
+    for index, values in runner.run_block(f"{key}/forward/{block.index}", model, hand_over,
+                                          _batches(calib, graph_inputs, pruned, store, names),
+                                          f"block {block.index} ({block.label})"):
         for name, value in zip(hand_over, values):
             store.put(index, name, value)
-    del sess
     release_pages(model.arrays.values())
+
+
+def _batches(calib, graph_inputs, block: Block, store: CutStore, names: list[str]):
+    """(index, feeds) of every calibration batch for `block`: the model inputs it reads and the cut
+    tensors earlier blocks handed over."""
+    for index, feeds in enumerate(calib.feed_batches(graph_inputs)):
+        yield index, {n: feeds[n] for n in block.inputs if n in feeds} | store.feeds(index, names)
 
 
 def _needed(observed, block: Block, outputs: list[str]) -> list[int]:

@@ -1,0 +1,133 @@
+"""Calibration over a Ray cluster: each block's batches spread over worker processes.
+
+`--workers N` starts a local Ray cluster of N workers for the run and stops it after; `--ray-address
+ADDR` joins a running one (`ray start --head` on one machine, `ray start --address HEAD:6379` on the
+others; every machine needs fptq-graph installed). Per block, the driver puts the block model (its
+structure and weights) into Ray's object store once; each worker is an actor that builds the
+block's ONNX Runtime session on first use and runs the batches given to it (batch i to worker
+i mod N). The driver takes the outputs back in batch order and sums them itself: maxima and float64
+X^T X sums are then formed in the same order as in one process, so the output is identical to one
+process's, whichever worker ran a batch.
+
+A worker that dies is restarted by Ray and its unfinished calls retried (max_restarts and
+max_task_retries below); the restarted actor rebuilds its session from the object store. The calls
+are pure (block model and feeds in, outputs out), so a retry gives the same outputs.
+
+Resident in the driver: the block model (object store: shared memory on the head machine), each
+batch's feeds until its worker has run it, and one batch's outputs at a time.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from fptq_graph.errors import FptqError
+from fptq_graph.ir.split_model import SplitModel
+
+RESTARTS = 3          # a worker process may die this many times per run
+IN_FLIGHT = 2         # calls queued per worker ahead of the one the driver waits for
+# Fault injection for the tests: "BLOCK:BATCH" makes the worker that runs that call exit once (the
+# marker file records that it did), as a killed or crashed worker would.
+KILL_ENV, KILL_MARKER_ENV = "FPTQ_TEST_KILL_WORKER", "FPTQ_TEST_KILL_MARKER"
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise FptqError("--workers and --ray-address need Ray: pip install 'fptq-graph[distributed]' (or pip install "
+                        "ray)") from None
+    return ray
+
+
+class RayRunner:
+    def __init__(self, workers: int | None, address: str | None, log=None):
+        ray = self.ray = _import_ray()
+        self.started = not ray.is_initialized()
+        if self.started:
+            kwargs = {"address": address} if address else {"num_cpus": workers, "include_dashboard": False}
+            try:
+                ray.init(log_to_driver=False, configure_logging=False, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise FptqError(f"could not {'join the Ray cluster at ' + address if address else 'start a local Ray cluster'}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        threads = max(1, (os.cpu_count() or 1) // count) if not address else None
+        worker = ray.remote(num_cpus=1, max_restarts=RESTARTS, max_task_retries=RESTARTS)(BlockWorker)
+        self.actors = [worker.remote(threads) for _ in range(count)]
+        self.workers = count
+        if log:
+            where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+            log(f"[ray] {count} workers on {where}; batches of each block spread over them")
+
+    def run_block(self, key: str, model: SplitModel, fetch: list[str], batches: Iterable[tuple[int, dict]],
+                  what: str, early_reductions: bool = False) -> Iterator[tuple[int, list[np.ndarray]]]:
+        ray = self.ray
+        model_ref = ray.put((model.proto.SerializeToString(), dict(model.arrays)))
+        pending: list[tuple[int, object]] = []
+        batches = iter(batches)
+        queued = 0
+        try:
+            while True:
+                while len(pending) < IN_FLIGHT * self.workers:
+                    item = next(batches, None)
+                    if item is None:
+                        break
+                    index, feeds = item
+                    actor = self.actors[queued % self.workers]
+                    queued += 1
+                    pending.append((index, actor.run.remote(key, model_ref, fetch, feeds, index, early_reductions, what)))
+                if not pending:
+                    return
+                index, ref = pending.pop(0)
+                try:
+                    values = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, FptqError):
+                        raise cause from None
+                    raise FptqError(f"calibration batch {index}, {what}: a Ray worker failed ({str(exc).splitlines()[0]})") from None
+                yield index, values
+        finally:
+            del model_ref
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+class BlockWorker:
+    """A Ray actor: the session of the block it last ran, rebuilt when a call names another block."""
+
+    def __init__(self, threads: int | None):
+        self.threads, self.key, self.sess = threads, None, None
+
+    def run(self, key: str, model, fetch: list[str], feeds: dict, index: int, early_reductions: bool,
+            what: str) -> list[np.ndarray]:
+        from fptq_graph.runtime import ort_errors
+
+        if key != self.key:
+            import onnx
+
+            from fptq_graph.runtime.sessions import session
+
+            structure, arrays = model
+            self.sess = None
+            self.sess = session(SplitModel(onnx.ModelProto.FromString(structure), arrays), threads=self.threads,
+                                early_reductions=early_reductions)
+            self.key = key
+        _maybe_die(key, index)
+        return ort_errors.run(self.sess, fetch, feeds, f"calibration batch {index}, {what}")
+
+
+def _maybe_die(key: str, index: int) -> None:
+    target, marker = os.environ.get(KILL_ENV), os.environ.get(KILL_MARKER_ENV)
+    if not target or not marker or Path(marker).exists():
+        return
+    block, batch = target.split(":")
+    if key.endswith(f"/{block}") and index == int(batch):
+        Path(marker).write_text(str(os.getpid()))
+        os._exit(1)
