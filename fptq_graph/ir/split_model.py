@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 from fptq_graph.ir.bodies import gs_graphs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from fptq_graph.ir.residency import release_pages
 from fptq_graph.ir.protobuf_wire import LEN, VARINT, fields, key, read_varint, varint
 
 IN_MEMORY = "fptq-in-memory"      # the external-data location of a tensor held in SplitModel.arrays
@@ -274,9 +275,10 @@ def write_inline(model: SplitModel, f) -> None:
     f.write(head.SerializeToString())
     f.write(key(_GRAPH, LEN) + varint(graph_length))
     f.write(graph_bytes)
-    for prefix, array in entries:
+    for (prefix, array), init in zip(entries, streamed):
         f.write(prefix)
         f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        release_pages([model.arrays[init.name]])   # a mapped tensor's pages, once written, need not stay resident
 
 
 def write_external(model: SplitModel, model_path: Path, data_name: str, align: int = 4096) -> None:
@@ -293,6 +295,7 @@ def write_external(model: SplitModel, model_path: Path, data_name: str, align: i
             data.write(b"\0" * (-offset % align))
             offset += -offset % align
             data.write(memoryview(array.reshape(-1).view(np.uint8)))
+            release_pages([model.arrays[init.name]])   # mapped weights and codes: written, not kept resident
             del init.external_data[:]
             for name, value in (("location", data_name), ("offset", str(offset)), ("length", str(array.nbytes))):
                 init.external_data.add(key=name, value=value)

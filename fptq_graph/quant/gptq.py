@@ -24,12 +24,14 @@ from fptq_graph.quant.clipping import quantize_groupwise_clipped
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, group_size: int, symmetric: bool = True,
-                  damp: float = 0.01, block: int = 128, clip: bool = False, act_order: bool = False) -> QuantizedWeight:
+                  damp: float = 0.01, block: int = 128, clip: bool = False, act_order: bool = False,
+                  overwrite_hessian: bool = False) -> QuantizedWeight:
     k, n = w.shape
     if hessian.shape != (k, k):
         raise ValueError(f"Hessian of shape {hessian.shape} does not match a weight with K={k}")
-    W = w.astype(np.float64).copy()
-    H = hessian.astype(np.float64).copy()
+    W = np.array(w, dtype=np.float64)          # one copy each (astype().copy() made two: 2 x K^2 float64 at once)
+    # overwrite_hessian: the caller's float64 array is a temporary (an equalized copy): work in it
+    H = hessian if overwrite_hessian and hessian.dtype == np.float64 else np.array(hessian, dtype=np.float64)
     dead = np.diag(H) <= 0              # channels calibration never saw non-zero: nothing to preserve
     H[dead, dead] = 1.0
     W[dead, :] = 0.0
@@ -55,6 +57,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, group_size: int, symmetric
     H[np.diag_indices(k)] += damp * float(np.mean(np.diag(H)))
     # Upper Cholesky factor of H^-1: row i holds what the error of row i does to rows i+1..K.
     U = np.linalg.cholesky(np.linalg.inv(H)).T
+    del H
     lo, hi = (-8, 7) if symmetric else (0, 15)
     q = np.zeros((k, n), dtype=np.int8)
     step = max(group_size, block - block % group_size)   # blocks hold whole groups

@@ -65,8 +65,9 @@ def quantize_weight(weight: np.ndarray, plan, stats) -> tuple[QuantizedWeight, s
         return quantize_per_channel_int8(weight), ""
     if spec.quantizer in ("gptq", "gptq-clip"):
         clip_scales = spec.quantizer == "gptq-clip"
-        qw = gptq_quantize(weight, equalized_hessian(stats, plan), spec.group_size, spec.symmetric, spec.damp,
-                           clip=clip_scales, act_order=spec.act_order)
+        hessian = equalized_hessian(stats, plan)
+        qw = gptq_quantize(weight, hessian, spec.group_size, spec.symmetric, spec.damp, clip=clip_scales,
+                           act_order=spec.act_order, overwrite_hessian=hessian is not stats.gram)
         return qw, f"weights GPTQ{' with clipped scales' if clip_scales else ''}{', act order' if spec.act_order else ''}"
     if spec.quantizer == "clip":
         # diag(H) weighting (recorded alone when nothing needs all of X^T X): 7 grid points cost
