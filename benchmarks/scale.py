@@ -45,15 +45,28 @@ SIZES = {
     "0.1b": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
     "0.5b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12),
     "1.5b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=26, num_attention_heads=16),
+    # OpenLLaMA-3B's and LLaMA-2-7B's shapes; exported from a safetensors checkpoint (steps "checkpoint",
+    # "stream export"), "-fp16" sizes as float16 (half the disk and the float weights).
+    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "7b-fp16": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "262k-vocab": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=4,
                        vocab_size=262144, tie_word_embeddings=True),
 }
 DEFAULT_SIZES = ("0.1b", "0.5b", "1.5b")
 STEPS = ("export", "float inference", "calibrate", "calibrate 4x samples", "quantize", "quantize, no SQNR", "ort static",
-         "ort matmul_nbits")
+         "ort matmul_nbits", "checkpoint", "stream export", "quantize block by block", "quantize block by block, 2 workers")
+# The block-by-block steps calibrate on less (8 x 256 tokens) so that a 7B on 2 cores takes under an hour;
+# the whole-graph steps keep CALIB_SAMPLES.
+BLOCK_SAMPLES = 8
 CALIB_SAMPLES, CALIB_TOKENS, CALIB_BATCH = 32, 256, 8
 OUTPUTS = {"quantize": "fptq", "quantize, no SQNR": "fptq-nosqnr", "ort static": "ort-static",
-           "ort matmul_nbits": "ort-nbits"}   # step -> file tag
+           "ort matmul_nbits": "ort-nbits", "quantize block by block": "fptq-blocks",
+           "quantize block by block, 2 workers": "fptq-blocks-2w"}   # step -> file tag
+
+
+def dtype_of(size: str) -> str:
+    return "float16" if size.endswith("-fp16") else "float32"
 
 
 def llama_config(size: str):
@@ -64,6 +77,10 @@ def llama_config(size: str):
 
 def vocab(size: str) -> int:
     return SIZES[size].get("vocab_size", 32000)
+
+
+def float_bytes(size: str) -> int:
+    return (2 if dtype_of(size) == "float16" else 4) * parameters(size)
 
 
 def parameters(size: str) -> int:
@@ -93,11 +110,15 @@ def main() -> int:
     results.update(machine=machine(), date=time.strftime("%Y-%m-%d"), calibration=f"{CALIB_SAMPLES} x {CALIB_TOKENS} tokens, batch {CALIB_BATCH}")
     rows = results.setdefault("rows", {})
     for size in args.sizes:
-        row = rows.setdefault(size, {"parameters": parameters(size), "float_weight_bytes": 4 * parameters(size)})
+        row = rows.setdefault(size, {"parameters": parameters(size), "float_weight_bytes": float_bytes(size),
+                                     "dtype": dtype_of(size)})
         for step in args.steps:
             if step in row and "error" not in row[step] and not args.fresh:
                 continue
-            if step != "export" and not (work / f"llama-{size}.onnx").is_file():
+            if step == "stream export" and not (work / f"llama-{size}-hf").is_dir():
+                row[step] = {"error": "no checkpoint (run the checkpoint step)"}
+                continue
+            if step not in ("export", "checkpoint", "stream export") and not (work / f"llama-{size}.onnx").is_file():
                 row[step] = {"error": "no exported model (run the export step)"}
                 continue
             print(f"{size} {step} ...", flush=True)
@@ -156,6 +177,40 @@ def run_step(size: str, step: str, work: Path) -> None:
         model = LlamaForCausalLM(llama_config(size)).eval()
         export_hf(model, source)
         info["onnx_bytes"] = file_bytes(source)
+    elif step == "checkpoint":   # a safetensors folder of random weights, written a shard at a time
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from export_memory import SIZES as CHECKPOINT_SIZES, write_checkpoint
+
+        CHECKPOINT_SIZES[size] = SIZES[size]
+        info.update(write_checkpoint(size, work / f"llama-{size}-hf", dtype_of(size)))
+    elif step == "stream export":   # fptq-graph export of that folder (exporters/streaming.py)
+        from fptq_graph.cli import main as cli
+
+        code = cli(["export", str(work / f"llama-{size}-hf"), "-o", str(source)])
+        if code:
+            raise SystemExit(code)
+        info["onnx_bytes"] = file_bytes(source)
+    elif step.startswith("quantize block by block"):
+        import fptq_graph as fq
+
+        config = fq.Config(calib_samples=BLOCK_SAMPLES, calib_seq_len=CALIB_TOKENS, calib_batch_size=CALIB_BATCH,
+                           sqnr_samples=0, progress=False, sequential=True)
+        workers = 2 if "2 workers" in step else None
+        result = fq.quantize(source, BLOCK_SAMPLES, config, workers=workers,
+                             work_dir=work / f"llama-{size}.{OUTPUTS[step]}.work", resume=True,
+                             log=lambda line: print(line, flush=True))
+        out = result.save(work / f"llama-{size}.{OUTPUTS[step]}.onnx")
+        info["passes"] = {p.name: round(p.seconds, 1) for p in result.passes}
+        info["onnx_bytes"] = file_bytes(out)
+        info["recipe"] = {"awq": bool(result.plan.recipe.awq), "weights": result.plan.recipe.weights,
+                          "traded": result.plan.statistics_note or None}
+        blocks = result.run["blocks"]
+        info["blocks"] = len(blocks)
+        info["block_seconds"] = [b["seconds"] for b in blocks]
+        info["block_peak_rss_mib"] = max(b["peak_rss_mib"] for b in blocks)
+        info["largest_block_gram_mib"] = max(b["gram_mib"] for b in blocks)
+        info["calibration"] = f"{BLOCK_SAMPLES} x {CALIB_TOKENS} random tokens, batch {CALIB_BATCH}"
+        info["sha256_graph"] = _graph_hash(out)
     elif step == "float inference":
         import onnxruntime
 
@@ -184,6 +239,16 @@ def run_step(size: str, step: str, work: Path) -> None:
     elif step == "ort matmul_nbits":
         info["onnx_bytes"] = file_bytes(ort_nbits(source, work / f"llama-{size}.{OUTPUTS[step]}.onnx"))
     print("RESULT " + json.dumps(info), flush=True)
+
+
+def _graph_hash(path: Path) -> str:
+    """SHA-256 of the graph's nodes and initializer data (tests/fingerprints.py's), without loading the data
+    into protobuf: the block-by-block steps with 1 and 2 workers must agree."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import onnx
+    from fingerprints import graph_fingerprint
+
+    return graph_fingerprint(onnx.load(path))
 
 
 def calibration_batches(model_path: Path, size: str):
@@ -248,7 +313,13 @@ def print_table(results: dict) -> None:
                 continue
             rss = cell["peak_rss_bytes"]
             note = cell.get("error", "")
-            if not note and "passes" in cell and isinstance(cell["passes"], dict) and "calibrate" in cell["passes"]:
+            if not note and "blocks" in cell:
+                recipe = cell["recipe"]
+                per_block = sorted(cell["block_seconds"])[len(cell["block_seconds"]) // 2]
+                note = (f"{cell['blocks']} blocks, median {per_block:.0f} s a block; "
+                        f"{'AWQ + ' if recipe['awq'] else ''}{recipe['weights']} weights"
+                        f"{'; traded: ' + recipe['traded'] if recipe['traded'] else ''}")
+            elif not note and "passes" in cell and isinstance(cell["passes"], dict) and "calibrate" in cell["passes"]:
                 note = f"calibration {cell['passes']['calibrate']} s"
             print(f"| {size} | {row['parameters'] / 1e9:.2f} B | {weights / 2**30:.2f} GiB | {step} | {cell['seconds']:.0f} | "
                   f"{rss / 2**30:.2f} | {rss / weights:.2f} | {note} |")

@@ -21,7 +21,7 @@ from fptq_graph.errors import CalibrationError, ModelLoadError
 from fptq_graph.ir.load import load_split, validate_model
 from fptq_graph.ir.metadata import TOKENIZER_KEY, get_metadata, set_metadata
 from fptq_graph.ir.opset import MIN_OPSET, upgrade_opset
-from fptq_graph.ir.save import finish_split, save_model, write_atomic
+from fptq_graph.ir.save import finish_model, finish_split, save_model, write_atomic  # noqa: F401 (finish_model: re-exported)
 from fptq_graph.ir.split_model import SplitModel, bind_arrays, split_proto
 from fptq_graph.ir.run_outputs import Output, RunOutputs, model_files
 from fptq_graph.passes.base import PassRecord, Pipeline

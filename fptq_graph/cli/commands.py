@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fx", action="store_true", help="also write the torch.export FX graph as <name>.fx.txt")
     p.add_argument("--kv-cache", action="store_true",
                    help="causal LMs: export past keys/values as inputs and presents as outputs (for generate)")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16"), default="auto",
+                   help="weights and compute type of the graph; auto: float16 for a float16 or bfloat16 "
+                        "safetensors checkpoint (bfloat16 converted), float32 otherwise (default %(default)s)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("quantize", parents=[common], help="quantize a float ONNX model to W4A8 with FPTQ",
@@ -210,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_export(args) -> int:
-    from fptq_graph.exporters import export_hf
+    from fptq_graph.exporters import export_hf, export_hf_streaming
     from fptq_graph.exporters.packaged import PACKAGED, packaged_model
 
     source = packaged_model(args.model_dir) if args.model_dir in PACKAGED else args.model_dir
@@ -219,8 +222,16 @@ def _cmd_export(args) -> int:
     target = Path(args.output)
     out = outputs.add(target, "-o", companions=(target.name + ".data",) + ((target.stem + ".fx.txt",) if args.fx else ()),
                       folders=(target.stem + ".tokenizer",))
+    # A model directory streams its safetensors weights one tensor at a time (exporters/streaming.py, which
+    # hands GGUF files and other checkpoints to export_hf); the small packaged samples keep export_hf's one
+    # self-contained file unless float16 is asked.
+    stream = args.dtype == "float16" or (args.model_dir not in PACKAGED and Path(source).is_dir())
     with outputs:
-        model = export_hf(source, out.staged, fx=args.fx, kv_cache=args.kv_cache)
+        if stream:
+            model = export_hf_streaming(source, out.staged, dtype=args.dtype, fx=args.fx, kv_cache=args.kv_cache,
+                                        log=lambda line: print(line, file=sys.stderr))
+        else:
+            model = export_hf(source, out.staged, fx=args.fx, kv_cache=args.kv_cache)
     print(f"wrote {args.output} ({_mib(model_files(args.output)):.1f} MiB, "
           f"{len(model.graph.node)} nodes, opset {model.opset_import[0].version})")
     if args.fx:

@@ -1,5 +1,5 @@
 """Exporters: PyTorch / Hugging Face models -> FX (torch.export) -> ONNX (opset 21, IR 10, dynamic batch and sequence)."""
-__all__ = ["export_module", "export_hf"]
+__all__ = ["export_module", "export_hf", "export_hf_streaming"]
 
 
 def __getattr__(name: str):
@@ -11,4 +11,7 @@ def __getattr__(name: str):
     if name == "export_hf":
         from fptq_graph.exporters.huggingface import export_hf
         return export_hf
+    if name == "export_hf_streaming":
+        from fptq_graph.exporters.streaming import export_hf_streaming
+        return export_hf_streaming
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

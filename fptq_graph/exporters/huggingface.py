@@ -18,7 +18,7 @@ from fptq_graph.exporters.kv_cache import kv_export_arguments
 from fptq_graph.exporters.torch_module import export_module
 
 
-class _LogitsOnly(torch.nn.Module):
+class LogitsOnly(torch.nn.Module):
     """Returns one tensor (logits or last_hidden_state) so the ONNX has one named output."""
 
     def __init__(self, model, output: str):
@@ -57,9 +57,9 @@ def export_hf(model_or_dir, path: str | os.PathLike, *, fx: bool = False, exampl
         arguments = kv_export_arguments(model, example_seq_len, vocab)
         metadata.update(arguments.pop("metadata"))
         return export_module(path=path, fx_path=fx_path, metadata=metadata, strip_prefix="model.", **arguments)
-    return export_module(_LogitsOnly(model, output), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, path,
+    return export_module(LogitsOnly(model, output), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, path,
                          [output], fx_path=fx_path, metadata=metadata,
-                         strip_prefix="model.", max_sequence=_max_positions(model.config))
+                         strip_prefix="model.", max_sequence=max_positions(model.config))
 
 
 def _load_pretrained(source: Path):
@@ -91,7 +91,7 @@ def _load_pretrained(source: Path):
     return model, tokenizer
 
 
-def _max_positions(config) -> int:
+def max_positions(config) -> int:
     for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 2:

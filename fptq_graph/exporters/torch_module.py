@@ -9,10 +9,12 @@ and rename the symbolic dims to "batch" and "sequence".
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import warnings
 from pathlib import Path
 from typing import Mapping
+from unittest import mock
 
 import onnx
 import torch
@@ -35,6 +37,26 @@ def export_module(module: torch.nn.Module, example_inputs: Mapping[str, torch.Te
     flattened `input_names` and torch's `dynamic_shapes` structure itself; dynamic_axes then only names
     the dims.
     """
+    onnx_program, dynamic_axes = trace_to_onnx(module, example_inputs, output_names, dynamic_axes=dynamic_axes,
+                                               fx_path=fx_path, max_sequence=max_sequence, input_names=input_names,
+                                               dynamic_shapes=dynamic_shapes)
+    model = onnx_program.model_proto
+    model.ir_version = IR_VERSION
+    name_nodes_by_module(model, strip_prefix)
+    rename_dims(model, dynamic_axes)
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=str(value))
+    save_model(model, path)
+    return model
+
+
+def trace_to_onnx(module: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor], output_names: list[str], *,
+                  dynamic_axes: Mapping[str, Mapping[int, str]] | None = None, fx_path=None, max_sequence: int = 2**15,
+                  input_names: list[str] | None = None, dynamic_shapes: Mapping | None = None,
+                  before_optimize=None):
+    """torch.export then torch's dynamo ONNX exporter (optimize=True); returns the ONNXProgram and the
+    dynamic axes used. `before_optimize(ir_model)` runs right before onnxscript's optimizer (the
+    streaming exporter sets the values the optimizer may fold there)."""
     module = module.eval()
     names = input_names or list(example_inputs)
     if dynamic_axes is None:
@@ -49,8 +71,17 @@ def export_module(module: torch.nn.Module, example_inputs: Mapping[str, torch.Te
                     dims[dim_name] = torch.export.Dim(dim_name, min=1, max=2**16) if dim_name == "batch" else torch.export.Dim(dim_name, min=2, max=max_sequence)
                 spec[axis] = dims[dim_name]
             dynamic_shapes[name] = spec or None
+    hook = contextlib.nullcontext()
+    if before_optimize is not None:
+        optimize = torch.onnx.ONNXProgram.optimize
+
+        def prepared_optimize(self):
+            before_optimize(self.model)
+            optimize(self)
+
+        hook = mock.patch.object(torch.onnx.ONNXProgram, "optimize", prepared_optimize)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), hook:
             warnings.simplefilter("ignore")
             program = torch.export.export(module, (), kwargs=dict(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
             if fx_path:
@@ -58,19 +89,14 @@ def export_module(module: torch.nn.Module, example_inputs: Mapping[str, torch.Te
             onnx_program = torch.onnx.export(program, (), kwargs=dict(example_inputs), input_names=names,
                                              output_names=output_names, opset_version=MIN_OPSET, dynamo=True,
                                              verbose=False, optimize=True, external_data=False)
+    except ExportError:
+        raise
     except Exception as exc:
         raise ExportError(f"could not export {type(module).__name__}: {str(exc).splitlines()[0]}") from exc
-    model = onnx_program.model_proto
-    model.ir_version = IR_VERSION
-    _name_nodes_by_module(model, strip_prefix)
-    _rename_dims(model, dynamic_axes)
-    for key, value in (metadata or {}).items():
-        model.metadata_props.add(key=key, value=str(value))
-    save_model(model, path)
-    return model
+    return onnx_program, dynamic_axes
 
 
-def _name_nodes_by_module(model: onnx.ModelProto, strip_prefix: str) -> None:
+def name_nodes_by_module(model: onnx.ModelProto, strip_prefix: str) -> None:
     """MatMul/Gemm/LayerNormalization nodes take the name of the module that emitted them."""
     taken = {n.name for n in model.graph.node}
     for node in model.graph.node:
@@ -95,7 +121,7 @@ def _name_nodes_by_module(model: onnx.ModelProto, strip_prefix: str) -> None:
         taken.add(module_path)
 
 
-def _rename_dims(model: onnx.ModelProto, dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:
+def rename_dims(model: onnx.ModelProto, dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:
     mapping = {}
     for value in model.graph.input:
         for axis, dim_name in dynamic_axes.get(value.name, {}).items():
