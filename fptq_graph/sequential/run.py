@@ -154,6 +154,9 @@ def quantize_blocks(state, form: str, blocks: list[Block], work: WorkFolder, run
                 result = _plan_and_quantize(state, block, view_linears, stats_pending, per_block)
                 work.save(block.index, result)
                 _maybe_stop(block.index)
+                # the codes from here on are the saved ones, mapped: a finished block holds no memory
+                result = replace(work.load(block.index, node_by_output), records=result.records,
+                                 gram_bytes=result.gram_bytes)
                 if cfg.block_inputs == "quantized" and block.index < last_needed:
                     _forward(runner, work.fingerprint[:16], observed, block, store, calib, graph_inputs, names, result, cfg, view_linears)
                 release_pages(model.arrays.values())

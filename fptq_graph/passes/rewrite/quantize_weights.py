@@ -28,11 +28,19 @@ class QuantizeWeights(Pass):
     def run(self, state) -> PassResult:
         cfg, plan = state.config, state.plan
         worst = ("", np.inf)
+        readers_left: dict[str, int] = {}
+        for linear in state.linears.values():
+            readers_left[linear.activation.name] = readers_left.get(linear.activation.name, 0) + 1
         for linear in state.linears.values():
             spec = plan[linear.name]
             check_weights_finite([linear])
             weight = linear.node.inputs[1].values
-            qw, note = quantize_weight(weight, spec, state.stats[linear.activation.name])
+            stats = state.stats[linear.activation.name]
+            readers_left[linear.activation.name] -= 1
+            last = readers_left[linear.activation.name] == 0
+            qw, note = quantize_weight(weight, spec, stats, last_reader=last)
+            if last:   # X^T X has no reader after this one: let it go (7B down_proj: 0.9 GiB)
+                stats.gram = None
             state.quantized[linear.name] = qw
             if note:
                 state.weight_notes[linear.name] = note
@@ -57,17 +65,20 @@ class QuantizeWeights(Pass):
                           stats={"weights": len(state.linears), "lowest_sqnr_db": worst[1], "lowest": worst[0]})
 
 
-def quantize_weight(weight: np.ndarray, plan, stats) -> tuple[QuantizedWeight, str]:
+def quantize_weight(weight: np.ndarray, plan, stats, last_reader: bool = False) -> tuple[QuantizedWeight, str]:
     """One linear's weight quantized as its WeightSpec says, and a note on what the quantizer did.
-    `stats` is its input's ActivationStats (X^T X or its diagonal for GPTQ and the clipping search)."""
+    `stats` is its input's ActivationStats (X^T X or its diagonal for GPTQ and the clipping search);
+    last_reader: no linear reads X^T X after this one, so GPTQ may work in it instead of a copy."""
     spec = plan.weight
     if spec.bits == 8:
         return quantize_per_channel_int8(weight), ""
     if spec.quantizer in ("gptq", "gptq-clip"):
         clip_scales = spec.quantizer == "gptq-clip"
         hessian = equalized_hessian(stats, plan)
+        if last_reader:   # nothing reads X^T X after this linear: drop it before GPTQ's own [K, K] arrays
+            stats.gram = None
         qw = gptq_quantize(weight, hessian, spec.group_size, spec.symmetric, spec.damp, clip=clip_scales,
-                           act_order=spec.act_order, overwrite_hessian=hessian is not stats.gram)
+                           act_order=spec.act_order, overwrite_hessian=last_reader or hessian is not stats.gram)
         return qw, f"weights GPTQ{' with clipped scales' if clip_scales else ''}{', act order' if spec.act_order else ''}"
     if spec.quantizer == "clip":
         # diag(H) weighting (recorded alone when nothing needs all of X^T X): 7 grid points cost
