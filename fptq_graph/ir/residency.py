@@ -103,3 +103,17 @@ def memory_budget(share: float = 0.6) -> int | None:
     return int(share * min(known)) if known else None
 
 
+
+
+def trim_heap() -> None:
+    """Returns the C heap's free pages to the system (glibc's malloc_trim). Freed ONNX Runtime buffers
+    and numpy arrays under glibc's mmap threshold (up to 32 MiB) otherwise stay in the resident set, so
+    each finished block's session left its intermediates' high-water mark behind."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to trim with
+        pass

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from fptq_graph.errors import FptqError
 from fptq_graph.ir.split_model import export_split
-from fptq_graph.ir.residency import release_pages, reset_peak, resident_bytes, spent, is_spent
+from fptq_graph.ir.residency import is_spent, release_pages, reset_peak, resident_bytes, spent, trim_heap
 from fptq_graph.passes.analysis.calibrate import StatisticsSum, observer_outputs
 from fptq_graph.passes.base import PassRecord, PassResult, Pipeline
 from fptq_graph.passes.pipeline import default_pipeline
@@ -178,6 +178,7 @@ def quantize_blocks(state, form: str, blocks: list[Block], work: WorkFolder, run
                 records.setdefault(record.name, []).append(record)
             store.drop({name for name, last in last_reader.items() if last <= block.index})
             store.release()
+            trim_heap()
             seconds = time.perf_counter() - t0
             current, peak = resident_bytes()
             run.blocks.append({"index": block.index, "kind": block.kind, "linears": len(block.linears),
