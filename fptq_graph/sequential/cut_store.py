@@ -44,14 +44,8 @@ class CutStore:
     def held(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
 
-    def get(self, batch: int, name: str) -> np.ndarray:
-        return self.arrays[(batch, name)]
-
     def feeds(self, batch: int, names: list[str]) -> dict[str, np.ndarray]:
         return {name: self.arrays[(batch, name)] for name in names if (batch, name) in self.arrays}
-
-    def has(self, name: str) -> bool:
-        return any(key[1] == name for key in self.arrays)
 
     def dtypes(self) -> dict[str, np.dtype]:
         return {name: a.dtype for (_, name), a in self.arrays.items()}

@@ -223,7 +223,7 @@ def _plan_and_quantize(state, block: Block, linears: dict, stats: dict, per_bloc
     """The planning and rewriting passes over a view of `state` that holds only this block."""
     names = set(linears)
     view = replace(state, linears=linears,
-                   producers={k: p for k, p in state.producers.items() if p.linears and p.linears[0] in names},
+                   producers=_block_producers(state, names),
                    stats={a: s for a, s in stats.items() if any(l.activation.name == a for l in linears.values())},
                    draft=PlanDraft(), plan=None, quantized={}, weight_notes={}, weight_sqnr={}, output_sqnr={},
                    facts=set(state.facts) | {"statistics"})
@@ -236,6 +236,11 @@ def _plan_and_quantize(state, block: Block, linears: dict, stats: dict, per_bloc
                        records=records, gram_bytes=gram_bytes)
 
 
+def _block_producers(state, linears) -> dict:
+    """The normalization producers whose linears are in this block (a producer's linears never straddle a cut)."""
+    return {k: p for k, p in state.producers.items() if p.linears and p.linears[0] in linears}
+
+
 def _refold(state, linears: dict, result: BlockResult, per_block: Pipeline) -> None:
     """A resumed block's equalization folded into the graph again, from its stored plan (the fold is
     deterministic: the same scales give the same weights and norms)."""
@@ -243,7 +248,7 @@ def _refold(state, linears: dict, result: BlockResult, per_block: Pipeline) -> N
         return
     fold = next(p for p in per_block if p.name == "fold_equalization")
     view = replace(state, linears=linears,
-                   producers={k: p for k, p in state.producers.items() if p.linears and p.linears[0] in linears},
+                   producers=_block_producers(state, linears),
                    plan=Plan(result.plans, result.head or HeadPlan(state.config.lm_head_mode), state.recipe,
                              state.statistics_note, result.product_folds))
     fold.run(view)
