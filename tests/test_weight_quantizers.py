@@ -53,6 +53,65 @@ def test_gptq_equals_the_textbook_algorithm(k, group):
     assert q.q.min() >= -8 and q.q.max() <= 7
 
 
+def test_unit_upper_factor_reconstructs_the_hessian_in_place():
+    """H = R D R^T with R unit upper triangular, computed in H's own memory (float64 reference:
+    numpy's Cholesky of the reversed matrix), for sizes that are and are not a multiple of the panel."""
+    import tracemalloc
+    from fptq_graph.quant import gptq
+
+    rng = np.random.default_rng(21)
+    for k in (7, 256, 300, 613):
+        x = correlated_inputs(rng, 2 * k + 50, k)
+        h = x.T @ x
+        ours = h.copy()
+        tracemalloc.start()
+        out = gptq.unit_upper_factor(ours)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert out is ours
+        # temporaries: a panel and a slice of rows, never a second [K, K] array
+        assert peak < 0.5 * h.nbytes + 2 * gptq.FACTOR_BLOCK * k * 8 + (1 << 16), (k, peak, h.nbytes)
+        R = np.triu(ours)
+        np.testing.assert_allclose(np.diag(R), 1.0, rtol=0, atol=1e-12)
+        L = np.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+        d = np.diag(L) ** 2
+        np.testing.assert_allclose((R * d) @ R.T, h, rtol=0, atol=1e-10 * np.abs(h).max())
+        np.testing.assert_allclose(R, L / np.diag(L), rtol=0, atol=1e-9)
+    with pytest.raises(np.linalg.LinAlgError):
+        gptq.unit_upper_factor(-np.eye(5))
+
+
+def test_gptq_in_the_callers_hessian_holds_one_k_by_k_array():
+    """overwrite_hessian: GPTQ's factor takes the caller's H's memory; the rest is [K, N]-sized."""
+    import tracemalloc
+
+    rng = np.random.default_rng(22)
+    k, n = 2048, 32          # wide enough that a panel of the factorization is a small share of H
+    x = correlated_inputs(rng, 2100, k)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    expected = gptq_quantize(w, x.T @ x, 32).dequantize()
+    h = x.T @ x
+    tracemalloc.start()
+    got = gptq_quantize(w, h, 32, overwrite_hessian=True).dequantize()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(got, expected)
+    assert peak < 0.5 * h.nbytes, (peak, h.nbytes)
+
+
+def test_equalized_in_place_gives_the_same_quotients():
+    from fptq_graph.plan.statistics import equalized
+
+    rng = np.random.default_rng(23)
+    x = correlated_inputs(rng, 600, 300)
+    h, s = x.T @ x, rng.uniform(0.2, 5.0, 300).astype(np.float32)
+    expected = equalized(h, s)
+    inside = h.copy()
+    assert equalized(inside, s, in_place=True) is inside
+    np.testing.assert_array_equal(inside, expected)
+    np.testing.assert_allclose(expected, h / np.outer(s.astype(np.float64), s), rtol=1e-15)
+
+
 def test_gptq_lowers_the_output_error_of_round_to_nearest():
     rng = np.random.default_rng(3)
     x = correlated_inputs(rng, 2048, 128)

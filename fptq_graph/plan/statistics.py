@@ -82,12 +82,18 @@ def hessian_diag(stats: ActivationStats) -> np.ndarray | None:
     return np.diag(h).copy() if h.ndim == 2 else np.asarray(h, np.float64)
 
 
-def equalized(h: np.ndarray | None, s: np.ndarray | None) -> np.ndarray | None:
-    """The Hessian of X / s: H / (s s^T) (its diagonal / s^2)."""
+def equalized(h: np.ndarray | None, s: np.ndarray | None, in_place: bool = False) -> np.ndarray | None:
+    """The Hessian of X / s: H / (s s^T) (its diagonal / s^2). in_place: the caller is done with h
+    (its last reader), so it is divided where it lies, a slice of rows at a time: no second [K, K]
+    array (7B down_proj: 0.9 GiB), the same float64 quotients."""
     if h is None or s is None:
         return h
     s = s.astype(np.float64)
     if h.ndim == 1:
         return h / (s * s)
+    if in_place and h.dtype == np.float64 and h.flags.writeable:
+        for r0 in range(0, len(s), 256):
+            h[r0:r0 + 256] /= np.outer(s[r0:r0 + 256], s)
+        return h
     out = np.outer(s, s)   # divided in place: one [K, K] float64 array, not two (7B down_proj: 0.9 GiB each)
     return np.divide(h, out, out=out)

@@ -74,7 +74,7 @@ def quantize_weight(weight: np.ndarray, plan, stats, last_reader: bool = False) 
         return quantize_per_channel_int8(weight), ""
     if spec.quantizer in ("gptq", "gptq-clip"):
         clip_scales = spec.quantizer == "gptq-clip"
-        hessian = equalized_hessian(stats, plan)
+        hessian = equalized_hessian(stats, plan, in_place=last_reader)
         if last_reader:   # nothing reads X^T X after this linear: drop it before GPTQ's own [K, K] arrays
             stats.gram = None
         qw = gptq_quantize(weight, hessian, spec.group_size, spec.symmetric, spec.damp, clip=clip_scales,
@@ -90,12 +90,13 @@ def quantize_weight(weight: np.ndarray, plan, stats, last_reader: bool = False) 
     return quantize_groupwise(weight, spec.group_size, spec.symmetric), ""
 
 
-def equalized_hessian(stats, plan) -> np.ndarray:
-    """X^T X of what the linear reads now: an equalization fold divided X by s, so H becomes H / (s s^T)."""
+def equalized_hessian(stats, plan, in_place: bool = False) -> np.ndarray:
+    """X^T X of what the linear reads now: an equalization fold divided X by s, so H becomes H / (s s^T).
+    in_place: no other linear reads this X^T X, so it is divided where it lies."""
     gram = stats.gram
     if gram is None:
         raise FptqError(f"GPTQ needs X^T X for '{plan.name}', which calibration did not record")
-    return equalized(gram, plan.eq_scale)
+    return equalized(gram, plan.eq_scale, in_place=in_place)
 
 
 def weight_sqnr(reference: np.ndarray, approx: np.ndarray | QuantizedWeight) -> float:
