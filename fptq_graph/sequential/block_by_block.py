@@ -6,8 +6,7 @@ sequential/mode.py says so).
                                            if it fits, else the error)
     per block                              sequential/run.py (calibrate, plan, fold, quantize; saved)
     lowering (whole graph)                 the form's emitter, from the finished blocks' codes
-The per-layer output SQNR (measure_output_sqnr) runs on whole models and is not run block by block:
-its record says so.
+    output SQNR (per block)                sequential/output_sqnr.py: float and quantized blocks side by side
 
 Resident: see run.py; the work folder (work_folder.py) holds the finished blocks until the caller
 has written the output and removes it.
@@ -27,9 +26,10 @@ from fptq_graph import __version__
 from fptq_graph.errors import FptqError
 from fptq_graph.ir.residency import is_spent
 from fptq_graph.ir.run_outputs import model_files
-from fptq_graph.passes.base import PassRecord, PassResult, Pipeline
+from fptq_graph.passes.base import PassRecord, Pipeline
 from fptq_graph.passes.pipeline import EMITTERS, default_pipeline
 from fptq_graph.sequential.blocks import BlockCutError
+from fptq_graph.sequential.output_sqnr import measure_output_sqnr_by_block
 from fptq_graph.sequential.run import BlockRun, plan_blocks, quantize_blocks
 from fptq_graph.sequential.runners import make_runner
 from fptq_graph.sequential.work_folder import WorkFolder
@@ -76,9 +76,7 @@ def run_block_by_block(state, mode, source: str, log=None, work_dir: str | os.Pa
     left = [t.name for t in state.graph.tensors().values() if isinstance(t, gs.Constant) and is_spent(t._values)]
     if left:   # a spent weight still in the graph would be written as zeros: never
         raise FptqError(f"internal error: the lowered graph still reads released float weights ({', '.join(left[:3])})")
-    records.append(PassRecord("measure_output_sqnr", "measure", PassResult(
-        "not measured: the per-layer output SQNR runs whole models, and this run went block by block",
-        stats={"measured": 0}), 0.0))
+    records.append(measure_output_sqnr_by_block(state, blocks, log=log))
     if log:
         log(f"[measure_output_sqnr] {records[-1].summary}")
     return records, {**mode.to_dict(), **run.to_dict()}, work
