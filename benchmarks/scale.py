@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -100,6 +101,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="seconds one step may take")
     parser.add_argument("--child", nargs=2, metavar=("SIZE", "STEP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # so measure_child stops its step too
     work = Path(args.work)
     if args.child:
         run_step(*args.child, work)
@@ -123,6 +125,9 @@ def main() -> int:
                 continue
             print(f"{size} {step} ...", flush=True)
             row[step] = measure_child(size, step, work, args.timeout)
+            if step.startswith("quantize block by block") and "error" not in row[step]:
+                # hashed here, not in the measured child: loading the output would count in its peak
+                row[step]["sha256_graph"] = _graph_hash(work / f"llama-{size}.{OUTPUTS[step]}.onnx")
             print(f"  {row[step]}", flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=2))
@@ -139,16 +144,21 @@ def measure_child(size: str, step: str, work: Path, timeout: float) -> dict:
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = start + timeout
     lines = []
-    while True:   # stream the child's output (progress), keep its tail for the error message
-        line = child.stdout.readline()
-        if not line:
-            break
-        lines = (lines + [line.rstrip()])[-20:]
-        print(f"    | {line.rstrip()}", flush=True)
-        if time.perf_counter() > deadline:
-            child.kill()
-            lines.append(f"killed after {timeout:.0f} s")
-            break
+    try:
+        while True:   # stream the child's output (progress), keep its tail for the error message
+            line = child.stdout.readline()
+            if not line:
+                break
+            lines = (lines + [line.rstrip()])[-20:]
+            print(f"    | {line.rstrip()}", flush=True)
+            if time.perf_counter() > deadline:
+                child.kill()
+                lines.append(f"killed after {timeout:.0f} s")
+                break
+    except BaseException:   # stopped (Ctrl-C, SIGTERM): a step left running would share the work folder
+        child.kill()
+        child.wait()
+        raise
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
     out = {"seconds": round(seconds, 1), "peak_rss_bytes": usage.ru_maxrss * 1024}
@@ -210,7 +220,6 @@ def run_step(size: str, step: str, work: Path) -> None:
         info["block_peak_rss_mib"] = max(b["peak_rss_mib"] for b in blocks)
         info["largest_block_gram_mib"] = max(b["gram_mib"] for b in blocks)
         info["calibration"] = f"{BLOCK_SAMPLES} x {CALIB_TOKENS} random tokens, batch {CALIB_BATCH}"
-        info["sha256_graph"] = _graph_hash(out)
     elif step == "float inference":
         import onnxruntime
 
@@ -234,6 +243,9 @@ def run_step(size: str, step: str, work: Path) -> None:
             out = result.save(work / f"llama-{size}.{OUTPUTS[step]}.onnx")
             info["passes"] = {p.name: round(p.seconds, 1) for p in result.passes}
             info["onnx_bytes"] = file_bytes(out)
+            info["recipe"] = {"awq": bool(result.plan.recipe.awq), "weights": result.plan.recipe.weights,
+                              "traded": result.plan.statistics_note or None}
+            info["mode"] = {k: result.run[k] for k in ("mode", "why") if k in result.run}
     elif step == "ort static":
         info["onnx_bytes"] = file_bytes(ort_static(source, work / f"llama-{size}.{OUTPUTS[step]}.onnx", size))
     elif step == "ort matmul_nbits":
@@ -242,8 +254,8 @@ def run_step(size: str, step: str, work: Path) -> None:
 
 
 def _graph_hash(path: Path) -> str:
-    """SHA-256 of the graph's nodes and initializer data (tests/fingerprints.py's), without loading the data
-    into protobuf: the block-by-block steps with 1 and 2 workers must agree."""
+    """SHA-256 of the graph's nodes and initializer data (tests/fingerprints.py's), taken by the parent
+    after the step: the block-by-block steps with 1 and 2 workers must agree."""
     sys.path.insert(0, str(ROOT / "tests"))
     import onnx
     from fingerprints import graph_fingerprint
