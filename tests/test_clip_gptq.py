@@ -81,9 +81,9 @@ def textbook_gptq_ext(w, h, group, clip_d=None, act_order=False, damp=0.01):
     W = np.asarray(w, np.float64).copy()
     H = np.asarray(h, np.float64).copy()
     k = W.shape[0]
-    dead = np.diag(H) <= 0
+    dead = np.diag(H) <= 0   # never excited: no feedback to or from them, rounded to nearest (kept, not zeroed)
+    live_mean = np.mean(np.diag(H)[~dead])
     H[dead, dead] = 1.0
-    W[dead] = 0.0
     diag = np.diag(H).copy()
 
     def group_scale(rows, lo):
@@ -113,7 +113,7 @@ def textbook_gptq_ext(w, h, group, clip_d=None, act_order=False, damp=0.01):
         order = np.arange(k)
     H = H[order][:, order]
     Wp = W[order]
-    H += damp * np.mean(np.diag(H)) * np.eye(k)
+    H += damp * live_mean * np.eye(k)
     Hinv = np.linalg.inv(H)
     out = np.zeros_like(Wp)
     for i in range(k):

@@ -6,7 +6,8 @@
                              -> freeze the plan
     rewriting                fold equalization -> quantize weights
     lowering(form)           the form's emitter (qdq, w4a8, ort)
-    measurement              per-layer output SQNR against the float model
+    measurement              no NaN/Inf the float model does not compute (one sample), then the
+                             per-layer output SQNR against the float model
 
 What a recipe does (activation classifier x equalizer x weight quantizer) is one row of the table in
 recipes.py; the passes read the row settled by plan_statistics, never its name.
@@ -22,6 +23,7 @@ from fptq_graph.passes.analysis.plan_equalization import PlanEqualization
 from fptq_graph.passes.analysis.plan_lm_head import PlanLMHead
 from fptq_graph.passes.analysis.plan_statistics import PlanStatistics
 from fptq_graph.passes.base import PassRecord, Pipeline
+from fptq_graph.passes.check_outputs_finite import CheckOutputsFinite
 from fptq_graph.passes.lower.emit_ort import EmitORT
 from fptq_graph.passes.lower.emit_qdq import EmitQDQ
 from fptq_graph.passes.lower.emit_w4a8 import EmitW4A8
@@ -42,7 +44,7 @@ def calibration_pipeline() -> Pipeline:
 def default_pipeline(form: str = "qdq") -> Pipeline:
     return calibration_pipeline() + Pipeline(
         [ClassifyActivations(), PlanLMHead(), PlanEqualization(), FreezePlan(),
-         FoldEqualizationScales(), QuantizeWeights(), EMITTERS[form](), MeasureOutputSQNR()],
+         FoldEqualizationScales(), QuantizeWeights(), EMITTERS[form](), CheckOutputsFinite(), MeasureOutputSQNR()],
         given=calibration_pipeline().ensures)
 
 

@@ -32,16 +32,34 @@ from fptq_graph.quant.clipping import quantize_groupwise_clipped
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, group_size: int, symmetric: bool = True,
                   damp: float = 0.01, block: int = 128, clip: bool = False, act_order: bool = False,
                   overwrite_hessian: bool = False) -> QuantizedWeight:
+    """The weight of gptq() alone."""
+    return gptq(w, hessian, group_size, symmetric, damp, block, clip, act_order, overwrite_hessian)[0]
+
+
+def gptq(w: np.ndarray, hessian: np.ndarray, group_size: int, symmetric: bool = True, damp: float = 0.01,
+         block: int = 128, clip: bool = False, act_order: bool = False,
+         overwrite_hessian: bool = False) -> tuple[QuantizedWeight, str]:
+    """GPTQ of w [K, N] with X^T X `hessian` [K, K]; returns the weight and a note on what was not plain
+    GPTQ ("" when nothing). Raises HessianUnusable when X^T X cannot drive it (the caller falls back)."""
     k, n = w.shape
     if hessian.shape != (k, k):
         raise ValueError(f"Hessian of shape {hessian.shape} does not match a weight with K={k}")
     W = np.array(w, dtype=np.float64)          # one copy each (astype().copy() made two: 2 x K^2 float64 at once)
     # overwrite_hessian: the caller's float64 array is a temporary (an equalized copy): work in it
     H = hessian if overwrite_hessian and hessian.dtype == np.float64 else np.array(hessian, dtype=np.float64)
-    dead = np.diag(H) <= 0              # channels calibration never saw non-zero: nothing to preserve
+    # Channels calibration never saw non-zero: their error is invisible to X W, so they get no feedback
+    # (their rows and columns of H are zero) and are rounded to nearest, not zeroed as the paper's code
+    # does: a channel that calibration did not excite may well be excited in use.
+    if not np.isfinite(H.sum()):   # a NaN or Inf anywhere shows in the sum (no [K, K] temporary)
+        raise HessianUnusable("X^T X holds NaN or Inf")
+    dead = np.diag(H) <= 0
+    live = ~dead
+    if not live.any():
+        raise HessianUnusable("X^T X is zero: calibration never excited this input")
     H[dead, dead] = 1.0
-    W[dead, :] = 0.0
     raw_diag = np.diag(H).copy()         # what the clipping search weighs each row's error with
+    # damping relative to the excited channels' energy (the dead ones' stand-in 1.0 would set its scale)
+    damping = damp * float(np.mean(raw_diag[live]))
 
     def fit(rows: np.ndarray, lo: int) -> QuantizedWeight:
         if clip:
@@ -52,18 +70,26 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, group_size: int, symmetric
     scale = np.zeros((groups, n), dtype=np.float32)
     zero = None if symmetric else np.zeros((groups, n), dtype=np.uint8)
     perm = np.arange(k)
+    notes = []
+    if dead.any():
+        notes.append(f"{int(dead.sum())} of {k} input channels never excited in calibration: rounded to nearest")
     if act_order:
+        static = []
         for g in range(groups):
             fitted = fit(W[g * group_size:(g + 1) * group_size], g * group_size)
             scale[g] = fitted.scale[0]
             if zero is not None:
                 zero[g] = fitted.zero_point[0]
+            static.append(fitted)
         perm = np.argsort(-np.diag(H), kind="stable")
         W, H = W[perm], H[perm][:, perm]
-    H[np.diag_indices(k)] += damp * float(np.mean(np.diag(H)))
+    H[np.diag_indices(k)] += damping
     # GPTQ's feedback needs only the unit upper factor of H = R D R^T, made in H's own memory (see
     # unit_upper_factor): no inverse Hessian, no second [K, K] array (7B down_proj: 0.9 GiB each).
-    R = unit_upper_factor(H)
+    try:
+        R = unit_upper_factor(H)
+    except np.linalg.LinAlgError:
+        raise HessianUnusable(f"X^T X is not positive definite even with damping {damp:g} x its mean diagonal") from None
     del H
     lo, hi = (-8, 7) if symmetric else (0, 15)
     q = np.zeros((k, n), dtype=np.int8)
@@ -71,8 +97,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, group_size: int, symmetric
     for b0 in range(0, k, step):
         b1 = min(b0 + step, k)
         rows = perm[b0:b1]
-        original = np.array(w[rows], dtype=np.float64)   # the rows as given (dead ones zero), in this order
-        original[dead[rows]] = 0.0
+        original = np.array(w[rows], dtype=np.float64)   # the rows as given, in this order
         miss = np.empty((b1 - b0, n))                      # original row - its dequantized codes
         for i in range(b0, b1):
             row = perm[i]
@@ -90,7 +115,32 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, group_size: int, symmetric
         for r0 in range(b1, k, UPDATE_ROWS):             # the rows after the block, a slice at a time
             r1 = min(r0 + UPDATE_ROWS, k)
             W[r0:r1] += R[b0:b1, r0:r1].T @ miss
-    return QuantizedWeight.from_codes(q, scale, zero, group_size)
+    result = QuantizedWeight.from_codes(q, scale, zero, group_size)
+    if act_order:
+        # Act order fixes every group's scale from the weights as given, before the feedback moves them;
+        # where the feedback then runs past those ranges (an ill-conditioned X^T X), the codes clip and
+        # GPTQ can do worse than the static groups rounded to nearest. Keep whichever has the lower
+        # calibration error tr(E^T H E) (the original H: the permuted copy and R are gone by now).
+        rounded = QuantizedWeight.from_codes(np.concatenate([f.q for f in static]), scale, zero, group_size)
+        gptq_error, rtn_error = (calibration_error(w, candidate, hessian, dead) for candidate in (result, rounded))
+        if rtn_error < gptq_error:
+            notes.append(f"act order's GPTQ worse than its static groups rounded to nearest on calibration "
+                         f"({gptq_error:.3g} > {rtn_error:.3g}): rounded kept")
+            result = rounded
+    return result, "; ".join(notes)
+
+
+def calibration_error(w: np.ndarray, approx: QuantizedWeight, hessian: np.ndarray, dead: np.ndarray) -> float:
+    """tr(E^T H E) = ||X E||^2 over the calibration tokens, E = w - approx (dead channels left out: their
+    rows of H are zero; only their diagonal was set to 1)."""
+    error = np.asarray(w, dtype=np.float64) - approx.dequantize()
+    error[dead] = 0.0
+    return float(np.einsum("kn,kn->", error, hessian @ error))
+
+
+class HessianUnusable(ValueError):
+    """X^T X cannot drive GPTQ for this weight (no channel excited, not positive definite after damping):
+    the caller quantizes the weight another way and says why."""
 
 
 def rows_at_group_start(W: np.ndarray, original: np.ndarray, R: np.ndarray, lo: int, hi: int, b0: int) -> np.ndarray:

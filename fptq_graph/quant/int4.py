@@ -108,3 +108,26 @@ def unpack_int4(data: bytes, count: int, signed: bool = True) -> np.ndarray:
     if signed:
         flat = np.where(flat > 7, flat - 16, flat)
     return flat.astype(np.int8 if signed else np.uint8)
+
+
+def keep_within(qw: QuantizedWeight, limit: float) -> tuple[QuantizedWeight, int]:
+    """qw with every dequantized value inside [-limit, limit] (the activation type's range: float16's
+    65504), and how many codes had to move. A weight near that bound can dequantize past it: with zero
+    points the grid reaches up to half a step beyond the group's range, and GPTQ's feedback may push a
+    row beyond the original weights'; such a value becomes Inf in the model and every output NaN. Each
+    offending code steps toward the zero point until it fits (one or two steps: at most 1.5 steps of
+    error on those weights, instead of Inf). 8-bit weights (scale = max / 127) never pass the range."""
+    reach = 8.0 if qw.zero_point is None else 15.0   # the largest |q - zero point|
+    if qw.bits == 8 or float(np.abs(qw.scale).max(initial=0.0)) * reach <= limit:
+        return qw, 0   # no code can reach past the limit: nothing dequantized (a 7B down_proj: 0.4 GiB a float64 copy)
+    scale = np.repeat(qw.scale.astype(np.float64), qw.group_size, axis=0)[:qw.shape[0]]
+    zero = 0.0 if qw.zero_point is None else np.repeat(qw.zero_point, qw.group_size, axis=0)[:qw.shape[0]].astype(np.float64)
+    q = qw.q.astype(np.float64)
+    over = np.abs((q - zero) * scale) > limit
+    moved = int(over.sum())
+    if not moved:
+        return qw, 0
+    while over.any():
+        q = np.where(over, q - np.sign(q - zero), q)
+        over = np.abs((q - zero) * scale) > limit
+    return QuantizedWeight.from_codes(q.astype(np.int8), qw.scale, qw.zero_point, qw.group_size), moved

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from fptq_graph.errors import FptqError
+from fptq_graph.errors import FptqError, ModelLoadError
 from fptq_graph.ir.opset import IR_VERSION
 from fptq_graph.ir.save import save_model
 from fptq_graph.ir.split_model import PROTOBUF_LIMIT, proto_payload_bytes
@@ -153,7 +154,10 @@ def split_session(model: SplitModel, options, providers) -> ort.InferenceSession
     from_file = set().union(*(body_reads(node) for node in proto.graph.node))
     packed = {init.name: init for init in proto.graph.initializer
               if is_in_memory(init) and (init.data_type in PACKED_TYPES or init.name in from_file)}
-    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in model.arrays.items() if name not in packed}
+    # A strided array (the ort form's transposed zero points) would be copied by ortvalue_from_numpy into a
+    # buffer ORT owns, which add_initializer refuses: made contiguous here (a copy of only those).
+    buffers = {name: np.ascontiguousarray(array) for name, array in model.arrays.items() if name not in packed}
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in buffers.items()}
     for name, value in values.items():
         options.add_initializer(name, value)
     with tempfile.TemporaryDirectory(prefix="fptq-") as tmp:
@@ -168,7 +172,7 @@ def split_session(model: SplitModel, options, providers) -> ort.InferenceSession
         path = Path(tmp) / "model.onnx"
         path.write_bytes(proto.SerializeToString())
         sess = _create(str(path), options, providers, "<in-memory model>")
-    sess._fptq_initializers = values   # the buffers must outlive the session
+    sess._fptq_initializers = (buffers, values)   # the buffers must outlive the session
     return sess
 
 
@@ -187,4 +191,23 @@ def _create(model, options, providers, name: str) -> ort.InferenceSession:
             except FptqError as missing:
                 raise FptqError(f"{name} uses the {DOMAIN}::W4A8MatMul op but {missing}") from None
             raise FptqError(f"{name}: ONNX Runtime could not create the session: {text.splitlines()[-1] if text else exc}") from None
+        if type(exc).__module__.startswith("onnxruntime"):
+            raise ModelLoadError(f"ONNX Runtime cannot load {_model_name(name)}: {_load_detail(text, model, name)}") from None
         raise
+
+
+def _model_name(name: str) -> str:
+    return "the model of this run (built from the input)" if name == "<in-memory model>" else name
+
+
+def _load_detail(text: str, model, name: str) -> str:
+    """ORT's load error without its status prefix and without the temporary file this run made (which
+    tells the user nothing): what is left names the node and the cause (a shape, a type)."""
+    detail = (text.strip().splitlines() or ["no message"])[0]
+    for _ in range(3):   # "[ONNXRuntimeError] : 1 : FAIL : ..." and the like
+        head = detail.split(" : ")[0].strip()
+        if " : " in detail and (head == "[ONNXRuntimeError]" or head.isdigit() or head.replace("_", "").isupper()):
+            detail = detail.split(" : ", 1)[-1]
+    if isinstance(model, str) and name == "<in-memory model>":   # a temporary file of this run
+        detail = re.sub(r"^Load model from .*? failed:\s*", "", detail.replace(model, "the model"))
+    return detail

@@ -78,7 +78,7 @@ def run_block_by_block(state, mode, source: str, log=None, work_dir: str | os.Pa
         raise FptqError(f"internal error: the lowered graph still reads released float weights ({', '.join(left[:3])})")
     records.append(measure_output_sqnr_by_block(state, blocks, log=log))
     if log:
-        log(f"[measure_output_sqnr] {records[-1].summary}")
+        log(f"[{records[-1].name}] {records[-1].summary}")
     return records, {**mode.to_dict(), **run.to_dict()}, work
 
 

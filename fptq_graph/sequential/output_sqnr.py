@@ -6,6 +6,9 @@ lowered graph (the nodes between the block's input tensors and its outputs) run 
 first Config.sqnr_samples calibration samples, one sample at a time. Each chain is fed its own
 hand-over: the float blocks the float stream, the quantized blocks the quantized stream, so a linear's
 error is end to end, as in the whole-model measurement (it carries the error of every block before).
+It is also check_outputs_finite's block-wise form: a linear whose quantized output holds NaN or Inf
+where the float one is finite fails the run, naming it (with --sqnr-samples 0 one sample runs for
+that check alone).
 
 Resident: two block sessions (the float block's weights mapped from the input, the quantized block's
 codes mapped from the work folder) and, per sample, both streams' cut tensors.
@@ -20,6 +23,7 @@ import numpy as np
 from fptq_graph.ir.residency import release_pages
 from fptq_graph.ir.save import finish_split
 from fptq_graph.passes.base import PassRecord, PassResult
+from fptq_graph.passes.check_outputs_finite import NonFiniteOutputError, newly_non_finite
 from fptq_graph.passes.rewrite.quantize_weights import signal_and_noise, sqnr_db
 from fptq_graph.runtime import ort_errors
 from fptq_graph.runtime.sessions import session
@@ -30,8 +34,9 @@ from fptq_graph.sequential.blocks import Block, node_reads
 def measure_output_sqnr_by_block(state, blocks: list[Block], log=None) -> PassRecord:
     """Fills state.output_sqnr for every linear; the record has measure_output_sqnr's name and stats."""
     start = time.perf_counter()
-    count = state.config.sqnr_samples
-    if count == 0 or state.calibration is None or state.source_model is None:
+    check_only = state.config.sqnr_samples == 0
+    count = max(1, state.config.sqnr_samples)
+    if state.calibration is None or state.source_model is None:
         return PassRecord("measure_output_sqnr", "measure", PassResult("skipped (no samples)", stats={"samples": 0}), 0.0)
     source = state.source_model      # not the observed model: that one ends at the last observer
     lowered = finish_split(state.graph, source.proto)
@@ -59,6 +64,15 @@ def measure_output_sqnr_by_block(state, blocks: list[Block], log=None) -> PassRe
                                                                f"block {block.index} ({block.label})")
                 for name, value in zip(wanted[len(outputs):], got[kind][len(outputs):]):
                     cut[name] = np.array(value)
+            for name, ref, out in zip(wanted, got["float"], got["quantized"]):
+                if newly_non_finite(ref, out):
+                    linear = next((l.name for l in state.linears.values() if l.output == name), None)
+                    raise NonFiniteOutputError(
+                        f"the quantized model computes NaN or Inf in block {block.index} ({block.label}) on calibration "
+                        f"sample {index}, where the float model does not: first in "
+                        + (f"the output of linear '{linear}'" if linear else f"'{name}'") + "; nothing written")
+            if check_only:
+                continue
             for name, ref, out in zip(outputs, got["float"], got["quantized"]):
                 power, error = signal_and_noise(ref, out)
                 signal[name] = signal.get(name, 0.0) + power
@@ -71,6 +85,9 @@ def measure_output_sqnr_by_block(state, blocks: list[Block], log=None) -> PassRe
             for cut in cuts:
                 for name in [n for n in cut if last_reader.get(n, -1) <= block.index]:
                     del cut[name]
+    if check_only:
+        result = PassResult(f"no NaN/Inf on one calibration sample, block by block (output SQNR off)", stats={"checked": 1})
+        return PassRecord("check_outputs_finite", "measure", result, time.perf_counter() - start)
     worst = ("", np.inf)
     for linear in state.linears.values():
         db = state.output_sqnr[linear.name] = sqnr_db(signal.get(linear.output, 0.0), noise.get(linear.output, 0.0))

@@ -53,7 +53,12 @@ class ClassifyActivations(Pass):
         for linear in state.linears.values():
             blocked = foldable(linear.producer, outputs, cfg.compensate_residual) if linear.producer else \
                 "input not from a normalization"
-            scheme, reason = classify(state, linear, group_v[linear.sibling_tensor], blocked, memo)
+            if group_v[linear.sibling_tensor] == 0.0:
+                # No static scale can come from an input that was zero throughout calibration (its step
+                # would be the floor, and the first real input saturates): scales per token, at run time.
+                scheme, reason = "dynamic", "v=0: calibration never saw this input non-zero; per-token scales at run time"
+            else:
+                scheme, reason = classify(state, linear, group_v[linear.sibling_tensor], blocked, memo)
             state.draft.set_activation(linear.name, scheme, reason)
         counts = Counter(state.draft.scheme(name) for name in state.linears)
         return PassResult(", ".join(f"{counts.get(s, 0)} {s}" for s in SCHEMES if counts.get(s)),

@@ -86,8 +86,11 @@ class InsertObservers(Pass):
             observed = state.observers[name] = Observers(amax.name, finite.name)
             if "gram" in needs:
                 token_rows = b.op("Reshape", [x, shape], "rows")
+                gram_type = dtype
+                if dtype != np.float32:   # see _summed_in_float32
+                    token_rows, gram_type = b.op("Cast", [token_rows], "rows_f32", {"to": 1}), np.dtype(np.float32)
                 cols = b.op("Transpose", [token_rows], "cols", {"perm": [1, 0]})
-                gram = b.op("MatMul", [cols, token_rows], "gram", dtype=dtype, shape=[linear.k, linear.k])
+                gram = b.op("MatMul", [cols, token_rows], "gram", dtype=gram_type, shape=[linear.k, linear.k])
                 outputs.append(gram)
                 observed.sums["gram"] = gram.name
             outputs += _statistics_observers(b, flat, dtype, needs, observed)
@@ -112,7 +115,8 @@ def _statistics_observers(b: _Builder, flat: gs.Variable, dtype, needs: set, obs
     outputs = []
     axis0 = b.const("sum_axis0", np.array([0], dtype=np.int64))
     if "diag" in needs:
-        outputs.append(b.op("ReduceSumSquare", [flat, axis0], "diag", {"keepdims": 0}, dtype=dtype))
+        squared = flat if dtype == np.float32 else b.op("Cast", [flat], "diag_f32", {"to": 1})   # _summed_in_float32
+        outputs.append(b.op("ReduceSumSquare", [squared, axis0], "diag", {"keepdims": 0}, dtype=np.float32))
         observed.sums["diag"] = outputs[-1].name
     if "rows" in needs:
         shape = b.op("Shape", [flat], "shape", {"start": 0, "end": 1})
@@ -146,6 +150,13 @@ def _statistics_observers(b: _Builder, flat: gs.Variable, dtype, needs: set, obs
         observed.sums.update(count_above=count_above.name, inv_above=inv_above_sum.name, token_max=energy.name,
                              inv_norm=inv_sum.name, max_ratio=ratio_sum.name)
     return outputs
+
+
+# _summed_in_float32: sums over a batch's tokens (X^T X, its diagonal, the token norms) are taken in float32
+# whatever the activation type. In float16 they overflow: a channel of magnitude 100 over 2048 tokens sums
+# to 2e7 (fp16's maximum is 65504), and LLaMA-family models carry channels of 1000 and more at
+# down_proj's input; below that, fp16's rounding of each entry (1e-3) leaves X^T X indefinite. The price
+# is a float32 [K, K] per batch instead of a float16 one (7B down_proj: 484 MB instead of 242 MB).
 
 
 def _safe(name: str) -> str:

@@ -14,8 +14,8 @@ from fptq_graph.passes.base import Pass, PassResult
 from fptq_graph.plan.statistics import equalized, hessian_diag
 from fptq_graph.quant.clipping import clipped_groupwise
 from fptq_graph.quant.finite import check_weights_finite
-from fptq_graph.quant.gptq import gptq_quantize
-from fptq_graph.quant.int4 import QuantizedWeight, quantize_groupwise
+from fptq_graph.quant.gptq import HessianUnusable, gptq
+from fptq_graph.quant.int4 import QuantizedWeight, keep_within, quantize_groupwise
 from fptq_graph.quant.int8 import quantize_per_channel_int8
 
 
@@ -39,6 +39,13 @@ class QuantizeWeights(Pass):
             readers_left[linear.activation.name] -= 1
             last = readers_left[linear.activation.name] == 0
             qw, note = quantize_weight(weight, spec, stats, last_reader=last)
+            qw, moved = keep_within(qw, computed_range(linear, weight))
+            if qw.bits == 4 and qw.group_size > linear.k:   # the report's group column alone would mislead
+                note = "; ".join(filter(None, [f"group {qw.group_size} > K {linear.k}: one group spans K (per output "
+                                               "channel)", note]))
+            if moved:
+                note = "; ".join(filter(None, [note, f"{moved} codes moved a step toward zero to keep the dequantized "
+                                                     f"weight inside {np.dtype(computed_type(linear, weight)).name}'s range"]))
             if last:   # X^T X has no reader after this one: let it go (7B down_proj: 0.9 GiB)
                 stats.gram = None
             state.quantized[linear.name] = qw
@@ -65,6 +72,17 @@ class QuantizeWeights(Pass):
                           stats={"weights": len(state.linears), "lowest_sqnr_db": worst[1], "lowest": worst[0]})
 
 
+def computed_type(linear, weight: np.ndarray) -> np.dtype:
+    """The float type the linear's MatMul computes in: its activation's where the graph says, else the weight's."""
+    dtype = linear.activation.dtype if linear.activation.dtype is not None else weight.dtype
+    return np.dtype(dtype) if np.issubdtype(np.dtype(dtype), np.floating) else np.dtype(np.float32)
+
+
+def computed_range(linear, weight: np.ndarray) -> float:
+    """The largest finite value of computed_type: a dequantized weight past it is Inf in the model."""
+    return float(np.finfo(computed_type(linear, weight)).max)
+
+
 def quantize_weight(weight: np.ndarray, plan, stats, last_reader: bool = False) -> tuple[QuantizedWeight, str]:
     """One linear's weight quantized as its WeightSpec says, and a note on what the quantizer did.
     `stats` is its input's ActivationStats (X^T X or its diagonal for GPTQ and the clipping search);
@@ -77,9 +95,15 @@ def quantize_weight(weight: np.ndarray, plan, stats, last_reader: bool = False) 
         hessian = equalized_hessian(stats, plan, in_place=last_reader)
         if last_reader:   # nothing reads X^T X after this linear: drop it before GPTQ's own [K, K] arrays
             stats.gram = None
-        qw = gptq_quantize(weight, hessian, spec.group_size, spec.symmetric, spec.damp, clip=clip_scales,
-                           act_order=spec.act_order, overwrite_hessian=last_reader or hessian is not stats.gram)
-        return qw, f"weights GPTQ{' with clipped scales' if clip_scales else ''}{', act order' if spec.act_order else ''}"
+        diag = np.diag(hessian).copy()   # for the fallback: GPTQ may leave H half factored
+        try:
+            qw, detail = gptq(weight, hessian, spec.group_size, spec.symmetric, spec.damp, clip=clip_scales,
+                              act_order=spec.act_order, overwrite_hessian=last_reader or hessian is not stats.gram)
+        except HessianUnusable as why:
+            del hessian
+            return _fallback(weight, spec, diag, str(why))
+        note = f"weights GPTQ{' with clipped scales' if clip_scales else ''}{', act order' if spec.act_order else ''}"
+        return qw, note + (f" ({detail})" if detail else "")
     if spec.quantizer == "clip":
         # diag(H) weighting (recorded alone when nothing needs all of X^T X): 7 grid points cost
         # about twice round-to-nearest; H's full group blocks cost 3x more for SmolLM2 (tried)
@@ -88,6 +112,16 @@ def quantize_weight(weight: np.ndarray, plan, stats, last_reader: bool = False) 
         return qw, (f"weights clipped ({'diag(X^T X)' if h is not None else 'unweighted'} search, "
                     f"{100 * float(np.mean(ratio < 1)):.0f}% of groups below max-abs)")
     return quantize_groupwise(weight, spec.group_size, spec.symmetric), ""
+
+
+def _fallback(weight: np.ndarray, spec, diag: np.ndarray, why: str) -> tuple[QuantizedWeight, str]:
+    """The clipping search weighted by diag(X^T X) where that is usable, else round to nearest, for a
+    weight GPTQ could not take; the note says why (the report's weights column)."""
+    usable = bool(np.all(np.isfinite(diag)) and np.any(diag > 0))
+    if usable:
+        qw, _ = clipped_groupwise(weight, spec.group_size, spec.symmetric, np.maximum(diag, 0.0))
+        return qw, f"GPTQ not used ({why}): clipping search weighted by diag(X^T X) instead"
+    return quantize_groupwise(weight, spec.group_size, spec.symmetric), f"GPTQ not used ({why}): rounded to nearest"
 
 
 def equalized_hessian(stats, plan, in_place: bool = False) -> np.ndarray:
