@@ -285,6 +285,8 @@ def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(work, capsys
     assert_one_line_error(err, "unexpected RuntimeError: a bug", "--debug")
     with pytest.raises(RuntimeError, match="a bug"):
         main([str(a) for a in args] + ["--debug"])
+    with pytest.raises(RuntimeError, match="a bug"):   # before the sub-command too, where --help shows it
+        main(["--debug"] + [str(a) for a in args])
     assert not (work / "q.onnx").exists()
 
 
@@ -305,6 +307,21 @@ def _big_model(path: Path) -> None:
     B.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
 
 
+def _catches(pid: int, signum: int, timeout: float = 120.0) -> None:
+    """Waits until process `pid` has a handler for `signum` (Linux: the SigCgt mask in /proc/PID/status).
+    Before that the signal's default action kills the interpreter while it starts, which no program can
+    answer; a fixed sleep made that window depend on how loaded the machine was."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            caught = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("SigCgt:"))
+        except (OSError, StopIteration):
+            return   # gone, or no /proc: the caller's checks decide
+        if int(caught.split()[1], 16) >> (signum - 1) & 1:
+            return
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_terminated_run_leaves_nothing(signum, tmp_path):
     _big_model(tmp_path / "big.onnx")
@@ -314,6 +331,7 @@ def test_terminated_run_leaves_nothing(signum, tmp_path):
                                  str(tmp_path / "q.onnx"), "--report", str(tmp_path / "r.json"), "--calib-random", "2",
                                  "--seq-len", "8", "--group-size", "64", "--gptq"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _catches(proc.pid, signum)   # the delays count from the command's first line, whatever the load
         time.sleep(delay)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
@@ -372,3 +390,44 @@ def test_signal_before_commit_stops_and_after_commit_does_not(tmp_path):
         p.unlink()
     with pytest.raises(Terminated), signals():
         run("before")
+
+
+def test_a_killed_runs_staging_is_removed_by_the_next_run(work, capsys):
+    """SIGKILL cannot be caught: the killed run's hidden staging folder stays. The next run into the same
+    folder removes it (its owner pid is recorded inside and no longer running) and says so; the staging
+    folder of a run still alive is left alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = work / ".fptq-staging-killed"
+    (stale / "q.onnx.partial").parent.mkdir()
+    (stale / "q.onnx.partial").write_bytes(b"\0" * 4096)
+    (stale / ".owner").write_text(f"{dead.pid}\n{__import__('socket').gethostname()}\n")
+    alive = work / ".fptq-staging-alive"
+    alive.mkdir()
+    (alive / ".owner").write_text(f"{os.getppid()}\n{__import__('socket').gethostname()}\n")
+    code, _, err = run_cli(["quantize", work / "in.onnx", "-o", work / "q.onnx", "--calib-random", "2",
+                            "--seq-len", "8", "--group-size", "16"], capsys)
+    assert code == 0, err
+    assert not stale.exists() and alive.is_dir()
+    assert f"warning: removed {stale}" in err and f"pid {dead.pid}" in err, err
+    assert not [p for p in work.iterdir() if p.name.startswith(".fptq-staging-") and p != alive]
+
+
+def test_a_killed_run_leaves_a_staging_folder_the_next_run_removes(tmp_path):
+    """The same with a real SIGKILL in the middle of a run."""
+    _big_model(tmp_path / "big.onnx")
+    args = [sys.executable, "-m", "fptq_graph.cli", "quantize", str(tmp_path / "big.onnx"), "-o", str(tmp_path / "q.onnx"),
+            "--calib-random", "2", "--seq-len", "8", "--group-size", "64"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".fptq-staging-*")):
+        time.sleep(0.05)   # killed once its staging folder exists: the case a later run must clean
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = list(tmp_path.glob(".fptq-staging-*"))
+    assert left, "the run finished or never staged before it was killed"
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert all(f"removed {p}" in done.stderr for p in left), done.stderr
+    assert not list(tmp_path.glob(".fptq-staging-*"))
+    onnx.checker.check_model(str(tmp_path / "q.onnx"))

@@ -19,8 +19,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import stat
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,10 @@ from fptq_graph.errors import FptqError
 
 class OutputError(FptqError):
     """An output path that would destroy an input, replace a special file, or cannot be written."""
+
+
+class StaleStagingWarning(UserWarning):
+    """A killed run's staging folder was found and removed."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -256,11 +262,57 @@ class RunOutputs:
     def _staging_folder(self, folder: Path) -> Path:
         key = Path(os.path.realpath(folder))
         if key not in self._staging:
+            remove_stale_staging(folder)
             try:
-                self._staging[key] = Path(tempfile.mkdtemp(prefix=".fptq-staging-", dir=folder))
+                staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+                (staging / OWNER_FILE).write_text(f"{os.getpid()}\n{socket.gethostname()}\n")
             except OSError as exc:
                 raise OutputError(f"output directory {folder}: cannot write there ({exc.strerror})") from None
+            self._staging[key] = staging
         return self._staging[key]
+
+
+STAGING_PREFIX = ".fptq-staging-"
+# Inside each staging folder: the pid and host of the run that made it. A run killed with SIGKILL (or
+# by the out-of-memory killer) cannot remove its staging folder; the next run into the same folder
+# removes it once that pid is no longer running on this host, and says so. Folders of other hosts
+# (a shared file system) and of runs still alive are left alone.
+OWNER_FILE = ".owner"
+
+
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Removes the staging folders in `folder` whose run is no longer alive; warns for each (the CLI
+    prints warnings as 'fptq-graph: warning: ...'). Returns what it removed."""
+    removed = []
+    try:
+        entries = [p for p in Path(folder).iterdir() if p.name.startswith(STAGING_PREFIX) and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return removed
+    for staging in entries:
+        try:
+            pid_text, host = (staging / OWNER_FILE).read_text().split("\n")[:2]
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue   # no owner recorded (an older version's, or one being made this instant): not ours to judge
+        if host != socket.gethostname() or pid == os.getpid() or _alive(pid):
+            continue
+        size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(staging, ignore_errors=True)
+        if not staging.exists():
+            removed.append(staging)
+            warnings.warn(f"removed {staging} ({size / 2**20:.1f} MiB): what a run (pid {pid}) that is no longer "
+                          "running had staged there", StaleStagingWarning, stacklevel=2)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True   # someone else's process: alive
+    return True
 
 
 def _folder_of(path: Path) -> Path:
