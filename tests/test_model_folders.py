@@ -14,6 +14,7 @@ import onnx
 import pytest
 
 from fptq_graph.cli import main
+from fptq_graph.ir.folder import TOKENIZER_FILES
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test dependency (scripts/setup.sh)")
 
@@ -113,6 +114,65 @@ def test_optimum_style_folder(builder_folder, tmp_path, capsys):
     assert main(["quantize", str(folder), "-o", str(out), "--calib-random", "2", "--seq-len", "16",
                  "--group-size", "32", "-q"]) == 0
     assert (out / "model.onnx").is_file() and not (out / "genai_config.json").exists()
+
+
+def test_eval_and_inspect_take_a_folder_and_find_the_tokenizer_beside_the_model(builder_folder, calib_text, tmp_path, capsys):
+    """eval FOLDER (it used to say 'no such file' for a folder), eval FOLDER/model.onnx with tokenizer.json
+    beside it and nothing recorded (it needed --tokenizer), inspect FOLDER."""
+    out = tmp_path / "q"
+    assert main(["quantize", str(builder_folder), "-o", str(out), "--calib-random", "2", "--seq-len", "16",
+                 "--group-size", "32", "-q"]) == 0
+    capsys.readouterr()
+    for given in (builder_folder, builder_folder / "model.onnx", out):
+        assert main(["eval", str(given), "--text", str(calib_text), "--seq-len", "32", "--max-tokens", "64"]) == 0, given
+        assert "perplexity" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    assert "recipe fptq" in capsys.readouterr().out
+
+
+def test_a_tokenizer_given_to_quantize_is_recorded_in_the_output(builder_folder, calib_text, tmp_path, capsys):
+    """An optimum-style folder without tokenizer files, quantized with --tokenizer DIR: eval and generate on
+    the output find that tokenizer without being told again."""
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    for item in builder_folder.iterdir():
+        if item.name not in TOKENIZER_FILES + ("genai_config.json", "special_tokens_map.json"):
+            shutil.copy2(item, folder / item.name)
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    for name in TOKENIZER_FILES + ("special_tokens_map.json",):
+        if (builder_folder / name).is_file():
+            shutil.copy2(builder_folder / name, tokenizer / name)
+    out = tmp_path / "q"
+    assert main(["quantize", str(folder), "-o", str(out), "--calib", str(calib_text), "--tokenizer", str(tokenizer),
+                 "--seq-len", "16", "--calib-samples", "2", "--group-size", "32", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", PROMPT, "--max-new-tokens", "2"]) == 0
+    assert main(["eval", str(out / "model.onnx"), "--text", str(calib_text), "--seq-len", "32", "--max-tokens", "64"]) == 0
+
+
+def test_links_in_the_input_folder_stay_valid_in_the_output(builder_folder, tmp_path, capsys):
+    """A relative link inside a sub-folder that points outside the input folder dangled at the output's
+    depth (copied as written): it is replaced by what it points at; a link to a file inside the folder
+    stays a link, to the output's own file."""
+    import os
+
+    outside = tmp_path / "shared" / "notes.txt"
+    outside.parent.mkdir()
+    outside.write_text("kept")
+    folder = tmp_path / "deep" / "in"
+    shutil.copytree(builder_folder, folder)
+    (folder / "extra").mkdir()
+    os.symlink(os.path.relpath(outside, folder / "extra"), folder / "extra" / "notes.txt")
+    os.symlink("../tokenizer.json", folder / "extra" / "tokenizer.json")
+    os.symlink(os.path.relpath(outside, folder), folder / "top-notes.txt")
+    out = tmp_path / "out"
+    assert main(["quantize", str(folder), "-o", str(out), "--calib-random", "2", "--seq-len", "16",
+                 "--group-size", "32", "--format", "ort", "-q"]) == 0
+    for name in ("extra/notes.txt", "top-notes.txt"):
+        assert not (out / name).is_symlink() and (out / name).read_text() == "kept", name
+    link = out / "extra" / "tokenizer.json"
+    assert link.is_symlink() and link.resolve() == (out / "tokenizer.json").resolve()
 
 
 def _full_folder(tmp_path, _src):

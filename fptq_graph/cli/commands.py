@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         return _show_recipe(argv[argv.index("--recipe") + 2])
     parser = _parser()
     args = parser.parse_args(argv)
+    args.debug = args.debug or args.debug_before_command
     try:
         with signals(), warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -81,11 +82,12 @@ def _parser() -> argparse.ArgumentParser:
 
     defaults = Config()
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+    common.add_argument("--debug", action="store_true", help="print the Python traceback of an unexpected error")
+    parser = argparse.ArgumentParser(prog="fptq-graph", description="FPTQ W4A8 quantization for ONNX graphs.")
+    # Before the sub-command (where --help shows it) under a name of its own: argparse copies the
+    # sub-command's namespace over the top level's, so one shared name lost the earlier --debug.
+    parser.add_argument("--debug", dest="debug_before_command", action="store_true",
                         help="print the Python traceback of an unexpected error")
-    parser = argparse.ArgumentParser(prog="fptq-graph", description="FPTQ W4A8 quantization for ONNX graphs.",
-                                     parents=[common])
-    parser.set_defaults(debug=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", parents=[common], help="export a Hugging Face model directory to ONNX (opset 21, dynamic batch/sequence)",
@@ -139,10 +141,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="--format ort: MatMulNBits accuracy_level; 0 computes what the graph says (default), "
                         "4 lets ONNX Runtime's CPU kernel quantize each input to int8 per block of K itself "
                         "(no activation QDQ in the graph; faster decode)")
-    p.add_argument("--lm-head", choices=("float", "int8", "int4"), default=defaults.lm_head,
+    p.add_argument("--lm-head", choices=("float", "int8", "int4"), default=None,
                    help="the LM head (the linear producing the model output 'logits'): float, int8 per output "
                         "channel (a tied embedding table is then stored once, quantized) or INT4 like the other "
-                        "linears (default %(default)s)")
+                        f"linears (default {defaults.lm_head})")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="the older switch: the same as --lm-head int4")
     p.add_argument("--sqnr-samples", type=int, default=defaults.sqnr_samples,
@@ -243,10 +245,13 @@ def _cmd_quantize(args) -> int:
     from fptq_graph.api import quantize
     from fptq_graph.config import Config
 
+    if args.quantize_lm_head and args.lm_head not in (None, "int4"):
+        raise FptqError(f"--quantize-lm-head (the older switch for --lm-head int4) contradicts --lm-head {args.lm_head}; "
+                        "give one of them")
     config = Config(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
                     group_size=args.group_size, symmetric=not args.asymmetric, format=args.format,
                     compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
-                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, act_order=args.act_order, ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head, quantize_lm_head=args.quantize_lm_head, sqnr_samples=args.sqnr_samples,
+                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, act_order=args.act_order, ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head or Config().lm_head, quantize_lm_head=args.quantize_lm_head, sqnr_samples=args.sqnr_samples,
                     calib_batch_size=args.batch_size,
                     calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet,
                     sequential=args.sequential, memory_budget_mib=args.memory_budget, block_inputs=args.block_inputs)
@@ -270,6 +275,10 @@ def _cmd_quantize(args) -> int:
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
     with outputs, _keeping_work(blocks["work_dir"]):
         result = quantize(args.input, calibration, config, tokenizer=args.tokenizer, log=log, **blocks)
+        if args.tokenizer:   # the tokenizer calibration used is the model's: recorded for eval and generate
+            from fptq_graph.ir.metadata import TOKENIZER_KEY, set_metadata
+
+            set_metadata(result.split.proto, TOKENIZER_KEY, str(Path(args.tokenizer).resolve()))
         result.write(model_out, report_out)
     result.discard_work()
     if not args.quiet:
@@ -334,6 +343,8 @@ def _quantize_folder(args, config, blocks: dict) -> int:
                               **blocks)
         if folder.tokenizer or folder.kind == "huggingface":   # the tokenizer travels in the folder
             set_metadata(result.split.proto, TOKENIZER_KEY, str(out.final.resolve()))
+        elif args.tokenizer:   # the one given: recorded, so eval and generate on the output find it
+            set_metadata(result.split.proto, TOKENIZER_KEY, str(Path(args.tokenizer).resolve()))
         result.write(Output("-o", out.final / name, out.staged / name), report_out)
         if folder.kind == "genai":
             library = None
@@ -359,6 +370,21 @@ def _is_causal(folder: Path) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
+def _model_of_folder(args) -> None:
+    """eval, generate and inspect take what quantize takes: a model folder (GenAI builder, optimum, or a
+    Hugging Face folder holding an ONNX model) stands for its model, with the tokenizer beside it."""
+    if not Path(args.model).is_dir():
+        return
+    from fptq_graph.ir.folder import open_folder
+
+    folder = open_folder(args.model)
+    if folder.model is None:
+        raise FptqError(f"{args.model}: a Hugging Face folder without an ONNX model; quantize or export it first")
+    args.model = str(folder.model)
+    if hasattr(args, "tokenizer"):
+        args.tokenizer = args.tokenizer or (str(folder.tokenizer) if folder.tokenizer else None)
+
+
 def _cmd_eval(args) -> int:
     from fptq_graph.calibration import check_token_ids, leading_bos, load_tokenizer, read_token_ids, vocab_size_of
     from fptq_graph.evaluate import perplexity
@@ -370,6 +396,7 @@ def _cmd_eval(args) -> int:
         raise FptqError(f"--seq-len must be at least 2 (a window predicts its tokens after the first), got {args.seq_len}")
     if args.max_tokens is not None and args.max_tokens < args.seq_len:
         raise FptqError(f"--max-tokens must be at least one window (--seq-len {args.seq_len}), got {args.max_tokens}")
+    _model_of_folder(args)
     outputs = _outputs_reading(args.model, args.text, args.tokenizer)
     json_out = outputs.add(args.json, "--json") if args.json is not None else None
     with outputs:
@@ -402,15 +429,9 @@ def _cmd_generate(args) -> int:
     from fptq_graph.ir.load import load_split
     from fptq_graph.runtime.sessions import PROVIDERS, session
 
+    _model_of_folder(args)
     # The structure only: the tokenizer link, and the inputs with any KV cache sizes the loader filled in;
     # one-line errors for a bad file.
-    if Path(args.model).is_dir():   # a model folder: its model, and the tokenizer beside it
-        from fptq_graph.ir.folder import open_folder
-
-        folder = open_folder(args.model)
-        if folder.model is None:
-            raise FptqError(f"{args.model}: a Hugging Face folder without an ONNX model; quantize or export it first")
-        args.model, args.tokenizer = str(folder.model), args.tokenizer or folder.tokenizer
     header = load_split(args.model).proto
     tokenizer = load_tokenizer(args.tokenizer, header, args.model)
     inputs = list(header.graph.input)
@@ -441,6 +462,7 @@ def _cmd_inspect(args) -> int:
     from fptq_graph.ir.metadata import get_metadata
     from fptq_graph.report.layers import REPORT_KEY, format_table, parse_stored
 
+    _model_of_folder(args)
     outputs = _outputs_reading(args.model)
     planned = {flag: outputs.add(path, flag) for flag, path in
                (("--report", args.report), ("--html", args.html), ("--plot", args.plot)) if path is not None}

@@ -17,6 +17,7 @@ INT4 linears into MatMulNBits with accuracy_level 4, which computes something el
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -83,19 +84,48 @@ def open_folder(path: str | Path) -> ModelFolder:
 
 def copy_companions(folder: ModelFolder, skip: set[Path], out: Path) -> list[str]:
     """Copies every file of the input folder into `out` except `skip` (the model and its external data),
-    keeping sub-folders; returns the names copied."""
+    keeping sub-folders; returns the names copied. Links stay valid in the copy (keep_links_valid)."""
     skip = {p.resolve() for p in skip}
     copied = []
     for item in sorted(folder.path.iterdir()):
         if item.resolve() in skip or item.name.startswith(".fptq-staging-"):
             continue
         target = out / item.name
-        if item.is_dir():
+        if item.is_dir() and not item.is_symlink():
             shutil.copytree(item, target, symlinks=True)
+        elif item.is_symlink():
+            target.symlink_to(os.readlink(item))
         else:
             shutil.copy2(item, target)
         copied.append(item.name)
+    keep_links_valid(folder.path, out)
     return copied
+
+
+def keep_links_valid(source: Path, copy: Path) -> None:
+    """Each symbolic link copied from `source` into `copy` as written: one that points inside `source`
+    stays a link (the copy has the same layout, so it points at the copy's file); one that points
+    outside is replaced by what it points at, since a relative link to outside the folder dangles at
+    the copy's place; a link that dangles already in the input is dropped, with a warning."""
+    root = source.resolve()
+    for link in sorted(p for p in copy.rglob("*") if p.is_symlink()):
+        original = source / link.relative_to(copy)
+        try:
+            points_to = original.resolve(strict=True)
+        except (OSError, RuntimeError):
+            link.unlink()
+            warnings.warn(FolderWarning(f"{original}: a link to nothing (or a loop); not copied"), stacklevel=3)
+            continue
+        if points_to == root or root in points_to.parents:
+            inside = copy / points_to.relative_to(root)
+            link.unlink()
+            link.symlink_to(os.path.relpath(inside, link.parent))
+            continue
+        link.unlink()
+        if points_to.is_dir():
+            shutil.copytree(points_to, link, symlinks=False)
+        else:
+            shutil.copy2(points_to, link)
 
 
 def update_genai_config(out: Path, model_name: str, form: str, library: Path | None) -> dict:

@@ -26,6 +26,10 @@ def run_failure(exc: Exception, what: str, feeds: Mapping[str, np.ndarray]) -> C
     if "out of data bounds" in detail or "indices element out of" in detail:
         hint = ("; an index past the end of a table: the tokenizer may not match the model (token ids beyond "
                 "its vocabulary), or the sequence is longer than the model's position table (lower --seq-len)")
+    elif "invalid expand shape" in detail.lower() or "Attempting to broadcast an axis" in detail:
+        length = max((value.shape[-1] for value in feeds.values() if value.ndim >= 2), default=None)
+        hint = (f"; shapes that do not broadcast, typically a sequence ({length} tokens) longer than the model's position "
+                "table or attention mask: lower --seq-len to the model's maximum")
     elif "Invalid rank for input" in detail or "Got invalid dimensions for input" in detail:
         hint = "; the model expects other input shapes than [batch, sequence] token batches"
     return CalibrationError(f"ONNX Runtime failed running {what} (feeds: {shapes}): {detail}{hint}")

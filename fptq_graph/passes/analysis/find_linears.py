@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from fptq_graph.errors import NoQuantizableLinearError
+from fptq_graph.errors import ModelLoadError, NoQuantizableLinearError
 from fptq_graph.patterns.graph_match import constant_value, is_channel_passthrough, norm_inputs, producer, resolve_weight, rms_norm_gain
 from fptq_graph.ir.bodies import gs_body_nodes
 from fptq_graph.passes.base import Pass, PassResult
 from fptq_graph.passes.state import Linear, NormProducer, State
 from fptq_graph.patterns.lm_head import LOGITS, feeds_output
+
+
+def _check_inner_dimension(node, activation, k: int, n: int) -> None:
+    """A linear whose input's last dimension is known and is not its weight's K cannot run: said here,
+    naming the node, instead of as a reshape failure deep inside calibration."""
+    shape = getattr(activation, "shape", None)
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        return   # the input is [K, M] there
+    if shape and isinstance(shape[-1], int) and shape[-1] >= 0 and shape[-1] != k:
+        raise ModelLoadError(f"{node.op} '{node.name}' multiplies '{activation.name}' (last dimension {shape[-1]}) by a "
+                             f"[{k}, {n}] weight: the inner dimensions differ, so the model cannot run")
 
 
 class FindQuantizableLinears(Pass):
@@ -48,6 +59,7 @@ class FindQuantizableLinears(Pass):
                               "--lm-head int8 or int4 quantizes it"}
                 continue
             activation = node.inputs[0]
+            _check_inner_dimension(node, activation, k, n)
             norm = self._find_producer(state, activation, k)
             sibling_tensor = norm.output.name if norm else activation.name
             linear = Linear(name=node.name, node=node, k=k, n=n, activation=activation, sibling_tensor=sibling_tensor,
