@@ -175,6 +175,24 @@ def test_links_in_the_input_folder_stay_valid_in_the_output(builder_folder, tmp_
     assert link.is_symlink() and link.resolve() == (out / "tokenizer.json").resolve()
 
 
+def test_a_folder_with_several_models_says_which_stay_float(builder_folder, tmp_path, capsys):
+    """An optimum seq2seq-style folder (a decoder and an encoder): the run names every model and what was
+    done to it; the one it does not quantize is copied float, with the reason, never silently."""
+    import bad_models as B
+
+    folder = tmp_path / "seq2seq"
+    shutil.copytree(builder_folder, folder)
+    (folder / "genai_config.json").unlink()
+    B.save(B.float_input_model(), folder / "encoder_model.onnx")
+    out = tmp_path / "out"
+    assert main(["quantize", str(folder), "-o", str(out), "--calib-random", "2", "--seq-len", "16",
+                 "--group-size", "32", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: encoder_model.onnx: copied float, not quantized: only model.onnx is" in captured.err, captured.err
+    assert "model.onnx quantized" in captured.out and "copied float: encoder_model.onnx" in captured.out, captured.out
+    assert (out / "encoder_model.onnx").read_bytes() == (folder / "encoder_model.onnx").read_bytes()
+
+
 def _full_folder(tmp_path, _src):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")

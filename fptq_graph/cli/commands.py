@@ -314,7 +314,7 @@ def _quantize_folder(args, config, blocks: dict) -> int:
     """quantize MODEL_DIR -o OUT_DIR: a GenAI, optimum or Hugging Face folder in, the same folder with the
     model quantized out (model_folder.py says what changes)."""
     from fptq_graph.api import quantize
-    from fptq_graph.ir.folder import TOKENIZER_FILES, copy_companions, open_folder, update_genai_config
+    from fptq_graph.ir.folder import TOKENIZER_FILES, FolderWarning, copy_companions, open_folder, update_genai_config
     from fptq_graph.ir.metadata import TOKENIZER_KEY, set_metadata
     from fptq_graph.ir.run_outputs import Output
 
@@ -338,6 +338,11 @@ def _quantize_folder(args, config, blocks: dict) -> int:
                     shutil.copy2(item, out.staged / item.name)
         else:
             copy_companions(folder, set(model_files(folder.model)), out.staged)
+            for other in folder.other_models():
+                warnings.warn(FolderWarning(
+                    f"{other.name}: copied float, not quantized: only {name} is (fptq-graph quantizes one model "
+                    "per folder; an encoder-decoder's encoder, or a decoder's with-past twin, stays float: "
+                    "quantize it on its own with its own calibration feeds)"), stacklevel=2)
         with _keeping_work(blocks["work_dir"]):
             result = quantize(model_path, calibration, config, tokenizer=args.tokenizer or folder.tokenizer, log=log,
                               **blocks)
@@ -357,8 +362,10 @@ def _quantize_folder(args, config, blocks: dict) -> int:
     if not args.quiet:
         print(result.table())
     size_in = _mib(model_files(folder.model)) if folder.model else 0.0
-    print(f"wrote {args.output}/ ({folder.kind} folder): {name} {_mib(model_files(out.final / name)):.1f} MiB "
-          f"(input {size_in:.1f} MiB)" + (f"; report {args.report}" if args.report else ""))
+    floats = [p.name for p in folder.other_models()] if folder.kind != "huggingface" else []
+    print(f"wrote {args.output}/ ({folder.kind} folder): {name} quantized, {_mib(model_files(out.final / name)):.1f} MiB "
+          f"(input {size_in:.1f} MiB)" + (f"; copied float: {', '.join(floats)}" if floats else "")
+          + (f"; report {args.report}" if args.report else ""))
     return 0
 
 

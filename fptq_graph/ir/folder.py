@@ -46,6 +46,11 @@ class ModelFolder:
         """The folder itself when it holds tokenizer files (all three kinds keep them beside the model)."""
         return self.path if any((self.path / name).is_file() for name in TOKENIZER_FILES) else None
 
+    def other_models(self) -> list[Path]:
+        """The folder's other ONNX files (an optimum seq2seq export's encoder, a non-merged decoder's
+        with-past twin): copied float, which the run must say."""
+        return sorted(p for p in self.path.glob("*.onnx") if self.model is None or p.resolve() != self.model.resolve())
+
     def genai_config(self) -> dict:
         return json.loads((self.path / GENAI_CONFIG).read_text())
 
