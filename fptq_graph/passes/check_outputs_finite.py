@@ -16,7 +16,7 @@ import numpy as np
 from fptq_graph.errors import FptqError
 from fptq_graph.ir.save import finish_split
 from fptq_graph.passes.base import Pass, PassResult
-from fptq_graph.passes.measure_output_sqnr import MAX_CHUNK, MIN_CHUNK, _chunks, with_outputs
+from fptq_graph.passes.measure_output_sqnr import MAX_CHUNK, MIN_CHUNK, output_chunks, with_outputs
 from fptq_graph.runtime import ort_errors
 from fptq_graph.runtime.sessions import session
 
@@ -69,7 +69,7 @@ def first_non_finite_linear(state, source, quantized, feeds: dict) -> str | None
     by_output = {linear.output: linear.name for linear in linears}
     tokens = int(np.prod(next(iter(feeds.values())).shape))
     budget = min(MAX_CHUNK, max(MIN_CHUNK, source.payload_bytes // 8))
-    for chunk in _chunks(linears, 4 * tokens, budget):
+    for chunk in output_chunks(linears, 4 * tokens, budget):
         name = first_new_non_finite(source, quantized, chunk, feeds)
         if name is not None:
             return by_output[name]

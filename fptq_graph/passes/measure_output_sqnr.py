@@ -49,7 +49,7 @@ class MeasureOutputSQNR(Pass):
         samples = 0
         for feeds in state.calibration.sample_feeds(state.source_model.proto.graph.input, count):
             tokens = int(np.prod(next(iter(feeds.values())).shape))
-            for chunk in _chunks(linears, 4 * tokens, budget):
+            for chunk in output_chunks(linears, 4 * tokens, budget):
                 reference, candidate = (ort_errors.run(sess, chunk, feeds, f"the {kind} model for output SQNR")
                                         for sess, kind in zip(runs, ("float", "quantized")))
                 for name, ref, out in zip(chunk, reference, candidate):
@@ -66,7 +66,7 @@ class MeasureOutputSQNR(Pass):
                           stats={"samples": samples, "lowest_db": worst[1], "lowest": worst[0]})
 
 
-def _chunks(linears: list, bytes_per_channel: int, budget: int) -> list[list[str]]:
+def output_chunks(linears: list, bytes_per_channel: int, budget: int) -> list[list[str]]:
     """Outputs fetched together, packed by their own sizes up to `budget` bytes (at least one each): a
     wide LM head ([tokens, vocab]) gets a run to itself instead of shrinking every run to its size,
     which made one run per few linears, dozens of forward passes a sample."""
