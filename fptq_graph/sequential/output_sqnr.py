@@ -62,8 +62,10 @@ def measure_output_sqnr_by_block(state, blocks: list[Block], log=None) -> PassRe
                 feed = {n: feeds[n] for n in block.inputs if n in feeds} | {n: cut[n] for n in block.inputs if n in cut}
                 got[kind] = ort_errors.run(sess, wanted, feed, f"output SQNR sample {index}, the {kind} "
                                                                f"block {block.index} ({block.label})")
-                for name, value in zip(wanted[len(outputs):], got[kind][len(outputs):]):
-                    cut[name] = np.array(value)
+                handed = set(block.hand_over)   # a linear's output may be handed over too (a builder's skip norm reads o_proj's)
+                for name, value in zip(wanted, got[kind]):
+                    if name in handed:
+                        cut[name] = np.array(value)
             for name, ref, out in zip(wanted, got["float"], got["quantized"]):
                 if newly_non_finite(ref, out):
                     linear = next((l.name for l in state.linears.values() if l.output == name), None)
