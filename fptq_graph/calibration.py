@@ -328,8 +328,11 @@ def load_tokenizer(override, model: onnx.ModelProto, source: str):
     if override is not None and not isinstance(override, (str, os.PathLike)):
         return override
     location = override or get_metadata(model, TOKENIZER_KEY)
-    if location is None and Path(source).is_file() and tokenizer_beside(Path(source)):
-        location = str(Path(source).resolve().parent)   # a builder's or optimum's folder: tokenizer.json beside the model
+    if location is None and Path(source).is_file():   # a builder's or optimum's folder: tokenizer.json beside the model
+        from fptq_graph.ir.folder import tokenizer_in
+
+        beside = tokenizer_in(Path(source).resolve().parent)
+        location = str(beside) if beside else None
     if location is None:
         raise CalibrationError(f"{source}: no tokenizer recorded in the model and none beside it; pass --tokenizer DIR")
     path = Path(location)
@@ -343,13 +346,6 @@ def load_tokenizer(override, model: onnx.ModelProto, source: str):
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise CalibrationError(f"{path}: could not load a tokenizer ({str(exc).splitlines()[0]})") from None
-
-
-def tokenizer_beside(model_file: Path) -> bool:
-    """Whether the model's own folder holds a tokenizer (the files AutoTokenizer loads)."""
-    from fptq_graph.ir.folder import TOKENIZER_FILES
-
-    return any((model_file.resolve().parent / name).is_file() for name in TOKENIZER_FILES[:3])
 
 
 def tokenize_text(tokenizer, text: str) -> list[int]:

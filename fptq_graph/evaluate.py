@@ -101,9 +101,9 @@ LOG_SOFTMAX_ROWS = 16   # rows of logits in float64 at a time: 32 MiB of tempora
 
 def target_log_probs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """log softmax(logits[t])[targets[t]] per row, in float64, LOG_SOFTMAX_ROWS rows at a time: the
-    window's logits whole in float64 (and their exp and log-softmax) held 3.5x their float32 size at
-    once, 3.5 GiB for 512 tokens of a 262k-token vocabulary (Gemma-3). Each row is computed exactly as
-    the whole-array form did."""
+    window's logits whole in float64 held two window-sized float64 arrays at once (the logits and their
+    exp, then the logits and the log-softmax: 4x the float32 logits, 2 GiB for 512 tokens of a
+    262k-token vocabulary, by arithmetic). Each row is computed exactly as the whole-array form did."""
     out = np.empty(len(targets))
     for r0 in range(0, len(targets), LOG_SOFTMAX_ROWS):
         rows = logits[r0:r0 + LOG_SOFTMAX_ROWS].astype(np.float64)

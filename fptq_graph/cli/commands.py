@@ -275,10 +275,8 @@ def _cmd_quantize(args) -> int:
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
     with outputs, _keeping_work(blocks["work_dir"]):
         result = quantize(args.input, calibration, config, tokenizer=args.tokenizer, log=log, **blocks)
-        if args.tokenizer:   # the tokenizer calibration used is the model's: recorded for eval and generate
-            from fptq_graph.ir.metadata import TOKENIZER_KEY, set_metadata
-
-            set_metadata(result.split.proto, TOKENIZER_KEY, str(Path(args.tokenizer).resolve()))
+        if args.tokenizer:
+            _record_tokenizer(result, args.tokenizer)
         result.write(model_out, report_out)
     result.discard_work()
     if not args.quiet:
@@ -287,6 +285,14 @@ def _cmd_quantize(args) -> int:
     print(f"wrote {args.output}: {size_out:.1f} MiB (input {size_in:.1f} MiB)"
           + (f"; report {args.report}" if args.report else ""))
     return 0
+
+
+def _record_tokenizer(result, tokenizer: str) -> None:
+    """The tokenizer given with --tokenizer is the one calibration used: recorded in the output (made
+    relative to it when written), so eval and generate on the output find it."""
+    from fptq_graph.ir.metadata import TOKENIZER_KEY, set_metadata
+
+    set_metadata(result.split.proto, TOKENIZER_KEY, str(Path(tokenizer).resolve()))
 
 
 def _block_options(args) -> dict:
@@ -348,8 +354,8 @@ def _quantize_folder(args, config, blocks: dict) -> int:
                               **blocks)
         if folder.tokenizer or folder.kind == "huggingface":   # the tokenizer travels in the folder
             set_metadata(result.split.proto, TOKENIZER_KEY, str(out.final.resolve()))
-        elif args.tokenizer:   # the one given: recorded, so eval and generate on the output find it
-            set_metadata(result.split.proto, TOKENIZER_KEY, str(Path(args.tokenizer).resolve()))
+        elif args.tokenizer:
+            _record_tokenizer(result, args.tokenizer)
         result.write(Output("-o", out.final / name, out.staged / name), report_out)
         if folder.kind == "genai":
             library = None

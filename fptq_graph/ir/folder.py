@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fptq_graph.errors import FptqError
+from fptq_graph.ir.run_outputs import STAGING_PREFIX
 
 GENAI_CONFIG = "genai_config.json"
 # optimum's decoder file names, most useful first (a merged decoder serves prompt and decode steps).
@@ -44,7 +45,7 @@ class ModelFolder:
     @property
     def tokenizer(self) -> Path | None:
         """The folder itself when it holds tokenizer files (all three kinds keep them beside the model)."""
-        return self.path if any((self.path / name).is_file() for name in TOKENIZER_FILES) else None
+        return tokenizer_in(self.path)
 
     def other_models(self) -> list[Path]:
         """The folder's other ONNX files (an optimum seq2seq export's encoder, a non-merged decoder's
@@ -53,6 +54,11 @@ class ModelFolder:
 
     def genai_config(self) -> dict:
         return json.loads((self.path / GENAI_CONFIG).read_text())
+
+
+def tokenizer_in(folder: Path) -> Path | None:
+    """`folder` when it holds tokenizer files, else None."""
+    return folder if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
 
 
 def open_folder(path: str | Path) -> ModelFolder:
@@ -93,7 +99,7 @@ def copy_companions(folder: ModelFolder, skip: set[Path], out: Path) -> list[str
     skip = {p.resolve() for p in skip}
     copied = []
     for item in sorted(folder.path.iterdir()):
-        if item.resolve() in skip or item.name.startswith(".fptq-staging-"):
+        if item.resolve() in skip or item.name.startswith(STAGING_PREFIX):
             continue
         target = out / item.name
         if item.is_dir() and not item.is_symlink():

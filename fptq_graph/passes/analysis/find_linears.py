@@ -21,9 +21,9 @@ from fptq_graph.patterns.lm_head import LOGITS, feeds_output
 def _check_inner_dimension(node, activation, k: int, n: int) -> None:
     """A linear whose input's last dimension is known and is not its weight's K cannot run: said here,
     naming the node, instead of as a reshape failure deep inside calibration."""
-    shape = getattr(activation, "shape", None)
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return   # the input is [K, M] there
+    shape = getattr(activation, "shape", None)
     if shape and isinstance(shape[-1], int) and shape[-1] >= 0 and shape[-1] != k:
         raise ModelLoadError(f"{node.op} '{node.name}' multiplies '{activation.name}' (last dimension {shape[-1]}) by a "
                              f"[{k}, {n}] weight: the inner dimensions differ, so the model cannot run")
