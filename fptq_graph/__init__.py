@@ -10,14 +10,14 @@ from fptq_graph import compat
 __version__ = "0.1.0"
 
 _EXPORTS = {"Config": "fptq_graph.config", "quantize": "fptq_graph.api", "calibrate": "fptq_graph.api",
-            "QuantizeResult": "fptq_graph.api", "FptqError": "fptq_graph.errors", "ModelLoadError": "fptq_graph.errors",
+            "quantize_encoder_decoder": "fptq_graph.api", "QuantizeResult": "fptq_graph.api", "FptqError": "fptq_graph.errors", "ModelLoadError": "fptq_graph.errors",
             "NoQuantizableLinearError": "fptq_graph.errors", "CalibrationError": "fptq_graph.errors",
             "ExportError": "fptq_graph.errors"}
 _SUBPACKAGES = ("runtime", "ir", "passes", "plan", "quant", "patterns", "report", "exporters", "cli")
 
 compat.install()   # the old module names (fptq_graph.w4a8_op, fptq_graph.model_io, ...) as aliases
 
-__all__ = ["Config", "quantize", "calibrate", "runtime", "QuantizeResult", "FptqError", "ModelLoadError",
+__all__ = ["Config", "quantize", "quantize_encoder_decoder", "calibrate", "runtime", "QuantizeResult", "FptqError", "ModelLoadError",
            "NoQuantizableLinearError", "CalibrationError", "ExportError", "__version__"]
 
 

@@ -41,6 +41,7 @@ class QuantizeResult:
     source: str = ""
     calibration: str = ""
     kept_float: list[dict] = field(default_factory=list)   # linears left float on purpose (lm_head), with why
+    embeddings: list[dict] = field(default_factory=list)   # embedding tables: how each was stored, its bytes and SQNR
     plan: Any = None             # the frozen plan (plan/plan.py): every linear's decisions, the LM head's
     run: dict = field(default_factory=dict)   # whole graph or block by block, why, and per block time and memory
     work: Any = None             # sequential.work_folder.WorkFolder of a block-by-block run (its codes back the model)
@@ -70,6 +71,7 @@ class QuantizeResult:
                         "seconds": round(p.seconds, 3)} for p in self.passes],
             "layers": self.layers,
             "kept_float": self.kept_float,
+            "embeddings": self.embeddings,
             "run": self.run,
         }
 
@@ -142,10 +144,64 @@ def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: An
         run = mode.to_dict()
     out = finish_split(state.graph, state.source_model.proto)
     result = QuantizeResult(split=out, layers=layer_rows(state), passes=records, config=state.config, source=source,
-                            calibration=state.calibration.source, kept_float=list(state.kept_float.values()),
+                            calibration=state.calibration.source, kept_float=list(state.kept_float.values()), embeddings=state.embeddings,
                             plan=state.plan, run=run, work=work)
     set_metadata(out.proto, REPORT_KEY, json.dumps(result.report(), allow_nan=False, default=str))
     return result
+
+
+def quantize_encoder_decoder(encoder: str | os.PathLike, decoders, calibration: Any, config: Config | None = None,
+                             *, tokenizer: Any = None, start_token: int | None = None,
+                             log=None) -> tuple[QuantizeResult, dict[str, QuantizeResult | str]]:
+    """Quantize an encoder-decoder's models (optimum's encoder_model.onnx and its decoder_model*.onnx,
+    T5/BART/Marian-shaped): the encoder calibrated on `calibration` (a text path or a count of random
+    sequences, as `quantize` takes), each decoder on the float encoder's outputs for the same tokens,
+    reading that text itself (calibration.decoder_feeds; `start_token`: the decoder start token of the
+    model's config.json, None to read the tokens unshifted). All are quantized with `config`.
+
+    Returns the encoder's result and, per decoder path (a str or path, or a list of them), its result
+    or why it could not be quantized (a with-past decoder needs a cross-attention cache text does not
+    give; a merged decoder runs its layers inside If branches, which are kept float): the caller keeps
+    those float and says so. Resident, besides each quantize run's own: one decoder's calibration feeds
+    (the encoder's outputs over the calibration tokens) while that decoder is quantized."""
+    from fptq_graph.calibration import decoder_feeds
+    from fptq_graph.runtime import session
+
+    config = config or Config()
+    config.validate()
+    decoders = [decoders] if isinstance(decoders, (str, os.PathLike)) else list(decoders)
+    encoder_header = _load(encoder)[0].proto
+    calib = _calibration_set(calibration, encoder_header, config, tokenizer, str(encoder))
+    if not isinstance(calib, CalibrationSet):
+        raise CalibrationError(f"{encoder}: an encoder-decoder is calibrated from tokens (text, or N random "
+                               "sequences), which the decoder then reads too; feeds of the encoder alone cannot "
+                               "calibrate the decoder")
+    encoder_inputs = list(encoder_header.graph.input)
+    del encoder_header
+    if log:
+        log(f"[pair] quantizing the encoder {Path(encoder).name}")
+    encoder_result = quantize(encoder, calib, config, tokenizer=tokenizer, log=log)
+    float_encoder = session(str(encoder))
+    decoded: dict[str, QuantizeResult | str] = {}
+    for decoder in decoders:
+        header = onnx.load(str(decoder), load_external_data=False).graph
+        if any(n.op_type == "If" for n in header.node) and not any(n.op_type in ("MatMul", "Gemm") for n in header.node):
+            decoded[str(decoder)] = ("its layers run inside If branches (optimum's merged decoder), which fptq-graph "
+                                     "keeps float; quantize the folder's decoder_model.onnx instead (export unmerged)")
+            continue
+        try:
+            feeds = decoder_feeds(float_encoder, encoder_inputs, list(header.input), calib, start_token,
+                                  decoder_name=Path(decoder).name)
+        except CalibrationError as exc:
+            decoded[str(decoder)] = str(exc)
+            continue
+        del header
+        if log:
+            log(f"[pair] quantizing the decoder {Path(decoder).name} on the float encoder's outputs "
+                f"({calib.num_samples} sequence(s))")
+        decoded[str(decoder)] = quantize(decoder, feeds, config, log=log)
+        del feeds
+    return encoder_result, decoded
 
 
 def calibrate(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: Any, config: Config | None = None,

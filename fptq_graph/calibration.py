@@ -359,3 +359,49 @@ def tokenize_text(tokenizer, text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     finally:
         hf_logging.set_verbosity(level)
+
+
+def decoder_feeds(encoder, encoder_inputs: Sequence[onnx.ValueInfoProto], decoder_inputs: Sequence[onnx.ValueInfoProto],
+                  calib: CalibrationSet, start_token: int | None, decoder_name: str = "decoder") -> FeedsCalibration:
+    """Calibration feeds for an encoder-decoder's decoder from the encoder's token calibration: each token
+    batch runs through the float `encoder` (an ONNX Runtime session), and the decoder reads the same text
+    (teacher forcing: the tokens shifted right behind `start_token`, the decoder start of the model's
+    config.json; as they are when None) with the encoder's output as its cross-attention input and the
+    encoder's mask as the encoder mask. A self-attention past is given empty (the prompt step).
+
+    Resident: every batch's encoder output (calibration tokens x hidden size floats: 128 x 512 tokens of
+    a 1024-wide encoder are 256 MiB), as the decoder's calibration reads each batch more than once."""
+    from fptq_graph.runtime import ort_errors
+
+    output = encoder.get_outputs()[0].name
+    batches = []
+    for index, tokens in enumerate(calib.batches()):
+        encoder_feeds = feeds_for(encoder_inputs, tokens, "encoder")
+        hidden = ort_errors.run(encoder, [output], encoder_feeds, f"the float encoder on calibration batch {index}")[0]
+        mask = next((v for k, v in encoder_feeds.items() if "attention_mask" in k.lower()),
+                    np.ones(tokens.shape, np.int64))
+        shifted = tokens if start_token is None else np.concatenate(
+            [np.full((tokens.shape[0], 1), start_token, tokens.dtype), tokens[:, :-1]], axis=1)
+        feeds = {}
+        for value in decoder_inputs:
+            name, lowered = value.name, value.name.lower()
+            dtype = INT_TYPES.get(value.type.tensor_type.elem_type)
+            if "encoder_hidden_states" in lowered or lowered == "encoder_outputs":
+                feeds[name] = hidden
+            elif "attention_mask" in lowered and dtype is not None:   # optimum: encoder_attention_mask
+                feeds[name] = mask.astype(dtype)
+            elif "input_ids" in lowered and dtype is not None:
+                feeds[name] = shifted.astype(dtype)
+            elif lowered.startswith("past_key_values") and ".encoder." in lowered:
+                raise CalibrationError(f"{decoder_name}: input '{name}' is the cross-attention cache of a decoding step "
+                                       "(a with-past decoder), which text calibration does not produce; quantize the "
+                                       "folder's decoder_model.onnx, or this model with a .npz of feeds")
+            elif lowered.startswith("past_key_values") and value.type.tensor_type.elem_type in FLOAT_TYPES:
+                feeds[name] = empty_past(value, tokens.shape[0])
+            elif lowered == "use_cache_branch":
+                feeds[name] = np.zeros((1,), np.bool_)
+            else:
+                raise CalibrationError(f"{decoder_name}: don't know how to fill input '{name}' from the encoder's "
+                                       "calibration; quantize it with a .npz of feeds")
+        batches.append(feeds)
+    return FeedsCalibration(batches, source=f"{calib.source}, through the float encoder")

@@ -39,6 +39,11 @@ class Config:
                      lookup read one quantized table (passes/analysis/plan_lm_head.py; each emitter in passes/lower/ writes it).
     lm_head_group_size: the INT4 group of an int4 head (None: group_size).
     quantize_lm_head: the older switch, an alias of lm_head="int4" (it wins over lm_head).
+    embedding:       untied embedding tables (a Gather's own constant table: BERT's word/position/type
+                     tables, a decoder's untied embed_tokens): "int8" stores int8 codes with one scale per
+                     row, "int4" INT4 groups (of lm_head_group_size or group_size) along the row, "float"
+                     keeps them; None (the default) follows the head (lm_head), so int8. Lookups dequantize
+                     only the rows they read (passes/lower/emit_embeddings.py).
     gptq:            quantize weights with GPTQ (error feedback through the calibration Hessian X^T X,
                      which calibration then also records) instead of round-to-nearest.
     weight_quantizer: "rtn", "clip" (each group's clipping ratio searched on diag(X^T X)-weighted error,
@@ -80,6 +85,7 @@ class Config:
     lm_head: str = "int8"            # "float", "int8" or "int4": how the LM head (the linear producing `logits`) is stored
     lm_head_group_size: int | None = None   # INT4 group of an int4 LM head (None: group_size)
     quantize_lm_head: bool = False   # alias of lm_head="int4"
+    embedding: str | None = None     # untied embedding tables: "float", "int8" (per row) or "int4" (groups of lm_head_group); None: as the head
     gptq_damp: float = 0.01          # GPTQ: dampening added to diag(H), as a fraction of its mean
     sqnr_samples: int = 2            # calibration sequences the report's per-layer output SQNR is measured on
     # Block by block (sequential/): None decides (block by block when the whole-graph run would not fit
@@ -118,6 +124,13 @@ class Config:
         if self.lm_head_mode == "int4" and self.format == "ort" and hg not in ORT_BLOCK_SIZES:
             raise FptqError(f"format 'ort' (ONNX Runtime's MatMulNBits) takes group sizes "
                             f"{', '.join(map(str, ORT_BLOCK_SIZES))}, got {hg} for the LM head")
+        if self.embedding is not None and self.embedding not in LM_HEAD_MODES:
+            raise FptqError(f"unknown embedding {self.embedding!r}; choose one of {', '.join(LM_HEAD_MODES)}")
+        if self.embedding_mode == "int4" and (hg < 2 or hg % 2):
+            raise FptqError(f"the embedding's INT4 group (lm_head_group_size or group_size) must be an even number >= 2, got {hg}")
+        if self.embedding_mode == "int4" and self.format == "ort" and hg not in ORT_BLOCK_SIZES:
+            raise FptqError(f"format 'ort' (ONNX Runtime's GatherBlockQuantized) takes group sizes "
+                            f"{', '.join(map(str, ORT_BLOCK_SIZES))}, got {hg} for the embedding tables")
         if self.ort_accuracy_level not in (0, 4):
             raise FptqError(f"ort_accuracy_level must be 0 or 4, got {self.ort_accuracy_level}")
         if self.ort_accuracy_level and self.format != "ort":
@@ -157,6 +170,16 @@ class Config:
     def lm_head_mode(self) -> str:
         """How the LM head is stored: quantize_lm_head (the older switch) means "int4"."""
         return "int4" if self.quantize_lm_head else self.lm_head
+
+    @property
+    def embedding_mode(self) -> str:
+        """How untied embedding tables are stored: Config.embedding, else as the head."""
+        return self.embedding if self.embedding is not None else self.lm_head_mode
+
+    @property
+    def embedding_group(self) -> int:
+        """The INT4 group of an int4 table: the head's."""
+        return self.lm_head_group
 
     @property
     def lm_head_group(self) -> int:

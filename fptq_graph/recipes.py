@@ -125,7 +125,7 @@ def observers_needed(row: Recipe) -> set[str]:
         needs.add("gram")
     if row.weight_bits == 4 and row.weights == "clip" or row.classifier == "measured":
         needs.add("diag")
-    if row.awq or row.classifier == "measured":
+    if row.awq or row.classifier == "measured" or "gram" in needs:   # GPTQ: X^T X from fewer tokens than K is singular
         needs.add("rows")
     if row.classifier == "measured":
         needs.add("token_max")

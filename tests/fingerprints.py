@@ -3,12 +3,18 @@
 `tests/test_fingerprints.py` holds `tests/data/fingerprints.json` against them, so a change in what the
 compiler writes is deliberate: regenerate with `python tests/fingerprints.py --write` and say why in the
 commit. The calibration is fixed (the first windows of the sample text) and small, so the sweep fits CI.
+
+Fingerprints are kept per CPU class (cpu_class): calibration runs the float model on ONNX Runtime, whose
+float kernels (MLAS) accumulate differently on AVX-512 and on AVX2, and the last bits of a maximum or of
+X^T X move a scale and then codes. Tried on 2026-12-02: HEAD's own fingerprints, recorded on an AVX-512
+EPYC, all differed on an AVX2-only one. `--write` records the class of the machine it runs on.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import platform
 import re
 import sys
 from pathlib import Path
@@ -23,6 +29,27 @@ GROUPS = (128, 32)
 MODELS = ("minilm", "smollm2")
 # Fixed and small: two windows of 64 tokens, no SQNR pass (it writes only the report).
 CALIBRATION = dict(calib_samples=2, calib_seq_len=64, calib_batch_size=2, sqnr_samples=0, progress=False)
+
+
+def cpu_class() -> str:
+    """The float-kernel family ONNX Runtime dispatches to on this CPU: x86-avx512, x86-avx2, or the machine."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        pass
+    if "avx512f" in flags:
+        return "x86-avx512"
+    if "avx2" in flags and "fma" in flags:
+        return "x86-avx2"
+    return platform.machine() or "unknown"
+
+
+def recorded(cpu: str | None = None) -> dict[str, str]:
+    """The fingerprints recorded on this CPU class (case key -> SHA-256); empty when none were."""
+    data = json.loads(FINGERPRINTS.read_text()) if FINGERPRINTS.exists() else {}
+    return dict(data.get(cpu or cpu_class(), {}))
 
 
 def graph_fingerprint(model: onnx.ModelProto) -> str:
@@ -96,7 +123,9 @@ def main(argv=None) -> int:
     folder = Path(args.models_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = export_models(folder)
-    expected = json.loads(FINGERPRINTS.read_text()) if FINGERPRINTS.exists() else {}
+    cpu = cpu_class()
+    expected = recorded(cpu)
+    print(f"CPU class {cpu}: {len(expected)} fingerprints recorded", flush=True)
     got, bad = {}, 0
     for case in cases():
         key = case_key(case)
@@ -107,8 +136,9 @@ def main(argv=None) -> int:
         bad += not same
         print(f"{'same   ' if same else 'CHANGED'} {key} {got[key][:16]}", flush=True)
         if args.write:   # after every case: a long sweep stopped part-way keeps what it measured
-            done = json.loads(target.read_text()) if target.exists() else {}
-            target.write_text(json.dumps(dict(sorted({**done, **got}.items())), indent=1) + "\n")
+            data = json.loads(target.read_text()) if target.exists() else {}
+            data[cpu] = dict(sorted({**data.get(cpu, {}), **got}.items()))
+            target.write_text(json.dumps(dict(sorted(data.items())), indent=1) + "\n")
     print(f"{len(got)} cases, {bad} differ from {FINGERPRINTS.name}")
     return 0 if args.write or not bad else 1
 

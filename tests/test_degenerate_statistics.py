@@ -186,3 +186,18 @@ def test_a_result_that_computes_inf_is_refused_naming_the_linear(monkeypatch, tm
     with pytest.raises(FptqError, match=r"NaN or Inf in output 'y'.*first linear whose output went non-finite: 'linear'"):
         quantize(model, calib, config(weight_quantizer="rtn", symmetric=False))
 
+
+
+@pytest.mark.parametrize("tokens, warned", [(32, True), (128, False)])
+def test_gptq_on_fewer_tokens_than_k_is_said(tokens, warned):
+    """X^T X from fewer tokens than K has rank at most that count: the report says so for the linear and the
+    pass summary warns; with enough tokens nothing is said."""
+    rng = np.random.default_rng(5)
+    calib = [{"x": rng.standard_normal((1, tokens, K)).astype(np.float32)}]
+    result = quantize(one_linear(), calib, config(weight_quantizer="gptq", calib_samples=1, calib_batch_size=1))
+    (row,) = result.layers
+    summary = result.stats("quantize_weights")
+    assert ("fewer tokens than K" in row["reason"]) is warned, row["reason"]
+    assert summary["few_tokens"] == int(warned)
+    if warned:
+        assert f"({tokens} < K {K})" in row["reason"]

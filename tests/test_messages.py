@@ -66,13 +66,8 @@ def test_a_shape_mismatch_in_the_users_model_names_the_node(tmp_path, capsys):
                                  "weight: the inner dimensions differ, so the model cannot run"), err
 
 
-def test_a_sequence_past_the_position_table_says_so():
-    """ORT's 'invalid expand shape' (a [1, P] position table expanded to [batch, S]) with the sequence
-    length and what to change."""
-    from fptq_graph.errors import CalibrationError
-    from fptq_graph.runtime import ort_errors
-    from fptq_graph.runtime.sessions import session
-
+def expand_positions_model() -> onnx.ModelProto:
+    """ids [b, s] -> Expand of a [1, 16] position table to the ids' shape (fails past 16 tokens, or on 0)."""
     graph = helper.make_graph([helper.make_node("Shape", ["ids"], ["shape"]),
                                helper.make_node("Expand", ["table", "shape"], ["y"], name="expand_positions")], "g",
                               [helper.make_tensor_value_info("ids", T.INT64, ["b", "s"])],
@@ -80,7 +75,35 @@ def test_a_sequence_past_the_position_table_says_so():
                               [numpy_helper.from_array(np.ones((1, 16), np.float32), "table")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
+    return model
+
+
+def test_a_sequence_past_the_position_table_says_so():
+    """ORT's 'invalid expand shape' (a [1, P] position table expanded to [batch, S]) with the sequence
+    length and what to change."""
+    from fptq_graph.errors import CalibrationError
+    from fptq_graph.runtime import ort_errors
+    from fptq_graph.runtime.sessions import session
+
+    model = expand_positions_model()
     with pytest.raises(CalibrationError, match=r"expand_positions.*a sequence \(32 tokens\) longer than the model's "
                                                r"position table.*lower --seq-len"):
         ort_errors.run(session(model), ["y"], {"ids": np.zeros((2, 32), np.int64)}, "calibration batch 0")
 
+
+
+def test_a_zero_size_input_is_named_with_all_of_ort_detail():
+    """An input with an empty axis: the message names the input and its shape, and keeps every line of ORT's
+    own message (the node and its shapes); an empty KV past (the prompt step) is not blamed."""
+    from fptq_graph.errors import CalibrationError
+    from fptq_graph.runtime import ort_errors
+    from fptq_graph.runtime.sessions import session
+
+    model = expand_positions_model()
+    with pytest.raises(CalibrationError, match=r"expand_positions.*input 'ids' \[2, 0\] has a zero-size dimension") as caught:
+        ort_errors.run(session(model), ["y"], {"ids": np.zeros((2, 0), np.int64)}, "calibration batch 0")
+    assert "\n" not in str(caught.value)
+    failure = ort_errors.run_failure(RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : node 'attn'\nindex 3 out of [0, 2]"),
+                                     "eval window 0", {"input_ids": np.zeros((1, 4), np.int64),
+                                                       "past_key_values.0.key": np.zeros((1, 2, 0, 8), np.float32)})
+    assert "node 'attn' index 3 out of [0, 2]" in str(failure) and "zero-size" not in str(failure)

@@ -31,6 +31,7 @@ def test_table_holds_every_recipe_and_the_old_names():
     assert observers_needed(run_row(Config(recipe="fptq-paper"))) == set()
     assert observers_needed(run_row(Config())) == {"gram", "rows"}   # the default: AWQ + GPTQ-clip
     assert observers_needed(run_row(Config(recipe="fptq-paper", weight_quantizer="clip"))) == {"diag"}
+    assert observers_needed(run_row(Config(recipe="fptq-paper", weight_quantizer="gptq"))) == {"gram", "rows"}
     assert observers_needed(run_row(Config(recipe="fptq-awq"))) == {"gram", "rows"}
     assert observers_needed(run_row(Config(recipe="fptq-measured"))) == {"diag", "rows", "token_max"}
     with pytest.raises(FptqError, match="weight quantizer"):

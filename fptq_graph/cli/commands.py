@@ -147,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"linears (default {defaults.lm_head})")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="the older switch: the same as --lm-head int4")
+    p.add_argument("--embedding", choices=("float", "int8", "int4"), default=None,
+                   help="untied embedding tables (a lookup's own table): float, int8 with one scale per row, or "
+                        "INT4 groups along the row (default: as the LM head)")
     p.add_argument("--sqnr-samples", type=int, default=defaults.sqnr_samples,
                    help="calibration sequences the per-layer output SQNR is measured on; 0 skips it (default %(default)s)")
     p.add_argument("--no-residual-compensation", action="store_true",
@@ -251,7 +254,7 @@ def _cmd_quantize(args) -> int:
     config = Config(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
                     group_size=args.group_size, symmetric=not args.asymmetric, format=args.format,
                     compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
-                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, act_order=args.act_order, ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head or Config().lm_head, quantize_lm_head=args.quantize_lm_head, sqnr_samples=args.sqnr_samples,
+                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, act_order=args.act_order, ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head or Config().lm_head, quantize_lm_head=args.quantize_lm_head, embedding=args.embedding, sqnr_samples=args.sqnr_samples,
                     calib_batch_size=args.batch_size,
                     calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet,
                     sequential=args.sequential, memory_budget_mib=args.memory_budget, block_inputs=args.block_inputs)
@@ -325,6 +328,9 @@ def _quantize_folder(args, config, blocks: dict) -> int:
     from fptq_graph.ir.run_outputs import Output
 
     folder = open_folder(args.input)
+    pair = folder.encoder_decoder()
+    if pair is not None:
+        return _quantize_encoder_decoder_folder(args, config, blocks, folder, pair)
     outputs = _outputs_reading(str(folder.model) if folder.model else None, args.calib, args.tokenizer)
     outputs.add_input(folder.path)
     out = outputs.add(args.output, "-o", is_folder=True)
@@ -372,6 +378,55 @@ def _quantize_folder(args, config, blocks: dict) -> int:
     print(f"wrote {args.output}/ ({folder.kind} folder): {name} quantized, {_mib(model_files(out.final / name)):.1f} MiB "
           f"(input {size_in:.1f} MiB)" + (f"; copied float: {', '.join(floats)}" if floats else "")
           + (f"; report {args.report}" if args.report else ""))
+    return 0
+
+
+def _quantize_encoder_decoder_folder(args, config, blocks: dict, folder, pair) -> int:
+    """quantize DIR -o OUT on optimum's seq2seq layout: the encoder quantized on the calibration text, each
+    decoder text calibration can feed quantized on the float encoder's outputs for that text
+    (api.quantize_encoder_decoder); a decoder that cannot be is copied float with a warning saying why, and
+    the last line names every model and what was done to it."""
+    from fptq_graph.api import quantize_encoder_decoder
+    from fptq_graph.ir.folder import FolderWarning, copy_companions
+    from fptq_graph.ir.metadata import TOKENIZER_KEY, set_metadata
+    from fptq_graph.ir.run_outputs import Output
+
+    if blocks.get("resume") or blocks.get("workers") or blocks.get("ray_address"):
+        raise FptqError("--resume, --workers and --ray-address are for one model; an encoder-decoder folder is "
+                        "quantized whole-graph, one model after the other")
+    outputs = _outputs_reading(str(pair.encoder), args.calib, args.tokenizer)
+    outputs.add_input(folder.path)
+    out = outputs.add(args.output, "-o", is_folder=True)
+    report_out = outputs.add(args.report, "--report") if args.report is not None else None
+    calibration = args.calib if args.calib is not None else args.calib_random
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    tokenizer = args.tokenizer or folder.tokenizer
+    with outputs:
+        encoder, decoded = quantize_encoder_decoder(pair.encoder, pair.decoders, calibration, config,
+                                                    tokenizer=tokenizer, start_token=pair.start_token, log=log)
+        quantized = {pair.encoder.name: encoder, **{Path(k).name: v for k, v in decoded.items() if not isinstance(v, str)}}
+        kept = {Path(k).name: v for k, v in decoded.items() if isinstance(v, str)}
+        written = {folder.path / name for name in quantized}
+        copy_companions(folder, {f for path in written for f in model_files(path)}, out.staged)
+        main = next(iter(list(quantized)[1:]), pair.encoder.name)   # the report: the first decoder quantized, else the encoder
+        for name, result in quantized.items():
+            if folder.tokenizer:
+                set_metadata(result.split.proto, TOKENIZER_KEY, str(out.final.resolve()))
+            elif args.tokenizer:
+                _record_tokenizer(result, args.tokenizer)
+            result.write(Output("-o", out.final / name, out.staged / name), report_out if name == main else None)
+        for name, why in kept.items():
+            warnings.warn(FolderWarning(f"{name}: copied float, not quantized: {why}"), stacklevel=2)
+    for result in quantized.values():
+        result.discard_work()
+    if not args.quiet:
+        for name, result in quantized.items():
+            print(f"{name}:\n{result.table()}")
+    parts = [f"{name} quantized, {_mib(model_files(out.final / name)):.1f} MiB (input {_mib(model_files(folder.path / name)):.1f})"
+             for name in quantized]
+    parts += [f"{name} copied float" for name in kept]
+    print(f"wrote {args.output}/ (optimum encoder-decoder folder): " + "; ".join(parts)
+          + (f"; report {args.report} ({main})" if args.report else ""))
     return 0
 
 
@@ -502,6 +557,13 @@ def _cmd_inspect(args) -> int:
     print(format_table(report["layers"]))
     for kept in report.get("kept_float", []):
         print(f"  kept float: {kept['name']} (K={kept['K']} N={kept['N']}): {kept['reason']}")
+    for table in report.get("embeddings", []):
+        if table.get("mode") == "float":
+            print(f"  embedding {table['table']}: kept float: {table['note']}")
+        else:
+            sqnr = "exact" if table.get("sqnr_db") is None else f"SQNR {table['sqnr_db']:.1f} dB"
+            print(f"  embedding {table['table']} {'x'.join(map(str, table['shape']))}: {table['note']}, "
+                  f"{table['float_bytes'] / 2**20:.2f} -> {table['bytes'] / 2**20:.2f} MiB, {sqnr}")
     return 0
 
 

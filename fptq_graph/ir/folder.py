@@ -32,6 +32,19 @@ OPTIMUM_MODELS = ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
+# optimum's seq2seq export: the encoder, and the decoders it may write beside it (the one without a past is
+# the one text calibration can feed: a with-past step needs the cross-attention cache of an earlier step).
+ENCODER_MODEL = "encoder_model.onnx"
+SEQ2SEQ_DECODERS = ("decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx")
+
+
+@dataclass
+class EncoderDecoder:
+    encoder: Path
+    decoders: list[Path]          # in SEQ2SEQ_DECODERS order
+    start_token: int | None       # config.json's decoder_start_token_id
+
+
 class FolderWarning(UserWarning):
     """The output folder works, but not the way the user may expect."""
 
@@ -51,6 +64,19 @@ class ModelFolder:
         """The folder's other ONNX files (an optimum seq2seq export's encoder, a non-merged decoder's
         with-past twin): copied float, which the run must say."""
         return sorted(p for p in self.path.glob("*.onnx") if self.model is None or p.resolve() != self.model.resolve())
+
+    def encoder_decoder(self) -> "EncoderDecoder | None":
+        """optimum's seq2seq layout (encoder_model.onnx beside decoder_model*.onnx), else None."""
+        encoder = self.path / ENCODER_MODEL
+        decoders = [self.path / name for name in SEQ2SEQ_DECODERS if (self.path / name).is_file()]
+        if self.kind != "optimum" or not encoder.is_file() or not decoders:
+            return None
+        start = None
+        try:   # the decoder's first input token (T5: the pad id; BART: </s>)
+            start = json.loads((self.path / "config.json").read_text()).get("decoder_start_token_id")
+        except (OSError, ValueError):
+            pass
+        return EncoderDecoder(encoder, decoders, start if isinstance(start, int) else None)
 
     def genai_config(self) -> dict:
         return json.loads((self.path / GENAI_CONFIG).read_text())

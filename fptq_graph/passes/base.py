@@ -35,6 +35,7 @@ FACTS = {
     "equalization_folded": "equalization scales folded into norms and weights (fold_equalization)",
     "quantized_weights": "state.quantized: each linear's quantized weight (quantize_weights)",
     "lowered": "the graph is in one output form (an emitter)",
+    "embeddings_lowered": "untied embedding tables quantized as Config.embedding says (emit_embeddings)",
     "outputs_finite": "the quantized model computes no NaN/Inf where the float model does not (check_outputs_finite)",
     "output_sqnr": "state.measurements carry each linear's output SQNR (measure_output_sqnr)",
 }

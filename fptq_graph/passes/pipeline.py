@@ -5,7 +5,7 @@
     planning                 classify -> plan the LM head -> plan equalization (LAE/SmoothQuant/AWQ)
                              -> freeze the plan
     rewriting                fold equalization -> quantize weights
-    lowering(form)           the form's emitter (qdq, w4a8, ort)
+    lowering(form)           the form's emitter (qdq, w4a8, ort), then the untied embedding tables
     measurement              no NaN/Inf the float model does not compute (one sample), then the
                              per-layer output SQNR against the float model
 
@@ -24,6 +24,7 @@ from fptq_graph.passes.analysis.plan_lm_head import PlanLMHead
 from fptq_graph.passes.analysis.plan_statistics import PlanStatistics
 from fptq_graph.passes.base import PassRecord, Pipeline
 from fptq_graph.passes.check_outputs_finite import CheckOutputsFinite
+from fptq_graph.passes.lower.emit_embeddings import EmitEmbeddings
 from fptq_graph.passes.lower.emit_ort import EmitORT
 from fptq_graph.passes.lower.emit_qdq import EmitQDQ
 from fptq_graph.passes.lower.emit_w4a8 import EmitW4A8
@@ -44,7 +45,7 @@ def calibration_pipeline() -> Pipeline:
 def default_pipeline(form: str = "qdq") -> Pipeline:
     return calibration_pipeline() + Pipeline(
         [ClassifyActivations(), PlanLMHead(), PlanEqualization(), FreezePlan(),
-         FoldEqualizationScales(), QuantizeWeights(), EMITTERS[form](), CheckOutputsFinite(), MeasureOutputSQNR()],
+         FoldEqualizationScales(), QuantizeWeights(), EMITTERS[form](), EmitEmbeddings(), CheckOutputsFinite(), MeasureOutputSQNR()],
         given=calibration_pipeline().ensures)
 
 

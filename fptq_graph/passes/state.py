@@ -73,6 +73,7 @@ class State:
     weight_notes: dict[str, str] = field(default_factory=dict)          # linear -> what its quantizer did
     weight_sqnr: dict[str, float] = field(default_factory=dict)         # linear -> weight SQNR dB
     output_sqnr: dict[str, float] = field(default_factory=dict)         # linear -> output SQNR dB
+    embeddings: list[dict] = field(default_factory=list)                # embedding tables: how each was stored (emit_embeddings)
     sequential: bool = False                  # block by block (sequential/): X^T X is held one block at a time
     facts: set[str] = field(default_factory=set)                        # what the passes run so far ensured (passes/base.py)
 

@@ -49,6 +49,13 @@ def report_html(report: dict, title: str) -> str:
         parts += ["<h2>Kept float</h2>", '<table id="kept"><tr><th>layer</th><th>K</th><th>N</th><th>reason</th></tr>',
                   *(f'<tr><td class="text">{e(k["name"])}</td><td>{k["K"]}</td><td>{k["N"]}</td>'
                     f'<td class="text">{e(k["reason"])}</td></tr>' for k in kept), "</table>"]
+    tables = [t for t in report.get("embeddings") or [] if t.get("mode") != "float"]
+    if tables:
+        parts += ["<h2>Embedding tables</h2>", '<table id="embeddings"><tr><th>table</th><th>shape</th><th>stored</th>'
+                  '<th>MiB</th><th>SQNR dB</th></tr>',
+                  *(f'<tr><td class="text">{e(t["table"])}</td><td>{e("x".join(map(str, t["shape"])))}</td>'
+                    f'<td class="text">{e(t["note"])}</td><td>{t["float_bytes"] / 2**20:.2f} -> {t["bytes"] / 2**20:.2f}</td>'
+                    f'<td>{"exact" if t["sqnr_db"] is None else t["sqnr_db"]}</td></tr>' for t in tables), "</table>"]
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -13,17 +13,25 @@ import numpy as np
 
 from fptq_graph.errors import CalibrationError
 
+DETAIL_CHARS = 600   # of ORT's message: enough for the node and its shapes, not a whole stack
+
 
 def run_failure(exc: Exception, what: str, feeds: Mapping[str, np.ndarray]) -> CalibrationError:
     """A CalibrationError for `exc`, raised by ONNX Runtime while running `what` on `feeds`."""
     text = str(exc).strip()
-    detail = text.splitlines()[0] if text else type(exc).__name__
+    # every line: ORT puts the failing node on the first and the index or shape detail on later ones
+    detail = " ".join(line.strip() for line in text.splitlines() if line.strip())[:DETAIL_CHARS] if text else type(exc).__name__
     for prefix in ("[ONNXRuntimeError] : ",):
         if detail.startswith(prefix):
             detail = detail.split(" : ", 2)[-1]
+    # a KV cache's past may be empty (the prompt step); any other empty axis is the user's data
+    empty = [f"'{name}' {list(value.shape)}" for name, value in feeds.items() if 0 in value.shape and "past" not in name]
     shapes = ", ".join(f"{name} {list(value.shape)} {value.dtype}" for name, value in feeds.items())
     hint = ""
-    if "out of data bounds" in detail or "indices element out of" in detail:
+    if empty:
+        hint = (f"; input {', '.join(empty)} has a zero-size dimension (an empty sequence or batch): give every input at "
+                "least one element along each axis")
+    elif "out of data bounds" in detail or "indices element out of" in detail:
         hint = ("; an index past the end of a table: the tokenizer may not match the model (token ids beyond "
                 "its vocabulary), or the sequence is longer than the model's position table (lower --seq-len)")
     elif "invalid expand shape" in detail.lower() or "Attempting to broadcast an axis" in detail:

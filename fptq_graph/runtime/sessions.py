@@ -81,6 +81,10 @@ def library_info() -> dict:
 def session_options(threads: int | None = None, with_library: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    # keep the QDQ graph's int8 activations int8 when ORT fuses it: on x86 ORT turns them to uint8 + 128
+    # (QDQS8ToU8) for its u8 x s8 kernel, which without VNNI (AVX2 only) saturates int16 pair sums and
+    # computes garbage for full-range int8 weights (emit_w4a8.integer_head); its s8 x s8 path is exact
+    options.add_session_config_entry("session.qdqisint8allowed", "1")
     options.log_severity_level = 4   # errors reach the user as our one-line messages, not ORT log lines
     if threads:
         options.intra_op_num_threads = threads

@@ -5,7 +5,8 @@ sequential/mode.py says so).
     blocks                                 sequential/blocks.py (a BlockCutError: the whole-graph run
                                            if it fits, else the error)
     per block                              sequential/run.py (calibrate, plan, fold, quantize; saved)
-    lowering (whole graph)                 the form's emitter, from the finished blocks' codes
+    lowering (whole graph)                 the form's emitter, from the finished blocks' codes; then the
+                                           untied embedding tables (passes/lower/emit_embeddings.py)
     output SQNR (per block)                sequential/output_sqnr.py: float and quantized blocks side by side
 
 Resident: see run.py; the work folder (work_folder.py) holds the finished blocks until the caller
@@ -27,6 +28,7 @@ from fptq_graph.errors import FptqError
 from fptq_graph.ir.residency import is_spent
 from fptq_graph.ir.run_outputs import model_files
 from fptq_graph.passes.base import PassRecord, Pipeline
+from fptq_graph.passes.lower.emit_embeddings import EmitEmbeddings
 from fptq_graph.passes.pipeline import EMITTERS, default_pipeline
 from fptq_graph.sequential.blocks import BlockCutError
 from fptq_graph.sequential.output_sqnr import measure_output_sqnr_by_block
@@ -71,7 +73,7 @@ def run_block_by_block(state, mode, source: str, log=None, work_dir: str | os.Pa
     finally:
         runner.close()
     run.workers = runner.workers
-    emit = Pipeline([EMITTERS[form]()], given=state.facts)
+    emit = Pipeline([EMITTERS[form](), EmitEmbeddings()], given=state.facts)
     records += emit.run(state, log=log)
     left = [t.name for t in state.graph.tensors().values() if isinstance(t, gs.Constant) and is_spent(t._values)]
     if left:   # a spent weight still in the graph would be written as zeros: never

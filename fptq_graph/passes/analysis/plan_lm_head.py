@@ -12,12 +12,12 @@ SmoothQuant).
 
 How the forms write an int8 head (one quantization: q = round(w / s_n) in [-127, 127], s_n = max|w_:,n| / 127):
 - qdq:  codes int8 [K, N] -> DequantizeLinear(axis=1, scale [N]) -> MatMul, activations QDQ by scheme.
-- w4a8: the same codes through com.microsoft.MatMulIntegerToFloat: activations quantized to uint8
-        (int8 code + 128, the u8 x s8 path ONNX Runtime's CPU kernels take with VNNI; zero point 128),
-        a_scale the static scale, or 1 with a per-token Mul after it; b_scale the per-channel scales.
-        Integer sums, so it equals the qdq form to float rounding, and it is ONNX Runtime's fast path
-        (a 1 x 576 @ 576 x 49152 product: 2.3 ms against 8 ms float and 160 ms for the qdq form's
-        per-token head, which ONNX Runtime 1.31 does not fuse; docs/benchmarks.md).
+- w4a8: the same codes through com.microsoft.MatMulIntegerToFloat: activations quantized to int8
+        (their codes; the u8 x s8 path with zero point 128 saturates on CPUs without VNNI:
+        emit_w4a8.integer_head), a_scale the static scale, or 1 with a per-token Mul after it; b_scale
+        the per-channel scales. Integer sums, so it equals the qdq form to float rounding (the u8
+        form measured 2.3 ms against 8 ms float for a 1 x 576 @ 576 x 49152 product on a VNNI CPU,
+        docs/benchmarks.md; the s8 form is not re-measured there).
 - ort:  com.microsoft.MatMulNBits(bits=8) over uint8 codes + 128 laid out [N, K/b, b] (b the largest
         of 256..16 dividing K, else 32 with the last block zero padded), each block repeating its
         channel's scale (per-channel int8 in MatMulNBits' blocked layout). accuracy_level 4 when the

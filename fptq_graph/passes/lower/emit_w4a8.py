@@ -3,9 +3,9 @@ op (runtime/w4a8_op.py; integer kernels on CPU and CUDA), weights-only layers ke
 int8 LM head becomes com.microsoft.MatMulIntegerToFloat with the same activation scheme, its tied
 embedding lookups reading the same codes (emit_qdq.tie_to_kn_codes).
 
-The int8 head (integer_head): activations to uint8 (int8 code + 128, the u8 x s8 path ONNX Runtime's
-CPU kernels take with VNNI; zero point 128), a_scale the static scale, or 1 with a per-token Mul after
-it; b_scale the per-channel scales. Integer sums, so it equals the qdq form to float rounding, and it
+The int8 head (integer_head): activations to int8 (their int8 codes; the u8 x s8 path saturates on
+CPUs without VNNI, see integer_head), a_scale the static scale, or 1 with a per-token Mul after it;
+b_scale the per-channel scales. Integer sums, so it equals the qdq form to float rounding, and it
 is ONNX Runtime's fast path (a 1 x 576 @ 576 x 49152 product: 2.3 ms against 8 ms float and 160 ms for
 the qdq form's per-token head, which ONNX Runtime 1.31 does not fuse; docs/benchmarks.md).
 """
@@ -97,9 +97,15 @@ class EmitW4A8(Pass):
 
 
 def integer_head(graph: gs.Graph, linear, qw, act_scale: float | None) -> tuple[gs.Constant, gs.Constant, int]:
-    """The w4a8 form's int8 head: activations to uint8 (the scheme's int8 code + 128), then
+    """The w4a8 form's int8 head: activations to int8 (the scheme's codes), then
     com.microsoft.MatMulIntegerToFloat over the int8 [K, N] codes; a per-token scale multiplies after it
-    (act_scale None). Returns the codes and scale constants (for tied lookups) and the codes' bytes."""
+    (act_scale None). Returns the codes and scale constants (for tied lookups) and the codes' bytes.
+
+    Signed activations, not uint8 with zero point 128: MLAS's u8 x s8 kernel on CPUs without VNNI
+    (AVX2 only) sums pairs of u8 x s8 products in int16 (vpmaddubsw), which saturates once an
+    activation code + 128 and a weight code are both large: measured on an AVX2-only EPYC with
+    onnxruntime 1.31.1, 64 x (255 - 128) x 127 came out 8160 instead of 1032256. Its s8 x s8 path
+    is exact there (tests/test_lm_head.py)."""
     node = linear.node
     k, n = qw.shape
     dtype = activation_dtype(linear)
@@ -107,23 +113,20 @@ def integer_head(graph: gs.Graph, linear, qw, act_scale: float | None) -> tuple[
     x = node.inputs[0]
     codes = gs.Constant(f"{linear.name}.weight_int8", qw.codes)
     scale = gs.Constant(f"{linear.name}.weight_scale", qw.scale.reshape(n).astype(np.float32))
-    zero = const(f"{tag}_zero_point_u8", np.array(128, np.uint8))
 
     def var(suffix, kind=None):
         return gs.Variable(f"{tag}_{suffix}", dtype=kind or dtype)
 
-    if act_scale is not None:   # static: QuantizeLinear with zero point 128 is int8 QDQ's code + 128
+    if act_scale is not None:   # static: QuantizeLinear with zero point 0, int8 QDQ's own codes
         a_scale = const(f"{tag}_scale", np.array(act_scale, np.float32))
         x_scale = a_scale if dtype == np.float32 else const(f"{tag}_scale_{dtype.name}", np.array(act_scale, dtype))
-        xu = graph.layer(op="QuantizeLinear", name=f"{tag}_q_u8", inputs=[x, x_scale, zero],
-                         outputs=[var("uint8", np.uint8)])[0]
+        xq = graph.layer(op="QuantizeLinear", name=f"{tag}_q_s8", inputs=[x, x_scale, const(f"{tag}_zero_point", np.array(0, np.int8))],
+                         outputs=[var("int8", np.int8)])[0]
         token_scale = None
-    else:                               # per token: the qdq form's ops, then + 128 and a cast to uint8
+    else:                               # per token: the qdq form's ops, then a cast of the codes to int8
         q, token_scale = per_token_int8(graph, x, tag, dtype)
-        q = graph.layer(op="Add", name=f"{tag}_offset", inputs=[q, const(f"{tag}_128", np.array(128.0, dtype))],
-                        outputs=[var("uint8_values")])[0]
-        xu = graph.layer(op="Cast", name=f"{tag}_to_u8", attrs={"to": onnx.TensorProto.UINT8}, inputs=[q],
-                         outputs=[var("uint8", np.uint8)])[0]
+        xq = graph.layer(op="Cast", name=f"{tag}_to_s8", attrs={"to": onnx.TensorProto.INT8}, inputs=[q],
+                         outputs=[var("int8", np.int8)])[0]
         a_scale = const(f"{tag}_unit_scale", np.array(1.0, np.float32))
     bias = gemm_bias(node)
     # The linear's node goes; its outputs come from the chain product [-> Cast] [-> Mul(token scale)] [-> Add(bias)].
@@ -139,7 +142,7 @@ def integer_head(graph: gs.Graph, linear, qw, act_scale: float | None) -> tuple[
         steps.append(("Add", [bias], {}))
     y = gs.Variable(f"{linear.name}.int_product", dtype=np.float32) if steps else outputs[0]
     graph.layer(op="MatMulIntegerToFloat", domain="com.microsoft", name=node.name or linear.name,
-                inputs=[xu, codes, a_scale, scale, zero], outputs=[y] if steps else outputs)
+                inputs=[xq, codes, a_scale, scale], outputs=[y] if steps else outputs)
     for i, (op, extra, attrs) in enumerate(steps):
         last = i == len(steps) - 1
         y = graph.layer(op=op, name=f"{linear.name}.{op.lower()}_after", attrs=attrs, inputs=[y, *extra],

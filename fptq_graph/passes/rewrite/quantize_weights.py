@@ -68,8 +68,11 @@ class QuantizeWeights(Pass):
             kind += (f"; LM head '{head.linear}' " + ("int8 per output channel" if head.mode == "int8"
                                                       else f"INT4 group {head.group_size}")
                      + f" ({state.weight_sqnr[head.linear]:.1f} dB)")
-        return PassResult(f"{len(state.linears)} weights to {kind}; lowest SQNR {worst[1]:.1f} dB ({worst[0]})",
-                          stats={"weights": len(state.linears), "lowest_sqnr_db": worst[1], "lowest": worst[0]})
+        few = sum(FEW_TOKENS in note for note in state.weight_notes.values())
+        warning = f"; WARNING: {few} linear(s) {FEW_TOKENS} (the report's weights column)" if few else ""
+        return PassResult(f"{len(state.linears)} weights to {kind}; lowest SQNR {worst[1]:.1f} dB ({worst[0]}){warning}",
+                          stats={"weights": len(state.linears), "lowest_sqnr_db": worst[1], "lowest": worst[0],
+                                 "few_tokens": few})
 
 
 def computed_type(linear, weight: np.ndarray) -> np.dtype:
@@ -81,6 +84,9 @@ def computed_type(linear, weight: np.ndarray) -> np.dtype:
 def computed_range(linear, weight: np.ndarray) -> float:
     """The largest finite value of computed_type: a dequantized weight past it is Inf in the model."""
     return float(np.finfo(computed_type(linear, weight)).max)
+
+
+FEW_TOKENS = "calibrated on fewer tokens than K"
 
 
 def quantize_weight(weight: np.ndarray, plan, stats, last_reader: bool = False) -> tuple[QuantizedWeight, str]:
@@ -103,7 +109,12 @@ def quantize_weight(weight: np.ndarray, plan, stats, last_reader: bool = False) 
             del hessian
             return _fallback(weight, spec, diag, str(why))
         note = f"weights GPTQ{' with clipped scales' if clip_scales else ''}{', act order' if spec.act_order else ''}"
-        return qw, note + (f" ({detail})" if detail else "")
+        note += f" ({detail})" if detail else ""
+        tokens, k = stats.tokens, weight.shape[0]
+        if tokens is not None and tokens < k:   # rank(X^T X) <= tokens: the damping decides the other directions
+            note += (f"; {FEW_TOKENS} ({tokens:.0f} < K {k}): X^T X has rank at most {tokens:.0f}, so GPTQ "
+                     "only knows that many directions (calibrate on more tokens)")
+        return qw, note
     if spec.quantizer == "clip":
         # diag(H) weighting (recorded alone when nothing needs all of X^T X): 7 grid points cost
         # about twice round-to-nearest; H's full group blocks cost 3x more for SmolLM2 (tried)
