@@ -17,7 +17,10 @@ peak resident set size (wait4's ru_maxrss), so one step's memory never hides in 
 - ort static:        onnxruntime.quantization.quantize_static (QDQ, MinMax, U8S8, per tensor), same
                      32 x 256 tokens in batches of 8, CalibMaxIntermediateOutputs=3 (ORT's option that
                      bounds calibration memory), external data when the model needs it;
-- ort matmul_nbits:  MatMulNBitsQuantizer (4 bits, block 128, symmetric: weights only, no calibration).
+- ort matmul_nbits:  MatMulNBitsQuantizer (4 bits, block 128, symmetric: weights only, no calibration);
+- eval:              `fptq_graph.evaluate.perplexity` of the quantized model (the block-by-block output if
+                     there is one, else a whole-graph one) on EVAL_WINDOWS windows of 512 random tokens,
+                     in our session (the memory is the point: random weights make the perplexity meaningless).
 
     python benchmarks/scale.py [--sizes 0.1b 0.5b 1.5b] [--steps ...] [--work out/scale] [--json docs/scale.json]
 
@@ -56,7 +59,9 @@ SIZES = {
 }
 DEFAULT_SIZES = ("0.1b", "0.5b", "1.5b")
 STEPS = ("export", "float inference", "calibrate", "calibrate 4x samples", "quantize", "quantize, no SQNR", "ort static",
-         "ort matmul_nbits", "checkpoint", "stream export", "quantize block by block", "quantize block by block, 2 workers")
+         "ort matmul_nbits", "checkpoint", "stream export", "quantize block by block", "quantize block by block, 2 workers",
+         "eval")
+EVAL_WINDOWS, EVAL_TOKENS = 4, 512
 # The block-by-block steps calibrate on less (8 x 256 tokens) so that a 7B on 2 cores takes under an hour;
 # the whole-graph steps keep CALIB_SAMPLES.
 BLOCK_SAMPLES = 8
@@ -246,6 +251,21 @@ def run_step(size: str, step: str, work: Path) -> None:
             info["recipe"] = {"awq": bool(result.plan.recipe.awq), "weights": result.plan.recipe.weights,
                               "traded": result.plan.statistics_note or None}
             info["mode"] = {k: result.run[k] for k in ("mode", "why") if k in result.run}
+    elif step == "eval":
+        import numpy as np
+
+        from fptq_graph.evaluate import perplexity
+        from fptq_graph.runtime import session
+
+        tags = [OUTPUTS[s] for s in ("quantize block by block", "quantize", "quantize, no SQNR")]
+        model = next((p for p in (work / f"llama-{size}.{tag}.onnx" for tag in tags) if p.is_file()), None)
+        if model is None:
+            raise SystemExit(f"eval: no quantized llama-{size} in {work}: run a quantize step first")
+        ids = np.random.default_rng(0).integers(0, vocab(size), EVAL_WINDOWS * EVAL_TOKENS)
+        start = time.perf_counter()
+        value = perplexity(session(str(model)), ids, EVAL_TOKENS)
+        info["passes"] = {"perplexity": round(time.perf_counter() - start, 1)}
+        info["evaluated"] = f"{model.name}: {EVAL_WINDOWS} windows of {EVAL_TOKENS} random tokens, perplexity {value:.4g}"
     elif step == "ort static":
         info["onnx_bytes"] = file_bytes(ort_static(source, work / f"llama-{size}.{OUTPUTS[step]}.onnx", size))
     elif step == "ort matmul_nbits":

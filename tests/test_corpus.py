@@ -192,3 +192,41 @@ def test_killed_mid_write_leaves_no_partial_file(tmp_path):
         staged = [p for p in tmp_path.iterdir() if p.name.startswith(".out.onnx")]
         for p in staged:   # a killed writer's staging folder: hidden, never the requested name
             assert p.is_dir() and p.name != "out.onnx"
+
+
+@pytest.mark.parametrize("ids_type", [TensorProto.INT32, TensorProto.INT64], ids=["int32", "int64"])
+def test_embedding_tables_of_odd_shapes(ids_type):
+    """Issue 22's tables: int32 ids, a table looked up both as stored and transposed (kept float, with the
+    reason), and a table whose row width no linear reads (kept float): the quantized ones equal numpy's
+    per-row int8 q * s exactly, the float ones their float rows."""
+    rng = np.random.default_rng(4)
+    k, v = 32, 32   # "both" is square, so its transposed lookups take the same ids
+    w = {"emb": rng.standard_normal((v, k)).astype(np.float32), "both": rng.standard_normal((v, v)).astype(np.float32),
+         "narrow": rng.standard_normal((v, 8)).astype(np.float32), "w": rng.standard_normal((k, 16)).astype(np.float32)}
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="lookup"),
+             helper.make_node("Gather", ["both", "ids"], ["b0"], name="as_stored"),
+             helper.make_node("Transpose", ["both"], ["both_t"], perm=[1, 0]),
+             helper.make_node("Gather", ["both_t", "ids"], ["b1"], name="transposed"),
+             helper.make_node("Gather", ["narrow", "ids"], ["n"], name="narrow_lookup"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="linear")]
+    graph = helper.make_graph(nodes, "tables", [helper.make_tensor_value_info("ids", ids_type, ["b", "s"])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "e", "b0", "b1", "n")],
+                              [numpy_helper.from_array(a, name) for name, a in w.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    np_ids = helper.tensor_dtype_to_np_dtype(ids_type)
+    feeds = [{"ids": rng.integers(0, v, (2, 6)).astype(np_ids)} for _ in range(2)]
+    result = quantize(model, feeds, Config(group_size=16, progress=False))
+    rows = {r["table"]: r for r in result.embeddings}
+    assert rows["emb"]["mode"] == "int8"
+    assert rows["both"]["mode"] == "float" and "both as stored and transposed" in rows["both"]["note"]
+    assert rows["narrow"]["mode"] == "float" and "not a token embedding" in rows["narrow"]["note"]
+    e, b0, b1, n = session(result.model).run(["e", "b0", "b1", "n"], feeds[0])
+    table = w["emb"].astype(np.float64)
+    scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
+    ref = (np.clip(np.round(table / scale), -127, 127) * scale.astype(np.float32)).astype(np.float32)
+    ids = feeds[0]["ids"]
+    np.testing.assert_array_equal(e, ref[ids])
+    np.testing.assert_array_equal(b0, w["both"][ids])
+    np.testing.assert_array_equal(b1, w["both"].T[ids])
+    np.testing.assert_array_equal(n, w["narrow"][ids])
