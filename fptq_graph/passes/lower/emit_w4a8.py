@@ -5,9 +5,10 @@ embedding lookups reading the same codes (emit_qdq.tie_to_kn_codes).
 
 The int8 head (integer_head): activations to int8 (their int8 codes; the u8 x s8 path saturates on
 CPUs without VNNI, see integer_head), a_scale the static scale, or 1 with a per-token Mul after it;
-b_scale the per-channel scales. Integer sums, so it equals the qdq form to float rounding, and it
-is ONNX Runtime's fast path (a 1 x 576 @ 576 x 49152 product: 2.3 ms against 8 ms float and 160 ms for
-the qdq form's per-token head, which ONNX Runtime 1.31 does not fuse; docs/benchmarks.md).
+b_scale the per-channel scales. Integer sums, so it equals the qdq form to float rounding. The u8 form
+it replaced was ONNX Runtime's fast path on a VNNI CPU (a 1 x 576 @ 576 x 49152 product: 2.3 ms against
+8 ms float and 160 ms for the qdq form's per-token head; docs/benchmarks.md); the s8 form's speed is
+not measured yet.
 """
 from __future__ import annotations
 
