@@ -107,6 +107,23 @@ def test_spilled_activations_change_nothing(models, monkeypatch):
     assert result.run["spilled_activation_mib"] > 0
 
 
+def test_a_temporary_work_folder_goes_with_the_result(models):
+    """Without --work-dir the finished blocks live in a temporary folder: it is removed once the result
+    is dropped, even if the model was never saved, and the model taken from it beforehand stays whole
+    (its codes were mapped from files that are gone)."""
+    import gc
+
+    c = case("minilm")
+    result = quantize(models["minilm"], str(F.CALIB_TEXT), Config(**{k: v for k, v in c.items() if k != "model"},
+                                                                    **SMALL, sequential=True))
+    folder, split = result.work.path, result.split
+    assert folder.is_dir() and any(folder.glob("block-*"))
+    del result
+    gc.collect()
+    assert not folder.exists()
+    assert F.graph_fingerprint(split.full()) == whole_graph(models, c)
+
+
 def test_quantized_block_inputs_differ_and_repeat(models):
     """--block-inputs quantized feeds each block what the quantized blocks before it give: another model
     (later blocks see other activations), the same one on every run."""

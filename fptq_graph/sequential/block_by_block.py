@@ -73,6 +73,8 @@ def run_block_by_block(state, mode, source: str, log=None, work_dir: str | os.Pa
     finally:
         runner.close()
     run.workers = runner.workers
+    if work_dir is None:
+        work.remove_when_dropped()
     emit = Pipeline([EMITTERS[form](), EmitEmbeddings()], given=state.facts)
     records += emit.run(state, log=log)
     left = [t.name for t in state.graph.tensors().values() if isinstance(t, gs.Constant) and is_spent(t._values)]

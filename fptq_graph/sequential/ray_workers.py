@@ -117,7 +117,7 @@ class BlockWorker:
             structure, arrays = model
             self.sess = None
             self.sess = session(SplitModel(onnx.ModelProto.FromString(structure), arrays), threads=self.threads,
-                                early_reductions=early_reductions)
+                                early_reductions=early_reductions, arena=False)   # as runners.LocalRunner
             self.key = key
         _maybe_die(key, index)
         return ort_errors.run(self.sess, fetch, feeds, f"calibration batch {index}, {what}")

@@ -144,13 +144,16 @@ def quantize_blocks(state, form: str, blocks: list[Block], work: WorkFolder, run
                 for index, values in runner.run_block(f"{work.fingerprint[:16]}/calibrate/{block.index}", model,
                                                       fetch + hand_over, _batches(calib, graph_inputs, block, store, names),
                                                       f"block {block.index} ({block.label})", early_reductions=True):
-                    accumulate(dict(zip(fetch, values[:len(fetch)])), index)
+                    observed_values, handed = dict(zip(fetch, values[:len(fetch)])), values[len(fetch):]
+                    del values   # StatisticsSum frees each output once summed: no other reference
+                    accumulate(observed_values, index)
                     if cfg.block_inputs == "float":
-                        for name, value in zip(hand_over, values[len(fetch):]):
+                        for name, value in zip(hand_over, handed):
                             store.put(index, name, value)
-                    del values
+                    del observed_values, handed
                 calibrate_seconds += time.perf_counter() - t0
                 stats_pending.update(accumulate.result())
+                del accumulate   # else this block's X^T X would live on into the next block's calibration
                 result = _plan_and_quantize(state, block, view_linears, stats_pending, per_block)
                 work.save(block.index, result)
                 _maybe_stop(block.index)

@@ -24,7 +24,10 @@ class LocalRunner:
 
     def run_block(self, key: str, model: SplitModel, fetch: list[str], batches: Iterable[tuple[int, dict]],
                   what: str, early_reductions: bool = False) -> Iterator[tuple[int, list[np.ndarray]]]:
-        sess = session(model, early_reductions=early_reductions)
+        # no arena: a block's session lives for its batches only, and an arena would keep its peak (the
+        # float32 casts of a float16 block's weights, the per-batch X^T X outputs) reserved while the
+        # driver sums the statistics and plans the block (7B-width layer block: see docs/benchmarks.md)
+        sess = session(model, early_reductions=early_reductions, arena=False)
         try:
             for index, feeds in batches:
                 yield index, ort_errors.run(sess, fetch, feeds, f"calibration batch {index}, {what}")

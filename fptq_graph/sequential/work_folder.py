@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import shutil
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -159,3 +160,10 @@ class WorkFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def remove_when_dropped(self) -> None:
+        """A temporary folder (one the caller did not name) of a finished run goes when this object does,
+        or at exit: a caller that never saves the result (a notebook, a test) leaves nothing in the temp
+        directory. The codes mapped from it stay readable (an unlinked file's mapping lives on). Not for
+        a named folder, nor a failed run's, which the error message names for --resume."""
+        weakref.finalize(self, shutil.rmtree, str(self.path), True)

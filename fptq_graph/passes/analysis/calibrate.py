@@ -57,6 +57,9 @@ class StatisticsSum:
         self.stats = {activation: ActivationStats() for activation in observers}
 
     def __call__(self, results: dict[str, np.ndarray], index: int) -> None:
+        """Adds one batch's outputs (observer output name -> array). Consumes `results`: each summed
+        output leaves the dict once added, so a batch's [K, K] outputs are freed one by one while the
+        float64 sums grow (the caller must hold no other reference to them)."""
         for activation, observed in self.observers.items():
             if np.isnan(results[observed.finite]) or not np.all(np.isfinite(results[observed.max])):
                 users = [l.name for l in self.linears.values() if l.activation.name == activation]
@@ -67,7 +70,7 @@ class StatisticsSum:
             running = self.running.get(activation)
             self.running[activation] = batch_max if running is None else np.maximum(running, batch_max)
             for field_name, output in observed.sums.items():
-                self.stats[activation].add(field_name, results[output])
+                self.stats[activation].add(field_name, results.pop(output))
 
     def result(self) -> dict:
         for activation, maxima in self.running.items():
