@@ -247,7 +247,8 @@ def test_workers_without_ray_say_what_to_install(models, tmp_path, monkeypatch, 
 
 def test_ray_workers_give_the_same_model_and_survive_a_killed_worker(models, tmp_path, monkeypatch):
     """Two local Ray workers; the worker running block 2's first batch exits (once) mid-run: Ray restarts
-    it and retries the call, and the model is the one-process model, byte for byte."""
+    it and retries the call, and the model is the one-process model, byte for byte, with every linear's
+    weights quantized (GPTQ-clip) as a Ray task."""
     pytest.importorskip("ray", reason="ray is a test dependency (scripts/setup.sh installs fptq-graph[distributed])")
     from fptq_graph.sequential import ray_workers
 
@@ -259,3 +260,4 @@ def test_ray_workers_give_the_same_model_and_survive_a_killed_worker(models, tmp
     assert marker.exists(), "the fault was not injected: the test proves nothing"
     assert fingerprint == whole_graph(models, c)
     assert result.run["workers"] == 2
+    assert result.run["weight_tasks"] == 36

@@ -75,6 +75,9 @@ class State:
     output_sqnr: dict[str, float] = field(default_factory=dict)         # linear -> output SQNR dB
     embeddings: list[dict] = field(default_factory=list)                # embedding tables: how each was stored (emit_embeddings)
     sequential: bool = False                  # block by block (sequential/): X^T X is held one block at a time
+    # How quantize_weights runs its per-linear quantizer calls: None, here and in order, one at a time;
+    # else map_tasks(fn, jobs) -> results in jobs' order (sequential/ray_workers.py: Ray tasks)
+    map_tasks: Any = None
     facts: set[str] = field(default_factory=set)                        # what the passes run so far ensured (passes/base.py)
 
     def act_max(self, linear: Linear) -> np.ndarray:

@@ -72,7 +72,7 @@ def run_block_by_block(state, mode, source: str, log=None, work_dir: str | os.Pa
         records += quantize_blocks(state, form, blocks, work, run, runner=runner, log=log)
     finally:
         runner.close()
-    run.workers = runner.workers
+    run.workers, run.weight_tasks = runner.workers, runner.tasks
     if work_dir is None:
         work.remove_when_dropped()
     emit = Pipeline([EMITTERS[form](), EmitEmbeddings()], given=state.facts)

@@ -9,12 +9,20 @@ i mod N). The driver takes the outputs back in batch order and sums them itself:
 X^T X sums are then formed in the same order as in one process, so the output is identical to one
 process's, whichever worker ran a batch.
 
+Then each linear's weight quantizer (GPTQ, the clipping search: quantize_weights' calls, map_tasks
+below) runs as a Ray task, at most one per worker at a time, and the driver takes the results in the
+linears' order. A task is the same pure function on the same arrays as in one process, so its codes
+are too (tested). Each worker slot is half a CPU for its block actor and half for a task: the driver
+runs the two phases one after the other, so they never compete, and neither waits for the other's CPU.
+
 A worker that dies is restarted by Ray and its unfinished calls retried (max_restarts and
 max_task_retries below); the restarted actor rebuilds its session from the object store. The calls
 are pure (block model and feeds in, outputs out), so a retry gives the same outputs.
 
 Resident in the driver: the block model (object store: shared memory on the head machine), each
-batch's feeds until its worker has run it, and one batch's outputs at a time.
+batch's feeds until its worker has run it, and one batch's outputs at a time; while the block's
+weights are quantized, its X^T X (held by the driver) a second time in the object store, and in
+each worker running a task its own working copy (GPTQ works in a copy of H, never in the shared one).
 """
 from __future__ import annotations
 
@@ -29,6 +37,8 @@ from fptq_graph.ir.split_model import SplitModel
 
 RESTARTS = 3          # a worker process may die this many times per run
 IN_FLIGHT = 2         # calls queued per worker ahead of the one the driver waits for
+SLOT = 0.5            # CPUs a block actor takes, and a weight task: one worker slot holds one of each
+SHARED_BYTES = 2**20  # arrays from this size on go to the object store once, however many tasks read them
 # Fault injection for the tests: "BLOCK:BATCH" makes the worker that runs that call exit once (the
 # marker file records that it did), as a killed or crashed worker would.
 KILL_ENV, KILL_MARKER_ENV = "FPTQ_TEST_KILL_WORKER", "FPTQ_TEST_KILL_MARKER"
@@ -56,8 +66,10 @@ class RayRunner:
                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         threads = max(1, (os.cpu_count() or 1) // count) if not address else None
-        worker = ray.remote(num_cpus=1, max_restarts=RESTARTS, max_task_retries=RESTARTS)(BlockWorker)
+        worker = ray.remote(num_cpus=SLOT, max_restarts=RESTARTS, max_task_retries=RESTARTS)(BlockWorker)
         self.actors = [worker.remote(threads) for _ in range(count)]
+        self.task = ray.remote(num_cpus=SLOT, max_retries=RESTARTS)(_call)
+        self.tasks = 0    # weight tasks run (the report's run section)
         self.workers = count
         if log:
             where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
@@ -94,6 +106,44 @@ class RayRunner:
         finally:
             del model_ref
 
+    def map_tasks(self, fn, jobs: list[tuple]) -> Iterator:
+        """fn(*job) of every job as Ray tasks, at most one per worker at a time; yields the results in
+        jobs' order. An array that several jobs share (one X^T X read by q, k and v) is put once."""
+        ray = self.ray
+        put: dict[int, object] = {}
+
+        def arg(value):
+            if isinstance(value, np.ndarray) and value.nbytes >= SHARED_BYTES:
+                if id(value) not in put:
+                    put[id(value)] = (ray.put(value), value)   # the value kept so its id is not reused
+                return put[id(value)][0]
+            return value
+
+        pending: list[object] = []
+        jobs = iter(jobs)
+        try:
+            while True:
+                while len(pending) < self.workers:
+                    job = next(jobs, None)
+                    if job is None:
+                        break
+                    pending.append(self.task.remote(fn, *[arg(v) for v in job]))
+                if not pending:
+                    return
+                ref = pending.pop(0)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, FptqError):
+                        raise cause from None
+                    raise FptqError(f"quantizing a block's weights: a Ray task failed ({str(exc).splitlines()[0]})") from None
+                del ref
+                self.tasks += 1
+                yield result
+        finally:
+            put.clear()
+
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
@@ -121,6 +171,11 @@ class BlockWorker:
             self.key = key
         _maybe_die(key, index)
         return ort_errors.run(self.sess, fetch, feeds, f"calibration batch {index}, {what}")
+
+
+def _call(fn, *args):
+    """A weight task: the driver's function on its arguments (Ray resolves the object-store ones)."""
+    return fn(*args)
 
 
 def _maybe_die(key: str, index: int) -> None:

@@ -56,9 +56,11 @@ class BlockRun:
     resumed: int = 0
     spilled_bytes: int = 0
     workers: int = 1
+    weight_tasks: int = 0      # linears whose weights were quantized as Ray tasks
 
     def to_dict(self) -> dict:
-        return {"mode": "block by block", "why": self.why, "workers": self.workers, "resumed_blocks": self.resumed,
+        return {"mode": "block by block", "why": self.why, "workers": self.workers, "weight_tasks": self.weight_tasks,
+                "resumed_blocks": self.resumed,
                 "spilled_activation_mib": round(self.spilled_bytes / MIB, 1), "blocks": self.blocks}
 
 
@@ -154,7 +156,7 @@ def quantize_blocks(state, form: str, blocks: list[Block], work: WorkFolder, run
                 calibrate_seconds += time.perf_counter() - t0
                 stats_pending.update(accumulate.result())
                 del accumulate   # else this block's X^T X would live on into the next block's calibration
-                result = _plan_and_quantize(state, block, view_linears, stats_pending, per_block)
+                result = _plan_and_quantize(state, block, view_linears, stats_pending, per_block, runner)
                 work.save(block.index, result)
                 _maybe_stop(block.index)
                 # the codes from here on are the saved ones, mapped: a finished block holds no memory
@@ -222,14 +224,15 @@ def _maybe_stop(index: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _plan_and_quantize(state, block: Block, linears: dict, stats: dict, per_block: Pipeline) -> BlockResult:
-    """The planning and rewriting passes over a view of `state` that holds only this block."""
+def _plan_and_quantize(state, block: Block, linears: dict, stats: dict, per_block: Pipeline, runner) -> BlockResult:
+    """The planning and rewriting passes over a view of `state` that holds only this block; the weight
+    quantizer's calls go to the runner's tasks where it has them (Ray workers)."""
     names = set(linears)
     view = replace(state, linears=linears,
                    producers=_block_producers(state, names),
                    stats={a: s for a, s in stats.items() if any(l.activation.name == a for l in linears.values())},
                    draft=PlanDraft(), plan=None, quantized={}, weight_notes={}, weight_sqnr={}, output_sqnr={},
-                   facts=set(state.facts) | {"statistics"})
+                   facts=set(state.facts) | {"statistics"}, map_tasks=getattr(runner, "map_tasks", None))
     gram_bytes = sum(s.gram.nbytes for s in view.stats.values() if s.gram is not None)
     records = per_block.run(view) if linears else []
     plan = view.plan

@@ -21,6 +21,7 @@ class LocalRunner:
     """Runs blocks in this process, one ONNX Runtime session at a time."""
 
     workers = 1
+    tasks = 0       # weight quantizer calls run as tasks elsewhere (none: quantize_weights runs them here)
 
     def run_block(self, key: str, model: SplitModel, fetch: list[str], batches: Iterable[tuple[int, dict]],
                   what: str, early_reductions: bool = False) -> Iterator[tuple[int, list[np.ndarray]]]:

@@ -7,6 +7,8 @@ A quantized LM head (Config.lm_head) is int8 per output channel ("int8") or INT4
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from fptq_graph.errors import FptqError
@@ -28,17 +30,16 @@ class QuantizeWeights(Pass):
     def run(self, state) -> PassResult:
         cfg, plan = state.config, state.plan
         worst = ("", np.inf)
-        readers_left: dict[str, int] = {}
-        for linear in state.linears.values():
-            readers_left[linear.activation.name] = readers_left.get(linear.activation.name, 0) + 1
-        for linear in state.linears.values():
-            spec = plan[linear.name]
-            check_weights_finite([linear])
+        linears = list(state.linears.values())
+        check_weights_finite(linears)
+        # in this process: one linear's call at a time, lazily (the last reader of an X^T X works in it
+        # and drops it before the next job is made); state.map_tasks: the block's calls side by side
+        if state.map_tasks is None:
+            results = (_quantize_job(*job) for job in _jobs(state, linears))
+        else:
+            results = state.map_tasks(_quantize_job, list(_jobs(state, linears, detached=True)))
+        for linear, (qw, note) in zip(linears, results):
             weight = linear.node.inputs[1].values
-            stats = state.stats[linear.activation.name]
-            readers_left[linear.activation.name] -= 1
-            last = readers_left[linear.activation.name] == 0
-            qw, note = quantize_weight(weight, spec, stats, last_reader=last)
             qw, moved = keep_within(qw, computed_range(linear, weight))
             if qw.bits == 4 and qw.group_size > linear.k:   # the report's group column alone would mislead
                 note = "; ".join(filter(None, [f"group {qw.group_size} > K {linear.k}: one group spans K (per output "
@@ -46,8 +47,6 @@ class QuantizeWeights(Pass):
             if moved:
                 note = "; ".join(filter(None, [note, f"{moved} codes moved a step toward zero to keep the dequantized "
                                                      f"weight inside {np.dtype(computed_type(linear, weight)).name}'s range"]))
-            if last:   # X^T X has no reader after this one: let it go (7B down_proj: 0.9 GiB)
-                stats.gram = None
             state.quantized[linear.name] = qw
             if note:
                 state.weight_notes[linear.name] = note
@@ -73,6 +72,33 @@ class QuantizeWeights(Pass):
         return PassResult(f"{len(state.linears)} weights to {kind}; lowest SQNR {worst[1]:.1f} dB ({worst[0]}){warning}",
                           stats={"weights": len(state.linears), "lowest_sqnr_db": worst[1], "lowest": worst[0],
                                  "few_tokens": few})
+
+
+def _jobs(state, linears, detached: bool = False):
+    """(weight, plan, stats, gram, last_reader) of each linear in order, made as they are asked for; once
+    the last reader of an X^T X has been handed out, the statistics let it go (7B down_proj: 0.9 GiB).
+    detached: X^T X travels beside a copy of the statistics without it (all jobs are made before any
+    runs, so letting it go must not reach the jobs; a task runner ships an array shared by several
+    jobs once), and no job may work in it (another job of the same input may still read it)."""
+    readers_left: dict[str, int] = {}
+    for linear in linears:
+        readers_left[linear.activation.name] = readers_left.get(linear.activation.name, 0) + 1
+    for linear in linears:
+        stats = state.stats[linear.activation.name]
+        readers_left[linear.activation.name] -= 1
+        last = readers_left[linear.activation.name] == 0
+        if detached:
+            yield linear.node.inputs[1].values, state.plan[linear.name], replace(stats, gram=None), stats.gram, False
+        else:
+            yield linear.node.inputs[1].values, state.plan[linear.name], stats, None, last
+        if last:
+            stats.gram = None
+
+
+def _quantize_job(weight, plan, stats, gram, last) -> tuple[QuantizedWeight, str]:
+    if gram is not None:
+        stats = replace(stats, gram=gram)
+    return quantize_weight(weight, plan, stats, last_reader=last)
 
 
 def computed_type(linear, weight: np.ndarray) -> np.dtype:
