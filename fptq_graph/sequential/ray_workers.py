@@ -95,14 +95,7 @@ class RayRunner:
                 if not pending:
                     return
                 index, ref = pending.pop(0)
-                try:
-                    values = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    cause = getattr(exc, "cause", None)
-                    if isinstance(cause, FptqError):
-                        raise cause from None
-                    raise FptqError(f"calibration batch {index}, {what}: a Ray worker failed ({str(exc).splitlines()[0]})") from None
-                yield index, values
+                yield index, _get(ray, ref, f"calibration batch {index}, {what}: a Ray worker")
         finally:
             del model_ref
 
@@ -130,15 +123,7 @@ class RayRunner:
                     pending.append(self.task.remote(fn, *[arg(v) for v in job]))
                 if not pending:
                     return
-                ref = pending.pop(0)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    cause = getattr(exc, "cause", None)
-                    if isinstance(cause, FptqError):
-                        raise cause from None
-                    raise FptqError(f"quantizing a block's weights: a Ray task failed ({str(exc).splitlines()[0]})") from None
-                del ref
+                result = _get(ray, pending.pop(0), "quantizing a block's weights: a Ray task")
                 self.tasks += 1
                 yield result
         finally:
@@ -171,6 +156,18 @@ class BlockWorker:
             self.key = key
         _maybe_die(key, index)
         return ort_errors.run(self.sess, fetch, feeds, f"calibration batch {index}, {what}")
+
+
+def _get(ray, ref, who: str):
+    """ray.get of one call: our own error as it was raised (a bad feed, a non-finite weight), anything
+    else as one line saying `who` failed."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, FptqError):
+            raise cause from None
+        raise FptqError(f"{who} failed ({str(exc).splitlines()[0]})") from None
 
 
 def _call(fn, *args):
