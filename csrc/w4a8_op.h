@@ -94,13 +94,28 @@ struct W4A8MatMulOp : Ort::CustomOpBase<W4A8MatMulOp<Kernel>, Kernel, /*WithStat
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
 
-  // Lets ORT plan the output buffer: [..., K] -> [..., N].
-  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
+  // Y's type and shape for ORT's graph checks and buffer planning: X's type, [..., K] -> [..., N].
+  // Set here, not through CustomOpBase's InferOutputShape hook: that hook's SetOutputShape declares
+  // the output float32 unless given a type, and the hook cannot read X's type. An fp16 X of unknown
+  // rank (a block model's cut input, declared without a shape) then failed to load wherever Y was
+  // declared float16: "Type (tensor(float16)) of output arg ... does not match expected type (tensor(float))".
+  W4A8MatMulOp() { this->OrtCustomOp::InferOutputShapeFn = &InferOutputTypeShape; }
+
+  static OrtStatusPtr InferOutputTypeShape(const OrtCustomOp* /*op*/, OrtShapeInferContext* context) {
     try {
+      const OrtApi& api = Ort::GetApi();
+      OrtTensorTypeAndShapeInfo* x_info = nullptr;   // owned by the context
+      if (OrtStatusPtr status = api.ShapeInferContext_GetInputTypeShape(context, 0, &x_info)) return status;
+      ONNXTensorElementDataType x_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+      if (OrtStatusPtr status = api.GetTensorElementType(x_info, &x_type)) return status;
+      Ort::ShapeInferContext ctx(&api, context);
       Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
-      if (!shape.empty()) shape.back() = Ort::ShapeInferContext::SymbolicInteger(ctx.GetAttrInt("N"));
-      ctx.SetOutputShape(0, shape);
-      return nullptr;
+      // Rank 0 is X's shape unknown (a MatMul input has rank >= 1): say nothing rather than declare Y a
+      // scalar; ORT then gives Y the type of the op's one open input, X's.
+      if (shape.empty()) return nullptr;
+      shape.back() = Ort::ShapeInferContext::SymbolicInteger(ctx.GetAttrInt("N"));
+      const bool half = x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+      return ctx.SetOutputShape(0, shape, half ? x_type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT).release();
     } catch (const std::exception& e) {
       return Error("", e.what());
     }

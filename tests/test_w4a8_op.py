@@ -82,6 +82,24 @@ def test_cpu_kernel_float16_activations():
     assert rel_err(out, reference(x, w["W"], w["S"], None, w["B"], 200, 40, 64)) <= 2e-3   # fp16 output rounding
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("x_shape,y_shape", [(None, None), (None, ["b", "s", 40]), (["b", "s", 200], None),
+                                             ([3, 9, 200], [3, 9, 40])])
+def test_output_takes_x_type_whatever_is_declared(dtype, x_shape, y_shape):
+    """Y is X's type however much of either shape the graph declares. The op's shape inference once
+    declared Y float32 whenever X's rank was unknown (a block model's cut inputs are declared without a
+    shape), so an fp16 block whose W4A8 output was a graph output failed to load."""
+    model, w = op_model(200, 40, 64, static=True, dtype=dtype)
+    elem = model.graph.input[0].type.tensor_type.elem_type
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("X", elem, x_shape))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("Y", elem, y_shape))
+    x = (np.random.default_rng(4).standard_normal((3, 9, 200)) * 2).astype(dtype)
+    out = runtime.session(model).run(None, {"X": x})[0]
+    assert out.dtype == dtype and out.shape == (3, 9, 40)
+    tolerance = 2e-3 if dtype == np.float16 else 1e-5   # fp16 output rounding; float32 sums of exact int32 dots
+    assert rel_err(out, reference(x, w["W"], w["S"], w["A"], None, 200, 40, 64)) <= tolerance
+
+
 def test_kernel_quantizes_activations_for_real():
     """Per-token int8 changes the product measurably: the op is not a float MatMul in disguise."""
     model, w = op_model(256, 32, 64)
