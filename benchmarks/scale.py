@@ -266,7 +266,7 @@ def run_step(size: str, step: str, work: Path) -> None:
             raise SystemExit(f"eval: no quantized llama-{size} in {work}: run a quantize step first")
         ids = np.random.default_rng(0).integers(0, vocab(size), EVAL_WINDOWS * EVAL_TOKENS)
         start = time.perf_counter()
-        value = perplexity(session(str(model)), ids, EVAL_TOKENS)
+        value = perplexity(session(str(model), mem_pattern=False), ids, EVAL_TOKENS)
         info["passes"] = {"perplexity": round(time.perf_counter() - start, 1)}
         info["evaluated"] = f"{model.name}: {EVAL_WINDOWS} windows of {EVAL_TOKENS} random tokens, perplexity {value:.4g}"
     elif step == "ort static":

@@ -456,7 +456,7 @@ def _model_of_folder(args) -> None:
 def _cmd_eval(args) -> int:
     from fptq_graph.calibration import check_token_ids, leading_bos, load_tokenizer, read_token_ids, vocab_size_of
     from fptq_graph.evaluate import perplexity
-    from fptq_graph.ir.load import load_model
+    from fptq_graph.ir.load import load_split
     from fptq_graph.ir.save import write_atomic
     from fptq_graph.runtime.sessions import session
 
@@ -468,19 +468,23 @@ def _cmd_eval(args) -> int:
     outputs = _outputs_reading(args.model, args.text, args.tokenizer)
     json_out = outputs.add(args.json, "--json") if args.json is not None else None
     with outputs:
-        model = load_model(args.model)
-        names = [o.name for o in model.graph.output]
+        # The structure only (weights stay mapped in the file, as generate does): a whole loaded 7B
+        # beside its session doubled the weights in memory. KV cache sizes the loader filled in are kept.
+        header = load_split(args.model).proto
+        names = [o.name for o in header.graph.output]
         if "logits" not in names:
             raise FptqError(f"{args.model}: no 'logits' output (outputs: {', '.join(names)}); "
                             "eval measures the perplexity of causal LMs")
-        get_tokenizer = functools.cache(lambda: load_tokenizer(args.tokenizer, model, args.model))
+        get_tokenizer = functools.cache(lambda: load_tokenizer(args.tokenizer, header, args.model))
         ids = read_token_ids(args.text, get_tokenizer, role="evaluation text")
-        check_token_ids(ids, vocab_size_of(model), args.text, args.model)
+        check_token_ids(ids, vocab_size_of(header), args.text, args.model)
         bos = leading_bos(get_tokenizer())
-        sess = session(args.model)
+        inputs = list(header.graph.input)
+        del header
+        sess = session(args.model, mem_pattern=False)   # see session(): the qdq form's memory pattern
         used = min(ids.size, args.max_tokens or ids.size)
         value = perplexity(sess, ids, args.seq_len, max_tokens=args.max_tokens, progress=True, bos=bos,
-                           inputs=model.graph.input)
+                           inputs=inputs)
         windows = used // (args.seq_len - (bos is not None))
         result = {"model": args.model, "text": args.text, "seq_len": args.seq_len, "bos": bos,
                   "tokens_scored": windows * (args.seq_len - 1), "windows": windows, "perplexity": value}
