@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -85,7 +84,10 @@ def main() -> int:
     one = [r["seconds"] for r in runs if r["workers"] == 0 and "seconds" in r]
     many = [r["seconds"] for r in runs if r["workers"] and "seconds" in r]
     prints = {r.get("fingerprint") for r in runs}
-    summary = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from scale import machine   # the CPU's model name, cores, onnxruntime
+
+    summary = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
                "model": args.model, "calibration": f"{args.samples} x {CALIB_TOKENS} random tokens, batch {CALIB_BATCH}",
                "load_average_after": [round(x, 2) for x in load], "runs": runs,
                "ratio_median": round(sorted(many)[len(many) // 2] / sorted(one)[len(one) // 2], 3) if one and many else None,
