@@ -96,9 +96,10 @@ struct W4A8MatMulOp : Ort::CustomOpBase<W4A8MatMulOp<Kernel>, Kernel, /*WithStat
 
   // Y's type and shape for ORT's graph checks and buffer planning: X's type, [..., K] -> [..., N].
   // Set here, not through CustomOpBase's InferOutputShape hook: that hook's SetOutputShape declares
-  // the output float32 unless given a type, and the hook cannot read X's type. An fp16 X of unknown
-  // rank (a block model's cut input, declared without a shape) then failed to load wherever Y was
-  // declared float16: "Type (tensor(float16)) of output arg ... does not match expected type (tensor(float))".
+  // the output float32 unless given a type, and the hook cannot read X's type. fp16 models whose Y was
+  // declared float16 then failed to load where that float32 won (X of unknown rank, as a block model's
+  // cut inputs are declared, or fully fixed shapes; symbolic ones passed): "Type (tensor(float16)) of
+  // output arg ... does not match expected type (tensor(float))".
   W4A8MatMulOp() { this->OrtCustomOp::InferOutputShapeFn = &InferOutputTypeShape; }
 
   static OrtStatusPtr InferOutputTypeShape(const OrtCustomOp* /*op*/, OrtShapeInferContext* context) {

@@ -110,6 +110,7 @@ def test_float16_model_block_by_block_equals_the_whole_graph(form, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fptq_graph.exporters import export_hf_streaming
+    from fptq_graph.runtime import session
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -131,8 +132,6 @@ def test_float16_model_block_by_block_equals_the_whole_graph(form, tmp_path):
             assert np.allclose(got[name].astype(np.float64), ref, rtol=2 ** -9, atol=0), name
         else:                       # codes, packed weights, zero points: equal
             assert np.array_equal(got[name], ref), name
-    from fptq_graph.runtime import session
-
     ids = np.random.default_rng(0).integers(0, 300, (1, 16))
     feeds = {"input_ids": ids, "attention_mask": np.ones((1, 16), np.int64)}
     logits = session(blocks.save(tmp_path / f"q.{form}.onnx")).run(["logits"], feeds)[0]

@@ -87,8 +87,8 @@ def test_cpu_kernel_float16_activations():
                                              ([3, 9, 200], [3, 9, 40])])
 def test_output_takes_x_type_whatever_is_declared(dtype, x_shape, y_shape):
     """Y is X's type however much of either shape the graph declares. The op's shape inference once
-    declared Y float32 whenever X's rank was unknown (a block model's cut inputs are declared without a
-    shape), so an fp16 block whose W4A8 output was a graph output failed to load."""
+    declared Y float32 (SetOutputShape's default), and three of the four fp16 cases here failed to load
+    (X of unknown rank, as a block model's cut inputs are declared; fully fixed shapes)."""
     model, w = op_model(200, 40, 64, static=True, dtype=dtype)
     elem = model.graph.input[0].type.tensor_type.elem_type
     model.graph.input[0].CopyFrom(helper.make_tensor_value_info("X", elem, x_shape))

@@ -120,8 +120,9 @@ def session(model: onnx.ModelProto | SplitModel | str | os.PathLike, providers: 
     kept between runs), for evaluating whole quantized models. ORT schedules a qdq graph's weight
     DequantizeLinear nodes early (their inputs are constants), so the plan holds most dequantized weights
     at once and the pattern reserves that sum again. Perplexity of 7B-width fp16 LLaMAs of 2 and 4 layers
-    (2 x 512 tokens, onnxruntime 1.31.1, 2026-12-03), peak RSS per layer with the pattern and without:
-    qdq form 725 -> 406 MiB, ort form 218 -> 131 MiB, w4a8 form 232 -> 228 MiB; no run got slower.
+    (benchmarks/eval_memory.py, 2 x 512 tokens, onnxruntime 1.31.1, 2026-12-03), peak RSS per layer with
+    the pattern and without: qdq form 747 -> 424 MiB, ort form 185 -> 141 MiB, w4a8 form 228 -> 227 MiB;
+    every run faster without.
     """
     options = session_options(threads)
     providers = providers or ["CPUExecutionProvider"]
