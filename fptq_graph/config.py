@@ -112,25 +112,18 @@ class Config:
             raise FptqError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.format in ("w4a8", "ort") and row.weight_bits == 8:
             raise FptqError(f"format {self.format!r} takes INT4 weights; recipe {row.name!r} has int8 weights: use --format qdq")
-        g = self.group_size
-        if self.format == "ort" and g not in ORT_BLOCK_SIZES:
-            raise FptqError(f"format 'ort' (ONNX Runtime's MatMulNBits) takes group sizes "
-                            f"{', '.join(map(str, ORT_BLOCK_SIZES))}, got {g}")
+        self._check_int4_group(self.group_size, "group_size", "", "MatMulNBits")
         if self.lm_head not in LM_HEAD_MODES:
             raise FptqError(f"unknown lm_head {self.lm_head!r}; choose one of {', '.join(LM_HEAD_MODES)}")
-        hg = self.lm_head_group
-        if self.lm_head_mode == "int4" and (hg < 2 or hg % 2):
-            raise FptqError(f"lm_head_group_size must be an even number >= 2, got {hg}")
-        if self.lm_head_mode == "int4" and self.format == "ort" and hg not in ORT_BLOCK_SIZES:
-            raise FptqError(f"format 'ort' (ONNX Runtime's MatMulNBits) takes group sizes "
-                            f"{', '.join(map(str, ORT_BLOCK_SIZES))}, got {hg} for the LM head")
         if self.embedding is not None and self.embedding not in LM_HEAD_MODES:
             raise FptqError(f"unknown embedding {self.embedding!r}; choose one of {', '.join(LM_HEAD_MODES)}")
-        if self.embedding_mode == "int4" and (hg < 2 or hg % 2):
-            raise FptqError(f"the embedding's INT4 group (lm_head_group_size or group_size) must be an even number >= 2, got {hg}")
-        if self.embedding_mode == "int4" and self.format == "ort" and hg not in ORT_BLOCK_SIZES:
-            raise FptqError(f"format 'ort' (ONNX Runtime's GatherBlockQuantized) takes group sizes "
-                            f"{', '.join(map(str, ORT_BLOCK_SIZES))}, got {hg} for the embedding tables")
+        # The head and the untied tables share one group (lm_head_group); each is checked only when it
+        # is INT4, against the ONNX Runtime op that would carry it in the 'ort' form.
+        if self.lm_head_mode == "int4":
+            self._check_int4_group(self.lm_head_group, "lm_head_group_size", " for the LM head", "MatMulNBits")
+        if self.embedding_mode == "int4":
+            self._check_int4_group(self.lm_head_group, "the embedding's INT4 group (lm_head_group_size or group_size)",
+                                   " for the embedding tables", "GatherBlockQuantized")
         if self.ort_accuracy_level not in (0, 4):
             raise FptqError(f"ort_accuracy_level must be 0 or 4, got {self.ort_accuracy_level}")
         if self.ort_accuracy_level and self.format != "ort":
@@ -143,8 +136,6 @@ class Config:
             )
         if not 0.0 < self.smooth_alpha < 1.0:
             raise FptqError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
-        if self.group_size < 2 or self.group_size % 2:
-            raise FptqError(f"group_size must be an even number >= 2, got {self.group_size}")
         if self.weight_quantizer is not None and self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise FptqError(f"unknown weight quantizer {self.weight_quantizer!r}; choose one of {', '.join(WEIGHT_QUANTIZERS)}")
         if self.gptq and self.weight_quantizer not in (None, "gptq", "gptq-clip"):
@@ -165,6 +156,17 @@ class Config:
         for name in ("calib_batch_size", "calib_seq_len", "calib_samples"):
             if getattr(self, name) < 1:
                 raise FptqError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def _check_int4_group(self, group: int, name: str, where: str, ort_op: str) -> None:
+        """One INT4 group: even (two codes a byte) and >= 2, and in the 'ort' form one ORT_BLOCK_SIZES
+        value, since ONNX Runtime's op (ort_op) takes no other block size."""
+        from fptq_graph.errors import FptqError
+
+        if group < 2 or group % 2:
+            raise FptqError(f"{name} must be an even number >= 2, got {group}")
+        if self.format == "ort" and group not in ORT_BLOCK_SIZES:
+            raise FptqError(f"format 'ort' (ONNX Runtime's {ort_op}) takes group sizes "
+                            f"{', '.join(map(str, ORT_BLOCK_SIZES))}, got {group}{where}")
 
     @property
     def lm_head_mode(self) -> str:

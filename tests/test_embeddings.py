@@ -133,6 +133,12 @@ def test_tied_int8_head_keeps_its_one_table():
 @pytest.mark.parametrize("cfg, message", [
     (dict(embedding="int2"), "unknown embedding 'int2'"),
     (dict(format="ort", embedding="int4", group_size=128, lm_head_group_size=48), "GatherBlockQuantized"),
+    # An odd group is refused for what it is before any form's list of sizes is looked at.
+    (dict(format="ort", group_size=7), "group_size must be an even number >= 2, got 7"),
+    (dict(lm_head="int4", lm_head_group_size=7), "lm_head_group_size must be an even number >= 2, got 7"),
+    (dict(lm_head="float", embedding="int4", lm_head_group_size=7), "the embedding's INT4 group .* got 7"),
+    # A float head and float tables never use lm_head_group, so an odd one is not an error.
+    (dict(lm_head="float", embedding="float", lm_head_group_size=7, group_size=-1), "group_size must be an even"),
 ])
 def test_bad_settings_are_refused(cfg, message):
     with pytest.raises(FptqError, match=message):

@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 
 from fptq_graph.passes.base import Pass, PassResult
 from fptq_graph.passes.lower.emit_ort import nbits_block
+from fptq_graph.passes.lower.lookup_nodes import gather_block_quantized, replace_gathers, row_shape, unpad_rows
 from fptq_graph.passes.lower.qdq_nodes import const
 from fptq_graph.patterns.embedding import Lookup, untied_lookups
 from fptq_graph.quant.embedding_table import quantize_table
@@ -77,35 +78,6 @@ class EmitEmbeddings(Pass):
         return PassResult(summary, modified=bool(done), stats={"tables": len(done), "float_bytes": float_bytes, "bytes": nbytes})
 
 
-def _replace_lookups(lookup: Lookup, build) -> None:
-    """Each Gather of the lookup gives way to what `build(tag, ids, out)` writes."""
-    for index, node in enumerate(lookup.gathers):
-        tag = f"{node.name or lookup.name + '.lookup'}.q{index or ''}"
-        ids, out = node.inputs[1], node.outputs[0]
-        node.outputs.clear()
-        node.inputs.clear()
-        build(tag, ids, out)
-
-
-def _row_shape(graph: gs.Graph, tag: str, ids, tail: list[int]) -> gs.Variable:
-    """ids.shape + tail, computed at run time (the ids' shape is dynamic)."""
-    shape = graph.layer(op="Shape", name=f"{tag}_ids_shape", inputs=[ids], outputs=[gs.Variable(f"{tag}_ids_shape", dtype=np.int64)])[0]
-    return graph.layer(op="Concat", name=f"{tag}_shape", attrs={"axis": 0}, inputs=[shape, const(f"{tag}_tail", np.array(tail, np.int64))],
-                       outputs=[gs.Variable(f"{tag}_shape", dtype=np.int64)])[0]
-
-
-def _unpad(graph: gs.Graph, tag: str, rows: gs.Variable, width: int, padded: int, shape, out) -> None:
-    """Reshape the blocks into rows of `padded` values, and slice them to `width` when padding was added."""
-    if padded == width:
-        graph.layer(op="Reshape", name=f"{tag}_reshape", inputs=[rows, shape], outputs=[out])
-        return
-    rows = graph.layer(op="Reshape", name=f"{tag}_reshape", inputs=[rows, shape],
-                       outputs=[gs.Variable(f"{tag}_padded", dtype=out.dtype)])[0]
-    graph.layer(op="Slice", name=f"{tag}_unpad",
-                inputs=[rows, const(f"{tag}_start", np.array([0], np.int64)), const(f"{tag}_end", np.array([width], np.int64)),
-                        const(f"{tag}_axes", np.array([-1], np.int64))], outputs=[out])
-
-
 def _nibbles(codes: np.ndarray, block: int) -> tuple[np.ndarray, int]:
     """INT4 codes [V, D] -> uint8 [V, blocks, block / 2] (codes + 8, two a byte, low nibble first; the
     last block padded with code 0, stored 8), and the padded width."""
@@ -127,22 +99,16 @@ def blocked_lookups(graph: gs.Graph, lookup: Lookup, codes: np.ndarray, scales: 
         blocks = -(-d // block)
         data = np.full((v, blocks * block), 128, np.uint8)   # padding decodes to 0
         data[:, :d] = (codes.astype(np.int16) + 128).astype(np.uint8)
-        data, padded = data.reshape(v, blocks, block), blocks * block
+        data = data.reshape(v, blocks, block)
         scales = np.repeat(scales, blocks, axis=1)
     else:
-        block = group
-        data, padded = _nibbles(codes, block)
+        data, _ = _nibbles(codes, group)
         blocks = data.shape[1]
     data_c = gs.Constant(f"{lookup.name}.codes_u{bits}", data)
     scale_c = gs.Constant(f"{lookup.name}.scale", np.ascontiguousarray(scales.reshape(v, blocks, 1)))
 
-    def build(tag, ids, out):
-        rows = graph.layer(op="GatherBlockQuantized", name=f"{tag}_gbq", domain="com.microsoft",
-                           attrs={"gather_axis": 0, "quantize_axis": 2, "block_size": block, "bits": bits},
-                           inputs=[data_c, ids, scale_c], outputs=[gs.Variable(f"{tag}_blocks", dtype=dtype)])[0]
-        _unpad(graph, tag, rows, d, padded, _row_shape(graph, tag, ids, [padded]), out)
-
-    _replace_lookups(lookup, build)
+    replace_gathers(lookup.gathers, f"{lookup.name}.lookup",
+                    lambda tag, ids, out: gather_block_quantized(graph, tag, data_c, ids, scale_c, bits, d, dtype, out))
     return data.nbytes + scales.nbytes
 
 
@@ -187,12 +153,12 @@ def gathered_lookups(graph: gs.Graph, lookup: Lookup, codes: np.ndarray, scales:
         high = node("Floor", "high", [node("Mul", "sixteenths", [packed_rows, scalar("one_16th", 1.0 / 16)])])
         low = node("Sub", "low", [packed_rows, node("Mul", "high_x16", [high, scalar("sixteen", 16.0)])])
         pairs = node("Concat", "pairs", [node("Unsqueeze", "low_pair", [low, last]), node("Unsqueeze", "high_pair", [high, last])], axis=-1)
-        grouped = node("Reshape", "grouped", [pairs, _row_shape(graph, f"{tag}_g", ids, [blocks, group])])
+        grouped = node("Reshape", "grouped", [pairs, row_shape(graph, f"{tag}_g", ids, [blocks, group])])
         signed = node("Sub", "signed", [grouped, scalar("eight", 8.0)])
         scale = node("Gather", "group_scale", [scale_c, ids], axis=0)
         scale = node("Unsqueeze", "group_scale_column", [scale, last])
         rows = node("Mul", "dequant", [signed, scale])
-        _unpad(graph, tag, rows, d, padded, _row_shape(graph, tag, ids, [padded]), out)
+        unpad_rows(graph, tag, rows, d, padded, row_shape(graph, tag, ids, [padded]), out)
 
-    _replace_lookups(lookup, build)
+    replace_gathers(lookup.gathers, f"{lookup.name}.lookup", build)
     return nbytes

@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from fptq_graph.passes.base import PassResult
 from fptq_graph.passes.lower.emit_qdq import EmitQDQ
+from fptq_graph.passes.lower.lookup_nodes import gather_block_quantized, replace_gathers
 from fptq_graph.passes.lower.qdq_nodes import activation_dtype, const, replace_linear
 from fptq_graph.patterns.bias import gemm_bias
 
@@ -131,23 +132,6 @@ def tie_to_nbits_codes(graph: gs.Graph, linear, gathers: list[gs.Node], codes: g
     tag = f"{linear.name}.embedding_scale"
     scales3 = graph.layer(op="Reshape", name=f"{tag}_3d", inputs=[scale, const(f"{tag}_shape", np.array([n, blocks, 1], np.int64))],
                           outputs=[gs.Variable(f"{tag}_3d", dtype=dtype)])[0]
-    for index, node in enumerate(gathers):
-        tag = f"{node.name or linear.name + '.embedding'}.q{index or ''}"
-        ids, out = node.inputs[1], node.outputs[0]
-        node.outputs.clear()
-        node.inputs.clear()
-        rows = graph.layer(op="GatherBlockQuantized", name=f"{tag}_gbq", domain="com.microsoft",
-                           attrs={"gather_axis": 0, "quantize_axis": 2, "block_size": b, "bits": 8},
-                           inputs=[codes, ids, scales3], outputs=[gs.Variable(f"{tag}_blocks", dtype=dtype)])[0]
-        shape = graph.layer(op="Shape", name=f"{tag}_ids_shape", inputs=[ids], outputs=[gs.Variable(f"{tag}_ids_shape", dtype=np.int64)])[0]
-        shape = graph.layer(op="Concat", name=f"{tag}_shape", attrs={"axis": 0},
-                            inputs=[shape, const(f"{tag}_kp", np.array([blocks * b], np.int64))],
-                            outputs=[gs.Variable(f"{tag}_shape", dtype=np.int64)])[0]
-        if blocks * b == k:
-            graph.layer(op="Reshape", name=f"{tag}_reshape", inputs=[rows, shape], outputs=[out])
-        else:
-            rows = graph.layer(op="Reshape", name=f"{tag}_reshape", inputs=[rows, shape],
-                               outputs=[gs.Variable(f"{tag}_padded", dtype=dtype)])[0]
-            graph.layer(op="Slice", name=f"{tag}_unpad",
-                        inputs=[rows, const(f"{tag}_start", np.array([0], np.int64)), const(f"{tag}_end", np.array([k], np.int64)),
-                                const(f"{tag}_axes", np.array([-1], np.int64))], outputs=[out])
+    # The tail constant is named _kp here (the padded K), as it always was: outputs stay byte-identical.
+    replace_gathers(gathers, f"{linear.name}.embedding",
+                    lambda tag, ids, out: gather_block_quantized(graph, tag, codes, ids, scales3, 8, k, dtype, out, tail_name="kp"))
