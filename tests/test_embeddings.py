@@ -137,12 +137,17 @@ def test_tied_int8_head_keeps_its_one_table():
     (dict(format="ort", group_size=7), "group_size must be an even number >= 2, got 7"),
     (dict(lm_head="int4", lm_head_group_size=7), "lm_head_group_size must be an even number >= 2, got 7"),
     (dict(lm_head="float", embedding="int4", lm_head_group_size=7), "the embedding's INT4 group .* got 7"),
-    # A float head and float tables never use lm_head_group, so an odd one is not an error.
-    (dict(lm_head="float", embedding="float", lm_head_group_size=7, group_size=-1), "group_size must be an even"),
 ])
 def test_bad_settings_are_refused(cfg, message):
     with pytest.raises(FptqError, match=message):
         Config(**cfg).validate()
+
+
+def test_an_unused_head_group_is_not_checked():
+    """A float head and float tables never use lm_head_group, so an odd one is no error; an int8 head
+    (per output channel) has no group either."""
+    Config(lm_head="float", embedding="float", lm_head_group_size=7).validate()
+    Config(lm_head="int8", embedding="int8", lm_head_group_size=7, format="ort").validate()
 
 
 def test_cli_takes_embedding(tmp_path, capsys):

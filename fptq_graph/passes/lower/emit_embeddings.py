@@ -93,7 +93,6 @@ def blocked_lookups(graph: gs.Graph, lookup: Lookup, codes: np.ndarray, scales: 
                     group: int | None) -> int:
     """The ort form: GatherBlockQuantized over the table's codes (module docstring). Returns the bytes."""
     v, d = codes.shape
-    dtype = scales.dtype
     if bits == 8:
         block = nbits_block(d)
         blocks = -(-d // block)
@@ -108,7 +107,7 @@ def blocked_lookups(graph: gs.Graph, lookup: Lookup, codes: np.ndarray, scales: 
     scale_c = gs.Constant(f"{lookup.name}.scale", np.ascontiguousarray(scales.reshape(v, blocks, 1)))
 
     replace_gathers(lookup.gathers, f"{lookup.name}.lookup",
-                    lambda tag, ids, out: gather_block_quantized(graph, tag, data_c, ids, scale_c, bits, d, dtype, out))
+                    lambda tag, ids, out: gather_block_quantized(graph, tag, data_c, ids, scale_c, bits, d, out))
     return data.nbytes + scales.nbytes
 
 

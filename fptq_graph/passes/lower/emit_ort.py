@@ -134,4 +134,4 @@ def tie_to_nbits_codes(graph: gs.Graph, linear, gathers: list[gs.Node], codes: g
                           outputs=[gs.Variable(f"{tag}_3d", dtype=dtype)])[0]
     # The tail constant is named _kp here (the padded K), as it always was: outputs stay byte-identical.
     replace_gathers(gathers, f"{linear.name}.embedding",
-                    lambda tag, ids, out: gather_block_quantized(graph, tag, codes, ids, scales3, 8, k, dtype, out, tail_name="kp"))
+                    lambda tag, ids, out: gather_block_quantized(graph, tag, codes, ids, scales3, 8, k, out, tail_name="kp"))

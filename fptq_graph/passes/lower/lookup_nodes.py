@@ -50,13 +50,13 @@ def unpad_rows(graph: gs.Graph, tag: str, rows: gs.Tensor, width: int, padded: i
 
 
 def gather_block_quantized(graph: gs.Graph, tag: str, data: gs.Constant, ids: gs.Tensor, scales: gs.Tensor,
-                           bits: int, width: int, dtype: np.dtype, out: gs.Tensor, tail_name: str = "tail") -> None:
+                           bits: int, width: int, out: gs.Tensor, tail_name: str = "tail") -> None:
     """com.microsoft.GatherBlockQuantized of the rows `ids` names from data [V, blocks, b] (gather_axis
-    0, quantize_axis 2, no zero points) and scales [V, blocks, 1] of `dtype`, written to `out` as rows
-    of `width`."""
+    0, quantize_axis 2, no zero points) and scales [V, blocks, 1], written to `out` as rows of `width`
+    in the scales' type."""
     _, blocks, stored = data.values.shape
     block = stored * 2 if bits == 4 else stored          # bits 4: two codes a byte
     rows = graph.layer(op="GatherBlockQuantized", name=f"{tag}_gbq", domain="com.microsoft",
                        attrs={"gather_axis": 0, "quantize_axis": 2, "block_size": block, "bits": bits},
-                       inputs=[data, ids, scales], outputs=[gs.Variable(f"{tag}_blocks", dtype=dtype)])[0]
+                       inputs=[data, ids, scales], outputs=[gs.Variable(f"{tag}_blocks", dtype=scales.dtype)])[0]
     unpad_rows(graph, tag, rows, width, blocks * block, row_shape(graph, tag, ids, [blocks * block], tail_name), out)
