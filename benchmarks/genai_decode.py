@@ -1,8 +1,10 @@
 """SmolLM2-135M in onnxruntime-genai, side by side in one run: the GenAI model builder's own fp32 and int4
 models against our forms of the builder's fp32 folder (`fptq-graph quantize DIR -o OUT_DIR`).
 
-For each folder: greedy decode speed (tokens/s over `--new-tokens` tokens after a short prompt, batch 1,
-the median of `--repeats` runs), the time to the first token, and the model's size on disk. Everything
+For each folder: greedy decode speed (tokens/s over `--new-tokens` tokens after a short prompt, batch 1),
+the time to the first token, the prefill of a `--prefill-tokens` prompt of held-out text, and the model's
+size on disk; medians of `--repeats` interleaved rounds (every folder loaded once, each round runs each
+folder once), ratios to the builder's int4 model, the load average before and after. Everything
 is made offline: the Hugging Face folder from the packaged GGUF (its weights copied into a fresh model,
 since a GGUF-loaded model refuses to serialize), the builder's folders with its own command line, ours
 with fptq-graph. Prints a table; writes JSON only when asked (--json PATH).
@@ -23,7 +25,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = ROOT / "samples" / "text" / "python-docstrings.calib.txt"
+HELDOUT = ROOT / "samples" / "text" / "python-docstrings.heldout.txt"
+BUILDER_INT4 = "builder int4 (its default: block 32, acc 4)"
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def hf_folder(work: Path) -> Path:
@@ -65,38 +76,65 @@ def ours(fp32: Path, out: Path, form: str, group: int, samples: int, recipe: str
     return out
 
 
-def decode(folder: Path, new_tokens: int, repeats: int) -> dict:
+def measure_round(model, tokenizer, prompt: list[int], long_prompt: list[int], new_tokens: int) -> dict:
+    """One greedy run after the short prompt (decode tokens/s, time to the first token) and one prefill of
+    the long prompt (its first token's time)."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
-    tokenizer = og.Tokenizer(model)
-    prompt = tokenizer.encode(PROMPT)
-    speeds, firsts = [], []
-    for _ in range(repeats):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-        generator = og.Generator(model, params)
-        start = time.perf_counter()
-        generator.append_tokens(prompt)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(prompt)
+    generator.generate_next_token()
+    first = time.perf_counter()
+    count = 1
+    while not generator.is_done() and count < new_tokens:
         generator.generate_next_token()
-        first = time.perf_counter()
-        count = 1
-        while not generator.is_done() and count < new_tokens:
-            generator.generate_next_token()
-            count += 1
-        end = time.perf_counter()
-        firsts.append((first - start) * 1e3)
-        speeds.append((count - 1) / (end - first))
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data"))
-    return {"tokens_per_s": statistics.median(speeds), "first_token_ms": statistics.median(firsts),
-            "model_mib": size / 2**20}
+        count += 1
+    end = time.perf_counter()
+    del generator
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(long_prompt) + 1, do_sample=False)
+    generator = og.Generator(model, params)
+    t = time.perf_counter()
+    generator.append_tokens(long_prompt)
+    generator.generate_next_token()
+    prefill = time.perf_counter() - t
+    return {"tokens_per_s": (count - 1) / (end - first), "first_token_ms": (first - start) * 1e3,
+            "prefill_ms": prefill * 1e3}
+
+
+def measure(rows: dict[str, Path], new_tokens: int, repeats: int, prefill_tokens: int) -> dict:
+    """Every folder loaded once, then `repeats` interleaved rounds (each round runs every folder once, so a
+    change in the machine's load falls on all of them); medians per folder."""
+    import onnxruntime_genai as og
+
+    models = {name: og.Model(str(folder)) for name, folder in rows.items()}
+    tokenizers = {name: og.Tokenizer(model) for name, model in models.items()}
+    first_tokenizer = next(iter(tokenizers.values()))
+    prompt = list(first_tokenizer.encode(PROMPT))
+    text = list(first_tokenizer.encode(HELDOUT.read_text()))[:prefill_tokens]
+    runs = {name: [] for name in rows}
+    for round_ in range(repeats):
+        for name in rows:
+            runs[name].append(measure_round(models[name], tokenizers[name], prompt, text, new_tokens))
+        print(f"round {round_ + 1} of {repeats}, load average {os.getloadavg()}", file=sys.stderr)
+    results = {}
+    for name, folder in rows.items():
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data"))
+        results[name] = {key: statistics.median(r[key] for r in runs[name]) for key in runs[name][0]}
+        results[name]["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in runs[name]]
+        results[name]["model_mib"] = size / 2**20
+    return results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/fptq-genai-bench"), help="folder for the models")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--groups", type=int, nargs="+", default=[32, 128], help="our forms' group sizes")
     # Decode speed depends on the form and the group, not on how the weights were chosen: the paper's
@@ -107,30 +145,37 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     hf = hf_folder(args.work)
     fp32 = builder(hf, args.work / "builder-fp32", "fp32")
-    rows = {"builder fp32": fp32, "builder int4 (its default: block 32, acc 4)": builder(hf, args.work / "builder-int4", "int4")}
+    rows = {"builder fp32": fp32, BUILDER_INT4: builder(hf, args.work / "builder-int4", "int4")}
     for form, level in (("ort", 0), ("ort", 4), ("w4a8", 0)):
         for group in args.groups:
             name = f"fptq {form}{' acc 4' if level else ''}, group {group}"
             rows[name] = ours(fp32, args.work / f"fptq-{form}{'-acc4' if level else ''}-g{group}", form, group,
                               args.calib_samples, args.recipe, level)
-    results = {}
-    for name, folder in rows.items():
-        results[name] = decode(folder, args.new_tokens, args.repeats)
-        print(f"{name}: {results[name]}", file=sys.stderr)
+    load_before = os.getloadavg()
+    results = measure(rows, args.new_tokens, args.repeats, args.prefill_tokens)
+    load_after = os.getloadavg()
+    base = results[BUILDER_INT4]
+    for r in results.values():
+        r["decode_x_builder_int4"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["prefill_x_builder_int4"] = base["prefill_ms"] / r["prefill_ms"]
     print(f"\nSmolLM2-135M-Instruct in onnxruntime-genai (CPU, {os.cpu_count()} cores), greedy, "
-          f"{args.new_tokens} new tokens, median of {args.repeats}\n")
-    print("| model | decode tokens/s | first token ms | model MiB |")
-    print("|---|---|---|---|")
+          f"{args.new_tokens} new tokens after a short prompt, prefill of {args.prefill_tokens} tokens; medians of "
+          f"{args.repeats} interleaved rounds; load average {load_before} before, {load_after} after\n")
+    print("| model | decode tokens/s | x builder int4 | prefill ms | prefill x builder int4 | first token ms | model MiB |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['tokens_per_s']:.1f} | {r['first_token_ms']:.1f} | {r['model_mib']:.1f} |")
+        print(f"| {name} | {r['tokens_per_s']:.1f} | {r['decode_x_builder_int4']:.2f} | {r['prefill_ms']:.0f} | "
+              f"{r['prefill_x_builder_int4']:.2f} | {r['first_token_ms']:.1f} | {r['model_mib']:.1f} |")
     if args.json:
         import onnxruntime
         import onnxruntime_genai
 
         args.json.write_text(json.dumps({
-            "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "machine": cpu_model(), "cores": os.cpu_count(),
             "onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__,
-            "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new_tokens, "results": results}, indent=2) + "\n")
+            "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
+            "rounds": args.repeats, "load_average_before": load_before, "load_average_after": load_after,
+            "results": results}, indent=2) + "\n")
     return 0
 
 

@@ -12,6 +12,7 @@ namespace {
 // ORT keeps pointers to the domain and ops for the life of every session: they live for the process.
 Ort::CustomOpDomain& Domain() {
   static fptq::W4A8MatMulOp<fptq::W4A8CpuKernel> cpu_op;
+  static fptq::W4A8MatMulOp<fptq::W4A8CpuKernel, 8> cpu_op8;   // W8A8MatMul: CPU only
 #ifdef FPTQ_WITH_CUDA
   static fptq::W4A8MatMulOp<fptq::W4A8CudaKernel> cuda_op;
 #endif
@@ -19,6 +20,7 @@ Ort::CustomOpDomain& Domain() {
   static std::once_flag added;
   std::call_once(added, [] {
     domain.Add(&cpu_op);
+    domain.Add(&cpu_op8);
 #ifdef FPTQ_WITH_CUDA
     domain.Add(&cuda_op);
 #endif

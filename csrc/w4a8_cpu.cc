@@ -23,7 +23,7 @@ void ParallelFor(const Ort::KernelContext& ctx, size_t total, F& body) {
 
 // W and scales as constant initializers of the right type and shape, else false (then Run checks
 // them and says what is wrong, or packs them per Run when they are graph inputs).
-bool ConstantWeights(const OrtKernelInfo* info, const W4A8Dims& d, const uint8_t** weight, const float** scales) {
+bool ConstantWeights(const OrtKernelInfo* info, const W4A8Dims& d, const void** weight, const float** scales) {
   Ort::ConstKernelInfo kernel_info(info);
   if (kernel_info.GetInputCount() < 3) return false;
   int w_const = 0, s_const = 0;
@@ -32,13 +32,14 @@ bool ConstantWeights(const OrtKernelInfo* info, const W4A8Dims& d, const uint8_t
   if (!w_const || !s_const || !w || !s) return false;
   auto w_info = w.GetTensorTypeAndShapeInfo();
   auto s_info = s.GetTensorTypeAndShapeInfo();
-  if (w_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ||
-      w_info.GetShape() != std::vector<int64_t>{d.N, d.Kp / 2} ||
+  const bool int8 = d.bits == 8;
+  if (w_info.GetElementType() != (int8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) ||
+      w_info.GetShape() != std::vector<int64_t>{d.N, int8 ? d.Kp : d.Kp / 2} ||
       s_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
       s_info.GetShape() != std::vector<int64_t>{d.N, d.groups}) {
     return false;
   }
-  *weight = w.GetTensorData<uint8_t>();
+  *weight = w.GetTensorRawData();
   *scales = s.GetTensorData<float>();
   return true;
 }
@@ -95,6 +96,7 @@ void Run(const Ort::KernelContext& ctx, const W4A8Run& run, const CpuKernels& ke
   args.bias = run.bias;
   args.y = y;
   args.ldy = d.N;
+  const auto kernel_tile = d.bits == 8 ? kernels.tile8 : kernels.tile;
   const int64_t blocks_per_task = kTaskChannels / kernels.block;
   const int64_t blocks = (d.N + kernels.block - 1) / kernels.block;  // without the superblock padding
   const int64_t tasks_n = (blocks + blocks_per_task - 1) / blocks_per_task;
@@ -105,7 +107,7 @@ void Run(const Ort::KernelContext& ctx, const W4A8Run& run, const CpuKernels& ke
     t.rows = std::min(kTaskRows, d.M - t.m0);
     t.b0 = static_cast<int64_t>(task) % tasks_n * blocks_per_task;
     t.b1 = std::min(blocks, t.b0 + blocks_per_task);
-    kernels.tile(t);
+    kernel_tile(t);
   };
   ParallelFor(ctx, static_cast<size_t>(tasks_m * tasks_n), tile);
 
@@ -120,14 +122,15 @@ void Run(const Ort::KernelContext& ctx, const W4A8Run& run, const CpuKernels& ke
 OrtStatusPtr W4A8CpuKernel::Init(const OrtKernelInfo* info) {
   std::string error;
   kernels_ = SelectCpuKernels(&error);
-  if (!kernels_) return Error(attrs_.node, error);
+  if (!kernels_) return Error(attrs_, error);
   W4A8Dims d;
   d.K = attrs_.K;
   d.N = attrs_.N;
   d.group = attrs_.group;
   d.groups = (d.K + d.group - 1) / d.group;
   d.Kp = d.groups * d.group;
-  const uint8_t* weight = nullptr;
+  d.bits = attrs_.bits;
+  const void* weight = nullptr;
   const float* scales = nullptr;
   if (ConstantWeights(info, d, &weight, &scales)) {
     packed_ = std::make_unique<PackedWeights>(PackWeights(weight, scales, d, kernels_->block, kernels_->interleave));

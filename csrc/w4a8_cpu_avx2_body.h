@@ -4,7 +4,14 @@
 // file, never merged by the linker across ISAs). Layout: 8 output channels a vector; per run of 8 k
 // a 32-byte load gives the low nibbles (k0..k0+3 of 8 channels) and the high ones (k0+4..k0+7).
 //
+// int8 weights (W8A8MatMul): a run is two 32-byte loads (k0..k0+3 and k0+4..k0+7 of 8 channels,
+// w4a8_cpu_kernels.h). A Dot that multiplies a full unsigned byte exactly (kFullByte: vpdpbusd) takes
+// them where int4's low and high nibbles went; one that does not (vpmaddubsw) takes each load's low
+// nibbles into one accumulator and its high nibbles into another, and the group's sum is
+// low + 16 * high in int32.
+//
 // The Dot policy provides:
+//   static constexpr bool kFullByte; // Step is exact for unsigned operands up to 255
 //   static constexpr bool kSplit;   // true: low and high nibbles into separate int32 accumulators
 //   static constexpr int kRows, kBlocks;  // the many-row micro-tile: rows x blocks of 8 channels
 //   static __m256i Step(__m256i acc, __m256i w, __m256i x);                  // kSplit: one operand
@@ -84,15 +91,17 @@ inline float QuantizeRowYmm(const float* x, const W4A8Dims& d, float static_scal
       _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + k), bytes);
       sum = _mm256_add_epi32(sum, q32);
     }
-    corr[g] = -8 * HorizontalSum(sum);
+    corr[g] = -WeightOffset(d.bits) * HorizontalSum(sum);
   }
   return scale;
 }
 
 // MR rows x NR blocks of 8 channels over all of K. The NR blocks lie in one superblock, so block j's
 // run is 32 bytes after block 0's; rows are one pointer plus multiples of the row stride.
-template <class Dot, int MR, int NR>
+template <class Dot, int Bits, int MR, int NR>
 void MicroTile(const TileArgs& a, int64_t m0, int64_t b0) {
+  // int8 weights through a Dot that cannot take a full byte: nibble halves, as described above.
+  constexpr bool kNibbles8 = Bits == 8 && !Dot::kFullByte;
   const PackedWeights& w = *a.w;
   const int64_t runs = w.group_padded / 8;
   const int64_t run_stride = w.RunStride();
@@ -117,10 +126,25 @@ void MicroTile(const TileArgs& a, int64_t m0, int64_t b0) {
     }
     for (int64_t s = 0; s < runs; ++s, wp += run_stride, xp += 8) {
       __m256i wl[NR], wh[NR];
+      __m256i wl_hi[kNibbles8 ? NR : 1], wh_hi[kNibbles8 ? NR : 1];   // kNibbles8: the high nibbles
       for (int j = 0; j < NR; ++j) {
-        const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(wp + j * 32));
-        wl[j] = _mm256_and_si256(v, low4);
-        wh[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        if constexpr (Bits == 8) {
+          const __m256i v0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(wp + j * 64));
+          const __m256i v1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(wp + j * 64 + 32));
+          if constexpr (kNibbles8) {
+            wl[j] = _mm256_and_si256(v0, low4);
+            wh[j] = _mm256_and_si256(v1, low4);
+            wl_hi[j] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4);
+            wh_hi[j] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low4);
+          } else {
+            wl[j] = v0;
+            wh[j] = v1;
+          }
+        } else {
+          const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(wp + j * 32));
+          wl[j] = _mm256_and_si256(v, low4);
+          wh[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        }
       }
       for (int r = 0; r < MR; ++r) {
         int32_t xl_bits, xh_bits;
@@ -128,7 +152,10 @@ void MicroTile(const TileArgs& a, int64_t m0, int64_t b0) {
         __builtin_memcpy(&xh_bits, xp + r * xstride + 4, 4);
         const __m256i xl = _mm256_set1_epi32(xl_bits), xh = _mm256_set1_epi32(xh_bits);
         for (int j = 0; j < NR; ++j) {
-          if constexpr (Dot::kSplit) {
+          if constexpr (kNibbles8) {   // low nibbles of both halves, then their high nibbles
+            lo_acc[r][j] = Dot::Step2(lo_acc[r][j], wl[j], xl, wh[j], xh);
+            hi_acc[r][j] = Dot::Step2(hi_acc[r][j], wl_hi[j], xl, wh_hi[j], xh);
+          } else if constexpr (Dot::kSplit) {
             lo_acc[r][j] = Dot::Step(lo_acc[r][j], wl[j], xl);
             hi_acc[r][j] = Dot::Step(hi_acc[r][j], wh[j], xh);
           } else {
@@ -141,7 +168,9 @@ void MicroTile(const TileArgs& a, int64_t m0, int64_t b0) {
     for (int j = 0; j < NR; ++j) {
       const __m256 sc = _mm256_load_ps(sp + g * w.ScaleStride() + j * kBlock);
       for (int r = 0; r < MR; ++r) {
-        const __m256i isum = Dot::kSplit ? _mm256_add_epi32(lo_acc[r][j], hi_acc[r][j]) : lo_acc[r][j];
+        const __m256i isum = kNibbles8    ? _mm256_add_epi32(lo_acc[r][j], _mm256_slli_epi32(hi_acc[r][j], 4))
+                             : Dot::kSplit ? _mm256_add_epi32(lo_acc[r][j], hi_acc[r][j])
+                                           : lo_acc[r][j];
         facc[r][j] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(isum), facc[r][j]);
       }
     }
@@ -161,27 +190,27 @@ void MicroTile(const TileArgs& a, int64_t m0, int64_t b0) {
   }
 }
 
-template <class Dot, int MR, int NR>
+template <class Dot, int Bits, int MR, int NR>
 void RowStrip(const TileArgs& a, int64_t m0) {
   int64_t b = a.b0;
-  for (; b + NR <= a.b1; b += NR) MicroTile<Dot, MR, NR>(a, m0, b);
-  for (; b < a.b1; ++b) MicroTile<Dot, MR, 1>(a, m0, b);
+  for (; b + NR <= a.b1; b += NR) MicroTile<Dot, Bits, MR, NR>(a, m0, b);
+  for (; b < a.b1; ++b) MicroTile<Dot, Bits, MR, 1>(a, m0, b);
 }
 
 // One row: two blocks a pass (the weights stream once). More: Dot::kRows rows x Dot::kBlocks blocks
 // (what 16 ymm registers hold), weights reused from cache across the row strips.
-template <class Dot>
+template <class Dot, int Bits>
 void TileYmm(const TileArgs& a) {
   constexpr int MR = Dot::kRows, NR = Dot::kBlocks;
   const int64_t end = a.m0 + a.rows;
-  if (a.rows == 1) return RowStrip<Dot, 1, 2>(a, a.m0);
+  if (a.rows == 1) return RowStrip<Dot, Bits, 1, 2>(a, a.m0);
   for (int64_t b = a.b0; b < a.b1; b += NR) {
     TileArgs part = a;
     part.b0 = b;
     part.b1 = b + NR < a.b1 ? b + NR : a.b1;
     int64_t m = a.m0;
-    for (; m + MR <= end; m += MR) RowStrip<Dot, MR, NR>(part, m);
-    for (; m < end; ++m) RowStrip<Dot, 1, NR>(part, m);
+    for (; m + MR <= end; m += MR) RowStrip<Dot, Bits, MR, NR>(part, m);
+    for (; m < end; ++m) RowStrip<Dot, Bits, 1, NR>(part, m);
   }
 }
 

@@ -6,6 +6,8 @@
 // operand against a 32-bit broadcast of 4 activation bytes, which vpdpbusd takes straight from
 // memory ({1to16}). Low and high nibbles feed separate int32 accumulators: two independent
 // dependency chains instead of one twice as long. At each group's end: int32 -> float, one fma.
+// int8 weights (W8A8MatMul): the run is two 64-byte loads, each a vpdpbusd operand as it is (the
+// unsigned byte is exact there); everything else is the int4 loop.
 //
 // Everything here has internal linkage: these functions are compiled for AVX-512 and must never be
 // merged with a same-named copy from another ISA's file.
@@ -50,7 +52,7 @@ float QuantizeRow(const float* x, const W4A8Dims& d, float static_scale, int8_t*
       _mm_mask_storeu_epi8(xq + k, static_cast<__mmask16>(room >= 16 ? 0xFFFF : (1u << room) - 1), bytes);
       sum = _mm512_dpbusd_epi32(sum, ones, _mm512_zextsi128_si512(bytes));
     }
-    corr[g] = -8 * _mm512_reduce_add_epi32(sum);
+    corr[g] = -WeightOffset(d.bits) * _mm512_reduce_add_epi32(sum);
   }
   return scale;
 }
@@ -59,7 +61,7 @@ float QuantizeRow(const float* x, const W4A8Dims& d, float static_scale, int8_t*
 // float vectors, all in registers for the sizes instantiated below. The NR blocks lie in one
 // superblock (b0 % interleave + NR <= interleave), so block j's run is 64 bytes after block 0's and
 // one pointer walks them all; rows are one pointer plus multiples of the row stride.
-template <int MR, int NR>
+template <int Bits, int MR, int NR>
 void MicroTile(const TileArgs& a, int64_t m0, int64_t b0) {
   const PackedWeights& w = *a.w;
   const int64_t runs = w.group_padded / 8;
@@ -86,9 +88,14 @@ void MicroTile(const TileArgs& a, int64_t m0, int64_t b0) {
     for (int64_t s = 0; s < runs; ++s, wp += run_stride, xp += 8) {
       __m512i wl[NR], wh[NR];
       for (int j = 0; j < NR; ++j) {
-        const __m512i v = _mm512_load_si512(wp + j * 64);
-        wl[j] = _mm512_and_si512(v, low4);
-        wh[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        if constexpr (Bits == 8) {
+          wl[j] = _mm512_load_si512(wp + j * 128);
+          wh[j] = _mm512_load_si512(wp + j * 128 + 64);
+        } else {
+          const __m512i v = _mm512_load_si512(wp + j * 64);
+          wl[j] = _mm512_and_si512(v, low4);
+          wh[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        }
       }
       for (int r = 0; r < MR; ++r) {
         int32_t xl_bits, xh_bits;
@@ -126,21 +133,22 @@ void MicroTile(const TileArgs& a, int64_t m0, int64_t b0) {
 }
 
 // Rows [m0, m0 + MR) against blocks [b0, b1): NR blocks at a time, then the leftover blocks.
-template <int MR, int NR>
+template <int Bits, int MR, int NR>
 void RowStrip(const TileArgs& a, int64_t m0) {
   int64_t b = a.b0;
-  for (; b + NR <= a.b1; b += NR) MicroTile<MR, NR>(a, m0, b);
-  for (; b < a.b1; ++b) MicroTile<MR, 1>(a, m0, b);
+  for (; b + NR <= a.b1; b += NR) MicroTile<Bits, MR, NR>(a, m0, b);
+  for (; b < a.b1; ++b) MicroTile<Bits, MR, 1>(a, m0, b);
 }
 
 // Few rows (decode): the weights stream once from memory, so take many channels a pass (GEMV).
 // More rows: 4 rows x 2 blocks, weights reused from cache across the row strips (GEMM).
+template <int Bits>
 void Tile(const TileArgs& a) {
   const int64_t end = a.m0 + a.rows;
   switch (a.rows) {
-    case 1: return RowStrip<1, 4>(a, a.m0);
-    case 2: return RowStrip<2, 4>(a, a.m0);
-    case 3: return RowStrip<3, 2>(a, a.m0);
+    case 1: return RowStrip<Bits, 1, 4>(a, a.m0);
+    case 2: return RowStrip<Bits, 2, 4>(a, a.m0);
+    case 3: return RowStrip<Bits, 3, 2>(a, a.m0);
     default: break;
   }
   for (int64_t b = a.b0; b < a.b1; b += 2) {
@@ -148,17 +156,17 @@ void Tile(const TileArgs& a) {
     part.b0 = b;
     part.b1 = b + 2 < a.b1 ? b + 2 : a.b1;
     int64_t m = a.m0;
-    for (; m + 4 <= end; m += 4) RowStrip<4, 2>(part, m);
+    for (; m + 4 <= end; m += 4) RowStrip<Bits, 4, 2>(part, m);
     switch (end - m) {
-      case 1: RowStrip<1, 2>(part, m); break;
-      case 2: RowStrip<2, 2>(part, m); break;
-      case 3: RowStrip<3, 2>(part, m); break;
+      case 1: RowStrip<Bits, 1, 2>(part, m); break;
+      case 2: RowStrip<Bits, 2, 2>(part, m); break;
+      case 3: RowStrip<Bits, 3, 2>(part, m); break;
       default: break;
     }
   }
 }
 
-const CpuKernels kKernels = {"avx512vnni", kBlock, 4, QuantizeRow, Tile};
+const CpuKernels kKernels = {"avx512vnni", kBlock, 4, QuantizeRow, Tile<4>, Tile<8>};
 
 }  // namespace
 

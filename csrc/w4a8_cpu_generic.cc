@@ -32,7 +32,7 @@ float QuantizeRowScalar(const float* x, const W4A8Dims& d, float static_scale, i
       out[i] = q;
       sum += q;
     }
-    corr[g] = -8 * sum;
+    corr[g] = -WeightOffset(d.bits) * sum;
   }
   return scale;
 }
@@ -44,9 +44,9 @@ constexpr int kRows = 4;  // rows a pass over a block's weights serves
 // Exact int16 dot product: a plain reduction loop the compiler turns into its vector multiply-add
 // (pmaddwd on x86's baseline SSE2, sdot/smlal on NEON).
 int32_t Dot16(const int16_t* a, const int16_t* b, int64_t n) {
-  int32_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += static_cast<int32_t>(a[i]) * static_cast<int32_t>(b[i]);
-  return s;
+  uint32_t s = 0;   // wraps, never overflows (see the caller)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<uint32_t>(static_cast<int32_t>(a[i]) * static_cast<int32_t>(b[i]));
+  return static_cast<int32_t>(s);
 }
 
 // For each block, up to kRows rows at a time: per group, the block's weights are widened to int16
@@ -71,8 +71,13 @@ void GenericTile(const TileArgs& a) {
         for (int64_t run = 0; run < gp / 8; ++run, wp += w.RunStride()) {
           for (int c = 0; c < block; ++c) {
             for (int j = 0; j < 4; ++j) {
-              w16[c * gp + run * 8 + j] = wp[c * 4 + j] & 0xF;
-              w16[c * gp + run * 8 + 4 + j] = wp[c * 4 + j] >> 4;
+              if (w.bits == 8) {   // the run's two halves: k0..k0+3, then k0+4..k0+7
+                w16[c * gp + run * 8 + j] = wp[c * 4 + j];
+                w16[c * gp + run * 8 + 4 + j] = wp[block * 4 + c * 4 + j];
+              } else {
+                w16[c * gp + run * 8 + j] = wp[c * 4 + j] & 0xF;
+                w16[c * gp + run * 8 + 4 + j] = wp[c * 4 + j] >> 4;
+              }
             }
           }
         }
@@ -83,7 +88,10 @@ void GenericTile(const TileArgs& a) {
         for (int r = 0; r < rows; ++r) {
           const int32_t corr = a.x.corr[(m0 + r) * w.groups + g];
           for (int c = 0; c < block; ++c) {
-            const int32_t isum = corr + Dot16(&x16[r * gp], &w16[c * gp], gp);
+            // Unsigned: an int8 group's sum of x * (w + 128) may pass int32 before the correction
+            // brings it back; wrapping arithmetic then gives the exact result (w4a8_layout.h).
+            const int32_t isum = static_cast<int32_t>(static_cast<uint32_t>(corr) +
+                                                      static_cast<uint32_t>(Dot16(&x16[r * gp], &w16[c * gp], gp)));
             acc[r][c] = std::fma(sp[g * w.ScaleStride() + c], static_cast<float>(isum), acc[r][c]);
           }
         }
@@ -101,7 +109,7 @@ void GenericTile(const TileArgs& a) {
   }
 }
 
-const CpuKernels kGeneric = {"generic", 8, 1, QuantizeRowScalar, GenericTile};
+const CpuKernels kGeneric = {"generic", 8, 1, QuantizeRowScalar, GenericTile, GenericTile};
 
 }  // namespace
 

@@ -12,8 +12,9 @@ class W4A8CudaKernel {
   static OrtMemType InputMemoryType(size_t index) { return index == 3 ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
   // The tensor-core path steps through K 32 values at a time and must not straddle a group.
   static OrtStatusPtr CheckAttrs(const W4A8Attrs& attrs) {
+    if (attrs.bits != 4) return Error(attrs, "has no CUDA kernel (int4 weights only)");
     if (attrs.group % 32) {
-      return Error(attrs.node, "the CUDA kernel needs group_size to be a multiple of 32, got " + std::to_string(attrs.group));
+      return Error(attrs, "the CUDA kernel needs group_size to be a multiple of 32, got " + std::to_string(attrs.group));
     }
     return nullptr;
   }

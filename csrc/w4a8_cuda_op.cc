@@ -29,12 +29,12 @@ OrtStatusPtr W4A8CudaKernel::ComputeV2(OrtKernelContext* context) {
     AllocatorBuffer workspace;
     const Ort::ConstMemoryInfo x_memory = ctx.GetInput(0).GetTensorMemoryInfo();
     workspace.allocator = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(x_memory));
-    if (!workspace.allocator) return Error(attrs_.node, "ONNX Runtime gave no allocator for the CUDA workspace");
+    if (!workspace.allocator) return Error(attrs_, "ONNX Runtime gave no allocator for the CUDA workspace");
     workspace.data = workspace.allocator->Alloc(workspace.allocator, W4A8WorkspaceBytes(run.dims));
-    if (!workspace.data) return Error(attrs_.node, "could not allocate the CUDA workspace");
-    const char* error = LaunchW4A8(run.dims, run.x, run.x_half, run.weight, run.scales, run.static_scale, run.bias,
+    if (!workspace.data) return Error(attrs_, "could not allocate the CUDA workspace");
+    const char* error = LaunchW4A8(run.dims, run.x, run.x_half, static_cast<const uint8_t*>(run.weight), run.scales, run.static_scale, run.bias,
                                    run.y, workspace.data, ctx.GetGPUComputeStream());
-    return error ? Error(attrs_.node, std::string("CUDA error: ") + error) : nullptr;
+    return error ? Error(attrs_, std::string("CUDA error: ") + error) : nullptr;
   });
 }
 

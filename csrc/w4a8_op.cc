@@ -6,8 +6,8 @@
 
 namespace fptq {
 
-OrtStatusPtr Error(const std::string& node, const std::string& message) {
-  std::string text = "fptq::W4A8MatMul";
+OrtStatusPtr Error(const char* op, const std::string& node, const std::string& message) {
+  std::string text = std::string("fptq::") + op;
   if (!node.empty()) text += " '" + node + "'";
   text += ": " + message;
   return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, text.c_str());
@@ -24,14 +24,18 @@ OrtStatusPtr ReadAttrs(const OrtKernelInfo* info, W4A8Attrs& attrs) {
     try {
       *field = kernel_info.GetAttribute<int64_t>(name);
     } catch (const std::exception&) {
-      return Error(attrs.node, std::string("missing integer attribute '") + name + "'");
+      return Error(attrs, std::string("missing integer attribute '") + name + "'");
     }
   }
   if (attrs.K < 1 || attrs.N < 1) {
-    return Error(attrs.node, "attributes K and N must be >= 1, got K=" + std::to_string(attrs.K) + " N=" + std::to_string(attrs.N));
+    return Error(attrs, "attributes K and N must be >= 1, got K=" + std::to_string(attrs.K) + " N=" + std::to_string(attrs.N));
   }
-  if (attrs.group < 2 || attrs.group % 2) {
-    return Error(attrs.node, "group_size must be an even number >= 2, got " + std::to_string(attrs.group));
+  if (attrs.bits == 4 && (attrs.group < 2 || attrs.group % 2)) {
+    return Error(attrs, "group_size must be an even number >= 2, got " + std::to_string(attrs.group));
+  }
+  if (attrs.bits == 8 && (attrs.group < 1 || attrs.group > kMaxInt8Group)) {
+    return Error(attrs, "group_size must be in [1, " + std::to_string(kMaxInt8Group) +
+                            "] (larger int8 group sums could overflow int32), got " + std::to_string(attrs.group));
   }
   return nullptr;
 }
@@ -64,11 +68,11 @@ OrtStatusPtr ExpectTensor(const W4A8Attrs& attrs, const Ort::ConstValue& value, 
                           ONNXTensorElementDataType type, const std::vector<int64_t>& shape) {
   auto info = value.GetTensorTypeAndShapeInfo();
   if (info.GetElementType() != type) {
-    return Error(attrs.node, std::string(what) + " is " + TypeName(info.GetElementType()) + ", expected " + TypeName(type));
+    return Error(attrs, std::string(what) + " is " + TypeName(info.GetElementType()) + ", expected " + TypeName(type));
   }
   std::vector<int64_t> got = info.GetShape();
   if (got != shape) {
-    return Error(attrs.node, std::string(what) + " has shape " + ShapeText(got) + ", expected " + ShapeText(shape) +
+    return Error(attrs, std::string(what) + " has shape " + ShapeText(got) + ", expected " + ShapeText(shape) +
                                  " for K=" + std::to_string(attrs.K) + ", N=" + std::to_string(attrs.N) +
                                  ", group_size=" + std::to_string(attrs.group));
   }
@@ -83,11 +87,11 @@ OrtStatusPtr ReadRun(const W4A8Attrs& attrs, Ort::KernelContext& ctx, W4A8Run& r
     auto x_info = x.GetTensorTypeAndShapeInfo();
     const ONNXTensorElementDataType x_type = x_info.GetElementType();
     if (x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
-      return Error(attrs.node, "X must be float32 or float16, got " + TypeName(x_type));
+      return Error(attrs, "X must be float32 or float16, got " + TypeName(x_type));
     }
     std::vector<int64_t> shape = x_info.GetShape();
     if (shape.empty() || shape.back() != attrs.K) {
-      return Error(attrs.node, "X has shape " + ShapeText(shape) + " but its last dimension must be K=" + std::to_string(attrs.K));
+      return Error(attrs, "X has shape " + ShapeText(shape) + " but its last dimension must be K=" + std::to_string(attrs.K));
     }
     W4A8Dims& dims = run.dims;
     dims.K = attrs.K;
@@ -95,22 +99,27 @@ OrtStatusPtr ReadRun(const W4A8Attrs& attrs, Ort::KernelContext& ctx, W4A8Run& r
     dims.group = attrs.group;
     dims.groups = (attrs.K + attrs.group - 1) / attrs.group;
     dims.Kp = dims.groups * attrs.group;
+    dims.bits = attrs.bits;
     dims.M = 1;
     for (size_t i = 0; i + 1 < shape.size(); ++i) dims.M *= shape[i];
 
-    if (OrtStatusPtr s = ExpectTensor(attrs, ctx.GetInput(1), "packed weight (input 1)", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {dims.N, dims.Kp / 2})) return s;
+    if (attrs.bits == 8) {
+      if (OrtStatusPtr s = ExpectTensor(attrs, ctx.GetInput(1), "int8 weight (input 1)", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, {dims.N, dims.Kp})) return s;
+    } else {
+      if (OrtStatusPtr s = ExpectTensor(attrs, ctx.GetInput(1), "packed weight (input 1)", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {dims.N, dims.Kp / 2})) return s;
+    }
     if (OrtStatusPtr s = ExpectTensor(attrs, ctx.GetInput(2), "weight scales (input 2)", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {dims.N, dims.groups})) return s;
     run.static_scale = 0.f;
     if (ctx.GetInputCount() > 3 && ctx.GetInput(3)) {
       Ort::ConstValue act_scale = ctx.GetInput(3);
       auto info = act_scale.GetTensorTypeAndShapeInfo();
       if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || info.GetElementCount() != 1) {
-        return Error(attrs.node, "act_scale (input 3) must be one float32 value, got " + std::to_string(info.GetElementCount()) +
+        return Error(attrs, "act_scale (input 3) must be one float32 value, got " + std::to_string(info.GetElementCount()) +
                                      " " + TypeName(info.GetElementType()) + " values");
       }
       run.static_scale = *act_scale.GetTensorData<float>();
       if (!(std::isfinite(run.static_scale) && run.static_scale > 0.f)) {
-        return Error(attrs.node, "act_scale must be a positive finite number, got " + std::to_string(run.static_scale));
+        return Error(attrs, "act_scale must be a positive finite number, got " + std::to_string(run.static_scale));
       }
     }
     run.bias = nullptr;
@@ -121,13 +130,13 @@ OrtStatusPtr ReadRun(const W4A8Attrs& attrs, Ort::KernelContext& ctx, W4A8Run& r
     }
     run.x_half = x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     run.x = x.GetTensorRawData();
-    run.weight = ctx.GetInput(1).GetTensorData<uint8_t>();
+    run.weight = ctx.GetInput(1).GetTensorRawData();
     run.scales = ctx.GetInput(2).GetTensorData<float>();
     shape.back() = attrs.N;
     run.y = ctx.GetOutput(0, shape).GetTensorMutableRawData();
     return nullptr;
   } catch (const std::exception& e) {
-    return Error(attrs.node, e.what());
+    return Error(attrs, e.what());
   }
 }
 

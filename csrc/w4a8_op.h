@@ -1,5 +1,6 @@
-// fptq::W4A8MatMul as an ONNX Runtime custom op: one op class, instantiated once per execution
-// provider with that provider's kernel (CPU always, CUDA when the library was built with nvcc).
+// fptq::W4A8MatMul and fptq::W8A8MatMul as ONNX Runtime custom ops: one op class, instantiated per
+// weight width and per execution provider with that provider's kernel (CPU always, CUDA when the
+// library was built with nvcc; W8A8MatMul has a CPU kernel only).
 #pragma once
 
 #define ORT_API_MANUAL_INIT
@@ -15,12 +16,20 @@ namespace fptq {
 
 // The node's attributes, read and checked once when ORT creates the kernel.
 struct W4A8Attrs {
-  std::string node;  // node name, for error messages
+  const char* op = "W4A8MatMul";  // the op's name, for error messages
+  std::string node;               // node name, for error messages
+  int bits = 4;                   // weight width: 4 (W4A8MatMul) or 8 (W8A8MatMul)
   int64_t K = 0, N = 0, group = 0;
 };
 
+// The op's name for a weight width.
+constexpr const char* OpName(int bits) { return bits == 8 ? "W8A8MatMul" : "W4A8MatMul"; }
+
 // Every error goes back to ORT as a status naming the op and node (never an exception across the C ABI).
-OrtStatusPtr Error(const std::string& node, const std::string& message);
+OrtStatusPtr Error(const char* op, const std::string& node, const std::string& message);
+inline OrtStatusPtr Error(const W4A8Attrs& attrs, const std::string& message) {
+  return Error(attrs.op, attrs.node, message);
+}
 
 std::string TypeName(ONNXTensorElementDataType type);
 
@@ -31,7 +40,7 @@ struct W4A8Run {
   W4A8Dims dims;
   bool x_half = false;            // X and Y are float16 (else float32)
   const void* x = nullptr;
-  const uint8_t* weight = nullptr;
+  const void* weight = nullptr;   // uint8 packed int4 (bits 4) or int8 (bits 8), [N, Kp * bits / 8]
   const float* scales = nullptr;
   float static_scale = 0.f;       // > 0: per-tensor; 0: per-token dynamic (act_scale absent)
   const float* bias = nullptr;    // may be null
@@ -53,14 +62,18 @@ OrtStatusPtr ComputeChecked(const W4A8Attrs& attrs, OrtKernelContext* context, C
     if (run.dims.M == 0) return nullptr;
     return compute(ctx, run);
   } catch (const std::exception& e) {
-    return Error(attrs.node, e.what());
+    return Error(attrs, e.what());
   }
 }
 
-template <typename Kernel>
-struct W4A8MatMulOp : Ort::CustomOpBase<W4A8MatMulOp<Kernel>, Kernel, /*WithStatus=*/true> {
+// Bits: the weights' width, 4 (fptq::W4A8MatMul: packed uint8) or 8 (fptq::W8A8MatMul: int8).
+template <typename Kernel, int Bits = 4>
+struct W4A8MatMulOp : Ort::CustomOpBase<W4A8MatMulOp<Kernel, Bits>, Kernel, /*WithStatus=*/true> {
+  static_assert(Bits == 4 || Bits == 8, "weights are 4 or 8 bits wide");
   OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
     W4A8Attrs attrs;
+    attrs.op = OpName(Bits);
+    attrs.bits = Bits;
     if (OrtStatusPtr status = ReadAttrs(info, attrs)) return status;
     if (OrtStatusPtr status = Kernel::CheckAttrs(attrs)) return status;
     try {
@@ -69,11 +82,11 @@ struct W4A8MatMulOp : Ort::CustomOpBase<W4A8MatMulOp<Kernel>, Kernel, /*WithStat
       *kernel = created.release();
       return nullptr;
     } catch (const std::exception& e) {
-      return Error(attrs.node, e.what());
+      return Error(attrs, e.what());
     }
   }
 
-  const char* GetName() const { return "W4A8MatMul"; }
+  const char* GetName() const { return OpName(Bits); }
   const char* GetExecutionProviderType() const { return Kernel::kProvider; }
 
   // X's type is left open (float or float16, dispatched at Run); the output takes X's type.
@@ -81,7 +94,7 @@ struct W4A8MatMulOp : Ort::CustomOpBase<W4A8MatMulOp<Kernel>, Kernel, /*WithStat
   ONNXTensorElementDataType GetInputType(size_t index) const {
     switch (index) {
       case 0: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-      case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      case 1: return Bits == 8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
       default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     }
   }
@@ -118,7 +131,7 @@ struct W4A8MatMulOp : Ort::CustomOpBase<W4A8MatMulOp<Kernel>, Kernel, /*WithStat
       const bool half = x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
       return ctx.SetOutputShape(0, shape, half ? x_type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT).release();
     } catch (const std::exception& e) {
-      return Error("", e.what());
+      return Error(OpName(Bits), "", e.what());
     }
   }
 };

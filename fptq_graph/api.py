@@ -275,7 +275,7 @@ def _refuse_unsupported_types(model: onnx.ModelProto, source: str) -> None:
 
 
 # Ops whose presence means the weights are already quantized (ours, ONNX Runtime's, or a QDQ model's).
-_QUANTIZED_OPS = {"W4A8MatMul", "MatMulNBits", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul",
+_QUANTIZED_OPS = {"W4A8MatMul", "W8A8MatMul", "MatMulNBits", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul",
                   "MatMulIntegerToFloat", "GatherBlockQuantized"}
 
 

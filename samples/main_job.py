@@ -63,6 +63,7 @@ def main() -> int:
     reference = sentence_embeddings(session(float_path), tokenizer, texts, progress=True, desc="float")
     print(f"float embeddings of {len(texts)} passages in {time.time() - t0:.1f} s")
     sizes = {"float": float_path.stat().st_size}
+    tables = {}   # recipe -> how its embedding tables were stored (the report's embeddings rows)
     rows = []
     # (label, recipe, output form): the last row is FPTQ again, emitted as the bundled W4A8MatMul op
     runs = [(r, r, "qdq") for r in ("fptq", "naive-w4a8", "smoothquant-w4a8", "dynamic-w4a8", "rtn-w4a16")]
@@ -83,6 +84,7 @@ def main() -> int:
         recipe = label
         schemes = {s: sum(r["scheme"] == s for r in result.layers) for s in ("static", "lae", "smooth", "dynamic", "float")}
         sizes[recipe] = path.stat().st_size
+        tables[recipe] = table_note(result.embeddings)
         rows.append((recipe, score, schemes, embed_seconds))
         results["encoder"][recipe] = {**score.as_dict(), "schemes": schemes, "quantize_seconds": round(seconds, 1),
                                       "embed_seconds": round(embed_seconds, 1), "bytes": sizes[recipe]}
@@ -101,11 +103,20 @@ def main() -> int:
     print("\n== file sizes ==")
     for name, size in sizes.items():
         print(f"{name:<17} {size / 2**20:8.1f} MiB" + ("" if name == "float" else f"  ({size / sizes['float']:.2f}x float;"
-              " the 30522x384 float embedding table stays float)"))
+              f" {tables[name]})"))
     results["sizes_bytes"] = sizes
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out / 'results.json'}")
     return 0
+
+
+def table_note(tables: list[dict]) -> str:
+    """What the report says of the embedding tables, for the size line: each quantized one, and how many
+    stayed float."""
+    done = [f"{'x'.join(map(str, t['shape']))} {t['note']}" for t in tables if t.get("mode") != "float"]
+    kept = sum(t.get("mode") == "float" for t in tables)
+    parts = ([f"embedding tables {', '.join(done)}"] if done else []) + ([f"{kept} table(s) kept float"] if kept else [])
+    return "; ".join(parts) or "no embedding table quantized"
 
 
 def decoder_job(out: Path, args) -> dict:

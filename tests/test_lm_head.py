@@ -108,8 +108,10 @@ def test_int8_head_equals_numpy_reference(form, scheme, tmp_path):
     if form == "ort":
         nbits = next(v for k, v in stored.items() if k.endswith("weight_nbits8"))
         assert np.array_equal(nbits.reshape(vocab, -1)[:, :w_head.shape[0]].astype(np.int16) - 128, codes.T)
-    else:
-        assert np.array_equal(stored["lm_head.weight_int8"], codes)
+    elif form == "qdq":   # codes + 128: MatMulInteger's uint8 operand (emit_qdq.integer_head)
+        assert np.array_equal(stored["lm_head.weight_uint8"].astype(np.int16) - 128, codes)
+    else:                 # W8A8MatMul's rows, one per output channel
+        assert np.array_equal(stored["lm_head.weight_int8"], codes.T)
     assert not any(v.shape == w_head.shape and np.array_equal(v, w_head) for v in stored.values())   # no float copy
 
 

@@ -5,7 +5,7 @@ ONNX Runtime's default optimizations fuse an INT4 DequantizeLinear -> MatMul int
 (tests/test_runtime.py, onnxruntime 1.31.1: relative error 6.5e-3 against onnx's ReferenceEvaluator,
 0 with level 0). Our sessions ask for accuracy level 0 so the qdq form computes its reference numerics.
 
-The `w4a8` form's fptq::W4A8MatMul lives in libfptq_ops.so inside this package (built by the
+The `w4a8` form's fptq::W4A8MatMul and fptq::W8A8MatMul live in libfptq_ops.so inside this package (built by the
 package's install). `session` registers it; users of other ONNX Runtime front ends register
 `library_path()` themselves (C++: Ort::SessionOptions::RegisterCustomOpsLibrary).
 """
@@ -28,7 +28,7 @@ from fptq_graph.ir.save import save_model
 from fptq_graph.ir.split_model import PROTOBUF_LIMIT, proto_payload_bytes
 from fptq_graph.ir.bodies import body_reads
 from fptq_graph.ir.split_model import IN_MEMORY, PACKED_TYPES, SplitModel, is_in_memory
-from fptq_graph.runtime.w4a8_op import DOMAIN
+from fptq_graph.runtime.w4a8_op import DOMAIN, OP_TYPE, OP_TYPE_INT8
 
 LIBRARY_NAME = "libfptq_ops.so"
 # --provider names -> ONNX Runtime execution providers (CPU stays as the fallback for unassigned nodes)
@@ -36,7 +36,7 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 
 
 def library_path() -> Path:
-    """The bundled op library (fptq::W4A8MatMul, CPU and, if built with nvcc, CUDA kernels)."""
+    """The bundled op library (fptq::W4A8MatMul: CPU and, if built with nvcc, CUDA kernels; fptq::W8A8MatMul: CPU)."""
     path = Path(str(importlib.resources.files("fptq_graph") / LIBRARY_NAME))
     if not path.is_file():
         raise FptqError(f"the fptq op library {LIBRARY_NAME} is not installed next to {Path(__file__).parents[1]}; "
@@ -83,7 +83,8 @@ def session_options(threads: int | None = None, with_library: bool = True) -> or
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     # keep the QDQ graph's int8 activations int8 when ORT fuses it: on x86 ORT turns them to uint8 + 128
     # (QDQS8ToU8) for its u8 x s8 kernel, which without VNNI (AVX2 only) saturates int16 pair sums and
-    # computes garbage for full-range int8 weights (emit_w4a8.integer_head); its s8 x s8 path is exact
+    # computes garbage for full-range int8 weights (the w8a8 recipe's qdq linears); its s8 x s8 path is
+    # exact, and slow (an int8 LM head avoids both: emit_qdq.integer_head, W8A8MatMul)
     options.add_session_config_entry("session.qdqisint8allowed", "1")
     options.log_severity_level = 4   # errors reach the user as our one-line messages, not ORT log lines
     if threads:
@@ -199,11 +200,12 @@ def _create(model, options, providers, name: str) -> ort.InferenceSession:
         return ort.InferenceSession(model, options, providers=providers)
     except Exception as exc:
         text = str(exc)
-        if f"domain '{DOMAIN}'" in text or f"{DOMAIN}:" in text or "W4A8MatMul" in text:
+        if f"domain '{DOMAIN}'" in text or f"{DOMAIN}:" in text or OP_TYPE in text or OP_TYPE_INT8 in text:
             try:
                 library_path()
             except FptqError as missing:
-                raise FptqError(f"{name} uses the {DOMAIN}::W4A8MatMul op but {missing}") from None
+                op = OP_TYPE_INT8 if OP_TYPE_INT8 in text else OP_TYPE
+                raise FptqError(f"{name} uses the {DOMAIN}::{op} op but {missing}") from None
             raise FptqError(f"{name}: ONNX Runtime could not create the session: {text.splitlines()[-1] if text else exc}") from None
         if type(exc).__module__.startswith("onnxruntime"):
             raise ModelLoadError(f"ONNX Runtime cannot load {_model_name(name)}: {_load_detail(text, model, name)}") from None

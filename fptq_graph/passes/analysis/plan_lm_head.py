@@ -10,14 +10,15 @@ fold would scale the head's rows (diag(s) W) and part it from the table, so a ti
 band falls back as a linear without a foldable producer does: per-token dynamic (static under
 SmoothQuant).
 
-How the forms write an int8 head (one quantization: q = round(w / s_n) in [-127, 127], s_n = max|w_:,n| / 127):
-- qdq:  codes int8 [K, N] -> DequantizeLinear(axis=1, scale [N]) -> MatMul, activations QDQ by scheme.
-- w4a8: the same codes through com.microsoft.MatMulIntegerToFloat: activations quantized to int8
-        (their codes; the u8 x s8 path with zero point 128 saturates on CPUs without VNNI:
-        emit_w4a8.integer_head), a_scale the static scale, or 1 with a per-token Mul after it; b_scale
-        the per-channel scales. Integer sums, so it equals the qdq form to float rounding (the u8
-        form measured 2.3 ms against 8 ms float for a 1 x 576 @ 576 x 49152 product on a VNNI CPU,
-        docs/benchmarks.md; the s8 form is not re-measured there).
+How the forms write an int8 head (one quantization: q = round(w / s_n) in [-127, 127], s_n = max|w_:,n| / 127),
+each exact on every x86 CPU and faster than the float head at batch 1 (issue 30; the kernel audit,
+runtime/kernel_audit.py, holds every form to it):
+- qdq:  standard ONNX integers (emit_qdq.integer_head): activations to uint8 codes + 128 by the head's
+        scheme, MatMulInteger with the codes + 128 [K, N] (zero points 128: MLAS's exact u8 x u8
+        kernel), Cast, Mul by the scales. A weights-only head (float activations) is codes int8 [K, N]
+        -> DequantizeLinear(axis=1) -> MatMul.
+- w4a8: fptq::W8A8MatMul over int8 rows [N, K] (emit_w4a8): the bundled op's integer kernels, the
+        activation scheme inside the op.
 - ort:  com.microsoft.MatMulNBits(bits=8) over uint8 codes + 128 laid out [N, K/b, b] (b the largest
         of 256..16 dividing K, else 32 with the last block zero padded), each block repeating its
         channel's scale (per-channel int8 in MatMulNBits' blocked layout). accuracy_level 4 when the
@@ -25,11 +26,11 @@ How the forms write an int8 head (one quantization: q = round(w / s_n) in [-127,
         weight every run: 210 ms a token on this CPU; at 4 it re-quantizes the already-int8
         activations per block of b, within half a step of the per-token grid), 0 for float ones.
 
-Tied lookups: qdq and w4a8 replace Gather(table, ids) by Gather(codes, ids, axis=1) -> Transpose ->
-Cast -> Mul(Gather(scales, ids)) on the head's own [K, N] codes (ONNX Gather takes no int4/8-bit
-blocked table, and DequantizeLinear -> Transpose -> MatMul would keep ORT from fusing the head);
-ort uses com.microsoft.GatherBlockQuantized(bits=8, quantize_axis=2) on the very initializer the
-MatMulNBits reads, its scales a Reshape of the same scales (ORT folds it at load: 1/64 of the codes).
+Tied lookups read the head's own codes: w4a8 Gathers rows of its [N, K] int8 initializer -> Cast ->
+Mul(the rows' scales); qdq Gathers columns of its [K, N] codes (axis 1) -> Transpose -> Cast ->
+Sub(128) -> Mul (tie_to_kn_codes; ONNX Gather takes no blocked table); ort uses
+com.microsoft.GatherBlockQuantized(bits=8, quantize_axis=2) on the very initializer the MatMulNBits
+reads, its scales a Reshape of the same scales (ORT folds it at load: 1/64 of the codes).
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 
 from fptq_graph.passes.base import Pass, PassResult
 from fptq_graph.passes.lower.emit_ort import nbits_block
-from fptq_graph.passes.lower.lookup_nodes import gather_block_quantized, replace_gathers, row_shape, unpad_rows
+from fptq_graph.passes.lower.lookup_nodes import gather_block_quantized, int8_rows, replace_gathers, row_shape, unpad_rows
 from fptq_graph.passes.lower.qdq_nodes import const
 from fptq_graph.patterns.embedding import Lookup, untied_lookups
 from fptq_graph.quant.embedding_table import quantize_table
@@ -139,14 +139,10 @@ def gathered_lookups(graph: gs.Graph, lookup: Lookup, codes: np.ndarray, scales:
         def scalar(suffix, value):
             return const(f"{tag}_{suffix}", np.array(value, dtype=dtype))
 
-        last = const(f"{tag}_last_axis", np.array([-1], np.int64))
         if bits == 8:
-            rows = node("Gather", "codes", [data_c, ids], np.int8, axis=0)
-            rows = node("Cast", "codes_float", [rows], to=to)
-            scale = node("Gather", "row_scale", [scale_c, ids], axis=0)
-            scale = node("Unsqueeze", "row_scale_column", [scale, last])
-            graph.layer(op="Mul", name=f"{tag}_dequant", inputs=[rows, scale], outputs=[out])
+            int8_rows(graph, tag, data_c, scale_c, ids, out, dtype)
             return
+        last = const(f"{tag}_last_axis", np.array([-1], np.int64))
         packed_rows = node("Gather", "codes", [data_c, ids], np.uint8, axis=0)
         packed_rows = node("Cast", "codes_float", [packed_rows], to=to)
         high = node("Floor", "high", [node("Mul", "sixteenths", [packed_rows, scalar("one_16th", 1.0 / 16)])])

@@ -58,6 +58,7 @@ def nbits_zero_points(zero_point: np.ndarray) -> np.ndarray:
 class EmitORT(EmitQDQ):
     name = "emit_ort"
     kind = "lower"
+    integer_int8_head = False   # an int8 head is MatMulNBits(bits=8) (emit_weight)
 
     def run(self, state) -> PassResult:
         self.accuracy_level = state.config.ort_accuracy_level

@@ -1,7 +1,7 @@
-"""The node patterns an embedding lookup over quantized rows is written with, shared by the ort form's
-tied lookups (emit_ort.tie_to_nbits_codes, over the int8 head's MatMulNBits codes) and the untied tables
-(emit_embeddings): each Gather of the float table gives way to nodes that read codes and scales by
-the same ids, and the rows come out in the Gather's output.
+"""The node patterns an embedding lookup over quantized rows is written with, shared by the tied lookups
+(emit_ort.tie_to_nbits_codes over the int8 head's MatMulNBits codes, emit_w4a8 over its W8A8MatMul
+rows) and the untied tables (emit_embeddings): each Gather of the float table gives way to nodes that
+read codes and scales by the same ids, and the rows come out in the Gather's output.
 
 GatherBlockQuantized returns a lookup's rows as [.., blocks, b]; the rows the model reads are
 [.., D], so they are reshaped to [.., blocks * b] (the ids' shape is only known at run time) and
@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from fptq_graph.passes.lower.qdq_nodes import const
@@ -60,3 +61,26 @@ def gather_block_quantized(graph: gs.Graph, tag: str, data: gs.Constant, ids: gs
                        attrs={"gather_axis": 0, "quantize_axis": 2, "block_size": block, "bits": bits},
                        inputs=[data, ids, scales], outputs=[gs.Variable(f"{tag}_blocks", dtype=scales.dtype)])[0]
     unpad_rows(graph, tag, rows, width, blocks * block, row_shape(graph, tag, ids, [blocks * block], tail_name), out)
+
+
+def int8_rows(graph: gs.Graph, tag: str, codes: gs.Constant, scale: gs.Constant, ids: gs.Tensor, out: gs.Tensor,
+              dtype: np.dtype) -> None:
+    """Gather(codes int8 [V, D], ids) -> Cast -> Mul(the rows' scales), into `out` in `dtype`: only the rows
+    read are dequantized. scale [V] is gathered and made a column; scale [V, 1] (W8A8MatMul's per-channel
+    scales) gathers as a column already; a scale of another type than `dtype` is cast to it."""
+    dtype = np.dtype(dtype)
+    to = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+
+    def node(op, suffix, inputs, kind=dtype, **attrs):
+        return graph.layer(op=op, name=f"{tag}_{suffix}", attrs=attrs, inputs=inputs,
+                           outputs=[gs.Variable(f"{tag}_{suffix}", dtype=kind)])[0]
+
+    rows = node("Gather", "codes", [codes, ids], np.int8, axis=0)
+    rows = node("Cast", "codes_float", [rows], to=to)
+    scale_dtype = np.dtype(scale.values.dtype)
+    row_scale = node("Gather", "row_scale", [scale, ids], scale_dtype, axis=0)
+    if scale_dtype != dtype:
+        row_scale = node("Cast", "row_scale_cast", [row_scale], to=to)
+    if scale.values.ndim == 1:
+        row_scale = node("Unsqueeze", "row_scale_column", [row_scale, const(f"{tag}_last_axis", np.array([-1], np.int64))])
+    graph.layer(op="Mul", name=f"{tag}_dequant", inputs=[rows, row_scale], outputs=[out])
