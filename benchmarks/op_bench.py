@@ -5,8 +5,8 @@ Median microseconds per Run with inputs and outputs bound on the device (io bind
 are not timed; all variants of a case are timed in alternating rounds (time_rounds), so that on a
 shared machine they see the same background load. On CUDA the float baseline is fp16; on CPU it is fp32 (ORT's CPU MatMul has no fp16
 kernel worth comparing) and MatMulNBits runs with accuracy_level=4 (int8 activations, its fastest
-CPU path). On CPU, W4A8MatMul is timed once per CPU kernel this machine runs (FPTQ_CPU_ISA set for
-each session; --isa picks some), with its speed-up over MatMulNBits acc 4 (= acc 4 time / ours)
+CPU path). W4A8MatMul is timed once per CPU kernel this machine runs (FPTQ_CPU_ISA set for each
+session; --isa picks some), on CUDA once per CUDA path (FPTQ_CUDA_KERNEL: decode, reference), with its speed-up over MatMulNBits acc 4 (= acc 4 time / ours)
 and the int8 multiply-accumulates per second it achieves (M·N·K / time).
 
     python benchmarks/op_bench.py                       # CPU: K 4096, N 4096 11008, M 1 4 16 128 512
@@ -99,18 +99,19 @@ def variants(K: int, N: int, cuda: bool, seed: int = 0, extra: bool = False) -> 
 def bound_session(model: onnx.ModelProto, x: np.ndarray, cuda: bool, threads: int | None = None,
                   isa: str | None = None):
     """(session, io binding) with X and Y bound on the device. isa: the W4A8MatMul CPU kernel
-    (FPTQ_CPU_ISA, read when the session creates the kernel)."""
+    (FPTQ_CPU_ISA), or on CUDA its path (FPTQ_CUDA_KERNEL), read when the session creates the kernel."""
     providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-    saved = os.environ.get(runtime.CPU_ISA_ENV)
+    variable = runtime.sessions.CUDA_KERNEL_ENV if cuda else runtime.CPU_ISA_ENV
+    saved = os.environ.get(variable)
     if isa:
-        os.environ[runtime.CPU_ISA_ENV] = isa
+        os.environ[variable] = isa
     try:
         sess = runtime.session(model, providers=providers, threads=threads)
     finally:
         if saved is None:
-            os.environ.pop(runtime.CPU_ISA_ENV, None)
+            os.environ.pop(variable, None)
         else:
-            os.environ[runtime.CPU_ISA_ENV] = saved
+            os.environ[variable] = saved
     device = "cuda" if cuda else "cpu"
     binding = sess.io_binding()
     binding.bind_ortvalue_input("X", ort.OrtValue.ortvalue_from_numpy(x, device, 0))
@@ -163,7 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--m", type=int, nargs="+", default=None,
                    help="default: 1 16 128 1024 4096 on cuda; 1 4 16 128 512 on cpu")
     p.add_argument("--isa", nargs="+", default=None,
-                   help="CPU kernels of W4A8MatMul to time (default: every one this CPU runs, library_info()['cpu_isas'])")
+                   help="kernels of W4A8MatMul to time: CPU ones (default: every one this CPU runs, library_info()['cpu_isas']), "
+                        "on CUDA its paths (default: library_info()['cuda_kernels'], FPTQ_CUDA_KERNEL per session)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's, one a core)")
     p.add_argument("--extra", action="store_true", help="on CPU also MatMulNBits acc 0 and the qdq W4A8 graph")
     p.add_argument("--min-seconds", type=float, default=0.5, help="time each variant at least this long a case")
@@ -174,10 +176,11 @@ def main(argv=None) -> int:
     if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
         p.error(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider")
     info = runtime.library_info()
-    isas = [None] if cuda else (args.isa or info["cpu_isas"])
-    unknown = [i for i in isas if i is not None and i not in info["cpu_isas"]]
+    kernels = info["cuda_kernels"] if cuda else info["cpu_isas"]
+    isas = args.isa or kernels
+    unknown = [i for i in isas if i not in kernels]
     if unknown:
-        p.error(f"--isa {' '.join(unknown)}: this CPU and library run {', '.join(info['cpu_isas'])}")
+        p.error(f"--isa {' '.join(unknown)}: this {'GPU' if cuda else 'CPU'} and library run {', '.join(kernels)}")
     ms = args.m or ([1, 16, 128, 1024, 4096] if cuda else [1, 4, 16, 128, 512])
     ns = args.n or [4096, 11008]
     ours = ("W4A8MatMul static", "W4A8MatMul dynamic")
@@ -197,7 +200,7 @@ def main(argv=None) -> int:
             base = {"M": m, "K": args.k, "N": n}
             base.update({name: round(t, 1) for (name, isa), t in times.items() if name not in ours})
             for isa in isas:
-                rows.append({**base, "isa": isa or "cuda", **{name: round(times[name, isa], 1) for name in ours}})
+                rows.append({**base, "isa": isa, **{name: round(times[name, isa], 1) for name in ours}})
     names = [n for n in models if n not in ours]
     ref = names[0] if cuda else "MatMulNBits (acc 4)"
     short = {"MatMulNBits (acc 4)": "acc 4", "W4A8MatMul static": "static", "W4A8MatMul dynamic": "dynamic"}

@@ -12,9 +12,10 @@ namespace {
 // ORT keeps pointers to the domain and ops for the life of every session: they live for the process.
 Ort::CustomOpDomain& Domain() {
   static fptq::W4A8MatMulOp<fptq::W4A8CpuKernel> cpu_op;
-  static fptq::W4A8MatMulOp<fptq::W4A8CpuKernel, 8> cpu_op8;   // W8A8MatMul: CPU only
+  static fptq::W4A8MatMulOp<fptq::W4A8CpuKernel, 8> cpu_op8;   // W8A8MatMul
 #ifdef FPTQ_WITH_CUDA
   static fptq::W4A8MatMulOp<fptq::W4A8CudaKernel> cuda_op;
+  static fptq::W4A8MatMulOp<fptq::W4A8CudaKernel, 8> cuda_op8;
 #endif
   static Ort::CustomOpDomain domain{"fptq"};
   static std::once_flag added;
@@ -23,6 +24,7 @@ Ort::CustomOpDomain& Domain() {
     domain.Add(&cpu_op8);
 #ifdef FPTQ_WITH_CUDA
     domain.Add(&cuda_op);
+    domain.Add(&cuda_op8);
 #endif
   });
   return domain;

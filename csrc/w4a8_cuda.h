@@ -1,5 +1,6 @@
 #pragma once
 
+#include "w4a8_cuda_launch.h"
 #include "w4a8_op.h"
 
 namespace fptq {
@@ -12,7 +13,6 @@ class W4A8CudaKernel {
   static OrtMemType InputMemoryType(size_t index) { return index == 3 ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
   // The tensor-core path steps through K 32 values at a time and must not straddle a group.
   static OrtStatusPtr CheckAttrs(const W4A8Attrs& attrs) {
-    if (attrs.bits != 4) return Error(attrs, "has no CUDA kernel (int4 weights only)");
     if (attrs.group % 32) {
       return Error(attrs, "the CUDA kernel needs group_size to be a multiple of 32, got " + std::to_string(attrs.group));
     }
@@ -20,11 +20,15 @@ class W4A8CudaKernel {
   }
 
   explicit W4A8CudaKernel(const W4A8Attrs& attrs) : attrs_(attrs) {}
-  OrtStatusPtr Init(const OrtKernelInfo* /*info*/) { return nullptr; }
+  // The device's compute capability, and the path FPTQ_CUDA_KERNEL forces (an error if it names none,
+  // or one this GPU cannot run).
+  OrtStatusPtr Init(const OrtKernelInfo* info);
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 
  private:
   W4A8Attrs attrs_;
+  int sm_ = 0;
+  const CudaPath* forced_ = nullptr;   // null: each Run takes the first path that fits it
 };
 
 }  // namespace fptq

@@ -163,7 +163,13 @@ FPTQ_HD int64_t gemv_chunks(const W4A8Dims& d) { return d.Kp / 8; }
 FPTQ_HD void gemv_chunk(const int8_t* xq, const uint8_t* weight, const float* scales, const W4A8Dims& d,
                         int64_t n, int64_t c, float (&acc)[kGemvMaxRows]) {
   uint32_t w0, w1;
-  unpack8(ldg(reinterpret_cast<const uint32_t*>(weight + n * (d.Kp / 2)) + c), w0, w1);
+  if (d.bits == 8) {   // int8 weights (W8A8MatMul): the chunk's 8 bytes are the values
+    const Bytes8 v = load_vec<Bytes8>(weight + n * d.Kp + c * 8);
+    w0 = static_cast<uint32_t>(v.x);
+    w1 = static_cast<uint32_t>(v.y);
+  } else {
+    unpack8(ldg(reinterpret_cast<const uint32_t*>(weight + n * (d.Kp / 2)) + c), w0, w1);
+  }
   const float s = ldg(scales + n * d.groups + (c * 8) / d.group);
 #if defined(__CUDACC__)
 #pragma unroll
@@ -179,6 +185,87 @@ FPTQ_HD void gemv_chunk(const int8_t* xq, const uint8_t* weight, const float* sc
 
 // The output of one element: acc * a_m + bias (one fma: what nvcc makes of `acc * a_m + bias`).
 FPTQ_HD float epilogue(float acc, float row_scale, float bias) { return fmaf(acc, row_scale, bias); }
+
+// ---- decode --------------------------------------------------------------------------------------
+// M <= kDecodeMaxRows: the weights stream once from memory, so each lane loads 16 bytes of a channel's
+// row a step (a warp: 512 consecutive bytes), kDecodeChannels channels at once (independent loads in
+// flight), the next step's loads issued before this step's arithmetic. A chunk (16 bytes: 32 int4 or
+// 16 int8 values) never straddles a group (group_size % 32 == 0); its exact dp4a sum is scaled by the
+// group's scale into the row's float sum, as the gemv does. Up to kDecodeFusedRows rows the block
+// quantizes X itself into shared memory (no separate launch; the same arithmetic as quantize_rows, so
+// the same codes and scales); more rows read quantize_rows' output.
+constexpr int kDecodeWarps = 8;
+constexpr int kDecodeThreads = kDecodeWarps * kWarpSize;
+constexpr int kDecodeChannels = 4;                               // channels a warp streams together
+constexpr int kDecodeBlockChannels = kDecodeWarps * kDecodeChannels;
+constexpr int kDecodeMaxRows = 16;
+constexpr int kDecodeFusedRows = 4;
+constexpr int kDecodeChunkBytes = 16;
+constexpr int64_t kDecodeFusedSmemBytes = 48 * 1024;            // X's int8 rows in (static limit of shared memory)
+
+// Which decode variant takes M rows of Kp: 1 or kDecodeFusedRows (fused quantization, X's rows in shared
+// memory), kDecodeMaxRows (quantize_rows first), 0 (none: M too large).
+FPTQ_HD int decode_rows(int64_t M, int64_t Kp) {
+  if (M == 1 && Kp <= kDecodeFusedSmemBytes) return 1;
+  if (M <= kDecodeFusedRows && M * Kp <= kDecodeFusedSmemBytes) return kDecodeFusedRows;
+  return M <= kDecodeMaxRows ? kDecodeMaxRows : 0;
+}
+FPTQ_HD int decode_blocks(int64_t N) { return static_cast<int>((N + kDecodeBlockChannels - 1) / kDecodeBlockChannels); }
+// Output channel j (0..kDecodeChannels) of warp `warp` of block `block`.
+FPTQ_HD int64_t decode_channel(int block, int warp, int j) {
+  return static_cast<int64_t>(block) * kDecodeBlockChannels + warp * kDecodeChannels + j;
+}
+FPTQ_HD int64_t decode_row_bytes(const W4A8Dims& d) { return d.Kp * d.bits / 8; }
+FPTQ_HD int64_t decode_chunks(const W4A8Dims& d) { return decode_row_bytes(d) / kDecodeChunkBytes; }
+FPTQ_HD int decode_chunk_values(const W4A8Dims& d) { return d.bits == 8 ? 16 : 32; }
+// Chunk c of channel n's row (zero for channels past N: their lanes compute, nothing is stored).
+FPTQ_HD Bytes16 decode_load(const uint8_t* weight, const W4A8Dims& d, int64_t n, int64_t c) {
+  if (n >= d.N) return Bytes16{0, 0, 0, 0};
+  return load_vec<Bytes16>(weight + n * decode_row_bytes(d) + c * kDecodeChunkBytes);
+}
+// One chunk against every row: exact dp4a sums of its 16 (int8) or 32 (int4, unpacked in registers)
+// values with the row's activations from x (row m at x + m * Kp), each scaled by the chunk's group scale.
+template <int Rows>
+FPTQ_HD void decode_chunk(const Bytes16& w, const int8_t* x, const float* scales, const W4A8Dims& d, int64_t n,
+                          int64_t c, float (&acc)[Rows]) {
+  uint32_t q[8];
+  int words = 4;
+  if (d.bits == 8) {
+    q[0] = w.x, q[1] = w.y, q[2] = w.z, q[3] = w.w;
+  } else {
+    unpack8(w.x, q[0], q[1]);
+    unpack8(w.y, q[2], q[3]);
+    unpack8(w.z, q[4], q[5]);
+    unpack8(w.w, q[6], q[7]);
+    words = 8;
+  }
+  const int64_t k0 = c * decode_chunk_values(d);
+  const float s = n < d.N ? ldg(scales + n * d.groups + k0 / d.group) : 0.f;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int m = 0; m < Rows; ++m) {
+    if (m < d.M) {
+      const Bytes16 x0 = load_vec<Bytes16>(x + m * d.Kp + k0);
+      int dot = dp4a(static_cast<int>(x0.x), static_cast<int>(q[0]), 0);
+      dot = dp4a(static_cast<int>(x0.y), static_cast<int>(q[1]), dot);
+      dot = dp4a(static_cast<int>(x0.z), static_cast<int>(q[2]), dot);
+      dot = dp4a(static_cast<int>(x0.w), static_cast<int>(q[3]), dot);
+      if (words == 8) {
+        const Bytes16 x1 = load_vec<Bytes16>(x + m * d.Kp + k0 + 16);
+        dot = dp4a(static_cast<int>(x1.x), static_cast<int>(q[4]), dot);
+        dot = dp4a(static_cast<int>(x1.y), static_cast<int>(q[5]), dot);
+        dot = dp4a(static_cast<int>(x1.z), static_cast<int>(q[6]), dot);
+        dot = dp4a(static_cast<int>(x1.w), static_cast<int>(q[7]), dot);
+      }
+      acc[m] = fmaf(s, static_cast<float>(dot), acc[m]);
+    }
+  }
+}
+// Fused quantization: thread t takes k = t, t + kDecodeThreads, ... of each row; a per-token row's max
+// reduces over its warp, then over the block's warps in slot order (the same order as quantize_rows'
+// kQuantThreads = kDecodeThreads, so the same scale).
+FPTQ_HD int decode_warp_slot(int thread) { return thread / kWarpSize; }
 
 // ---- gemm_mma ------------------------------------------------------------------------------------
 
@@ -196,9 +283,20 @@ FPTQ_HD void gemm_load_a(int t, int64_t m0, int64_t step, const int8_t* xq, cons
   store_vec(As + row * kSmemStride + half * 16, v);
 }
 // Global -> shared, B (weights): threads t < 64 each take output channel n0 + t, 32 int4 (16 bytes)
-// unpacked to 32 int8 in k order: Bs holds B K-major, row = channel, column = k. Channels past N are zero.
+// unpacked to 32 int8 in k order (int8 weights: 32 bytes copied): Bs holds B K-major, row = channel,
+// column = k. Channels past N are zero.
 FPTQ_HD bool gemm_loads_b(int t) { return t < kTileN; }
 FPTQ_HD void gemm_load_b(int t, int64_t n0, int64_t step, const uint8_t* weight, const W4A8Dims& d, int8_t* Bs) {
+  if (d.bits == 8) {
+    Bytes16 lo = {0, 0, 0, 0}, hi = {0, 0, 0, 0};
+    if (n0 + t < d.N) {
+      lo = load_vec<Bytes16>(weight + (n0 + t) * d.Kp + step * kTileK);
+      hi = load_vec<Bytes16>(weight + (n0 + t) * d.Kp + step * kTileK + 16);
+    }
+    store_vec(Bs + t * kSmemStride, lo);
+    store_vec(Bs + t * kSmemStride + 16, hi);
+    return;
+  }
   Bytes16 v = {0, 0, 0, 0};
   if (n0 + t < d.N) v = load_vec<Bytes16>(weight + (n0 + t) * (d.Kp / 2) + step * (kTileK / 2));
   Bytes16 lo, hi;

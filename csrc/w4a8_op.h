@@ -1,6 +1,6 @@
 // fptq::W4A8MatMul and fptq::W8A8MatMul as ONNX Runtime custom ops: one op class, instantiated per
 // weight width and per execution provider with that provider's kernel (CPU always, CUDA when the
-// library was built with nvcc; W8A8MatMul has a CPU kernel only).
+// library was built with nvcc).
 #pragma once
 
 #define ORT_API_MANUAL_INIT

@@ -1,6 +1,7 @@
 """What the CUDA compiler tells about the W4A8 kernels without a GPU: ptxas's registers, spills, stack
 and shared memory per kernel for sm_80 and sm_90, and the SASS: the tensor-core GEMM's K loop issues
-IMMA (mma.sync m16n8k32 s8) and no kernel touches local memory (LDL/STL). docs/w4a8_op.md records the
+IMMA (mma.sync m16n8k32 s8), the decode kernels stream weights 16 bytes a lane into dp4a, and no
+kernel touches local memory (LDL/STL). docs/w4a8_op.md records the
 table: `python tests/test_cuda_build.py` prints it."""
 from __future__ import annotations
 
@@ -43,8 +44,16 @@ def nvdisasm() -> str | None:
     return None
 
 
+DECODE_VARIANTS = ((1, True), (4, True), (16, False))   # decode<T, Rows, Fused> as w4a8_cuda.cu launches it
+KERNELS = {f"{k}<{t}>" for k in ("gemm_mma", "gemv", "quantize_rows") for t in ("float", "half")} | \
+    {f"decode<{t},{rows},{str(fused).lower()}>" for t in ("float", "half") for rows, fused in DECODE_VARIANTS}
+
+
 def kernel_name(mangled: str) -> str:
-    """_ZN4fptq4cuda...8gemm_mmaIfEE... -> gemm_mma<float>."""
+    """_ZN4fptq4cuda...8gemm_mmaIfEE... -> gemm_mma<float>; ...6decodeIfLi1ELb1EE... -> decode<float,1,true>."""
+    m = re.search(r"\d+decodeI(f|6__half)Li(\d+)ELb([01])E", mangled)
+    if m:
+        return f"decode<{'float' if m.group(1) == 'f' else 'half'},{m.group(2)},{'true' if m.group(3) == '1' else 'false'}>"
     for name in ("gemm_mma", "gemv", "quantize_rows"):
         m = re.search(rf"\d+{name}I(f|6__half)E", mangled)
         if m:
@@ -142,7 +151,7 @@ def built(tmp_path_factory):
 def test_no_kernel_spills_or_uses_local_memory(built):
     print("\n" + table(built))
     for arch, r in built.items():
-        assert set(r["ptxas"]) == {f"{k}<{t}>" for k in ("gemm_mma", "gemv", "quantize_rows") for t in ("float", "half")}
+        assert set(r["ptxas"]) == KERNELS
         for kernel, s in r["ptxas"].items():
             assert s["spill_stores"] == s["spill_loads"] == 0, f"sm_{arch} {kernel} spills registers: {s}"
             assert s["stack"] == 0, f"sm_{arch} {kernel} has a stack frame (local memory): {s}"
@@ -163,6 +172,11 @@ def test_sass_gemm_loop_issues_imma_and_no_local_memory(built):
             assert imma_in_loop(sass), f"sm_{arch} gemm_mma<{t}>: no IMMA inside the K loop"
             assert len(re.findall(r"LDG\.E\.128", sass)) >= 2, f"sm_{arch} gemm_mma<{t}>: A/B tiles not loaded 16 bytes a thread"
         assert "IMMA" not in r["sass"]["gemv<float>"] and "IDP.4A" in r["sass"]["gemv<float>"], f"sm_{arch} gemv: no dp4a"
+        for kernel in (k for k in KERNELS if k.startswith("decode")):
+            sass = r["sass"][kernel]
+            assert "IDP.4A" in sass and "IMMA" not in sass, f"sm_{arch} {kernel}: no dp4a"
+            # the weights stream 16 bytes a lane (LDG.E.128), 4 channels a warp: 4 loads a step at least
+            assert len(re.findall(r"LDG\.E\.128", sass)) >= 4, f"sm_{arch} {kernel}: weights not loaded 16 bytes a lane"
 
 
 if __name__ == "__main__":

@@ -258,10 +258,13 @@ def test_missing_library_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_library_exports_only_its_entry_point_and_says_how_it_was_built():
     info = runtime.library_info()
-    assert set(info) == {"cuda", "cuda_architectures", "cpu_isas", "cpu_isa"}
+    assert set(info) == {"cuda", "cuda_architectures", "cuda_kernels", "cuda_kernel", "cpu_isas", "cpu_isa"}
     assert info["cpu_isa"] in info["cpu_isas"] and info["cpu_isas"][-1] == "generic"   # tests/test_w4a8_isa.py: each
     if info["cuda"]:
         assert {"80", "90"} <= set(info["cuda_architectures"].split(","))
+        assert info["cuda_kernels"] == ["decode", "reference"] and info["cuda_kernel"] == "auto"
+    else:
+        assert info["cuda_kernels"] == []
     nm = shutil.which("nm")
     assert nm, "nm (binutils, which comes with gcc) is needed to read the library's symbol table"
     listed = subprocess.run([nm, "-D", "--defined-only", str(runtime.library_path())], capture_output=True, text=True,
@@ -284,22 +287,42 @@ CUDA_CASES = [(m, k, n, g, static) for m in (1, 7, 16, 100, 1024)
 
 
 @pytest.mark.skipif(bool(_cuda_unavailable()), reason=_cuda_unavailable() or "CUDA available")
-def test_cuda_kernel_matches_cpu_kernel():
-    """Random shapes on both paths (gemv for M < 16, tensor cores above), odd N, K not a multiple of
-    the group; float32 and float16 activations. One test, every failing case listed."""
+@pytest.mark.parametrize("path", ["auto", "reference"])
+def test_cuda_kernel_matches_cpu_kernel(path, monkeypatch):
+    """Random shapes on every path (auto: decode up to 16 rows, then the tensor cores; reference: the gemv
+    below 16 rows), odd N, K not a multiple of the group; float32 and float16 activations; int4 weights
+    (W4A8MatMul) and int8 (W8A8MatMul, per output channel as the LM head). One test, every failing case listed."""
+    from test_w8a8_op import op_model as int8_model
+    from fptq_graph.runtime.w4a8_op import reference_int8
+
+    if path != "auto":
+        monkeypatch.setenv("FPTQ_CUDA_KERNEL", path)
     failures = []
-    for case in CUDA_CASES + [(100, 4096, 4095, 128, False, np.float16), (3, 200, 33, 64, True, np.float16)]:
-        M, K, N, group, static = case[:5]
-        dtype = case[5] if len(case) > 5 else np.float32
-        model, w = op_model(K, N, group, static=static, bias=True, rank=2, seed=M + K, dtype=dtype)
+    cases = [(*c, np.float32, 4) for c in CUDA_CASES] + [
+        (100, 4096, 4095, 128, False, np.float16, 4), (3, 200, 33, 64, True, np.float16, 4), (1, 4096, 300, 128, False, np.float16, 4),
+        (4, 12320, 40, 32, True, np.float32, 4), (1, 576, 4097, 576, False, np.float16, 8), (3, 2048, 1000, 2048, True, np.float32, 8),
+        (16, 2048, 333, 128, False, np.float32, 8), (300, 576, 513, 576, False, np.float16, 8)]
+    for M, K, N, group, static, dtype, bits in cases:
+        if bits == 8:
+            model, w = int8_model(K, N, group, static=static, dtype=dtype, seed=M + K)
+        else:
+            model, w = op_model(K, N, group, static=static, bias=True, rank=2, seed=M + K, dtype=dtype)
         x = (np.random.default_rng(M).standard_normal((M, K)) * 2).astype(dtype)
         cpu = runtime.session(model).run(None, {"X": x})[0]
         cuda_session = runtime.session(model, providers=["CUDAExecutionProvider"])
         cuda_session.disable_fallback()
         cuda = cuda_session.run(None, {"X": x})[0]
-        ref = reference(x, w["W"], w["S"], w.get("A"), w["B"], K, N, group)
+        ref = (reference_int8 if bits == 8 else reference)(x, w["W"], w["S"], w.get("A"), w["B"], K, N, group)
         errors = (rel_err(cuda, cpu), rel_err(cuda, ref))
         if not max(errors) <= (1e-3 if dtype == np.float32 else 2e-3):
-            failures.append(f"M={M} K={K} N={N} g={group} static={static} {np.dtype(dtype).name}: "
+            failures.append(f"{path} bits={bits} M={M} K={K} N={N} g={group} static={static} {np.dtype(dtype).name}: "
                             f"vs CPU {errors[0]:.2e}, vs float64 {errors[1]:.2e}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(bool(_cuda_unavailable()), reason=_cuda_unavailable() or "CUDA available")
+def test_unknown_cuda_kernel_is_refused(monkeypatch):
+    monkeypatch.setenv("FPTQ_CUDA_KERNEL", "marlin9")
+    model, _ = op_model(64, 8, 32)
+    with pytest.raises(Exception, match=r"FPTQ_CUDA_KERNEL=marlin9 is not a CUDA kernel of this library; it has: decode, reference"):
+        runtime.session(model, providers=["CUDAExecutionProvider"])

@@ -36,7 +36,7 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 
 
 def library_path() -> Path:
-    """The bundled op library (fptq::W4A8MatMul: CPU and, if built with nvcc, CUDA kernels; fptq::W8A8MatMul: CPU)."""
+    """The bundled op library (fptq::W4A8MatMul and fptq::W8A8MatMul: CPU and, if built with nvcc, CUDA kernels)."""
     path = Path(str(importlib.resources.files("fptq_graph") / LIBRARY_NAME))
     if not path.is_file():
         raise FptqError(f"the fptq op library {LIBRARY_NAME} is not installed next to {Path(__file__).parents[1]}; "
@@ -53,6 +53,7 @@ CPU_ISA_FLAGS = {
     "generic": set(),
 }
 CPU_ISA_ENV = "FPTQ_CPU_ISA"   # forces one of them (sessions fail at creation if this CPU lacks it)
+CUDA_KERNEL_ENV = "FPTQ_CUDA_KERNEL"   # forces a CUDA path (csrc/w4a8_cuda_launch.h's kCudaPaths)
 
 
 def _cpu_flags() -> set[str]:
@@ -65,9 +66,11 @@ def _cpu_flags() -> set[str]:
 
 def library_info() -> dict:
     """How the library was built and which CPU kernel it runs here: {"cuda": bool, "cuda_architectures":
-    "80,90", "cpu_isas": the CPU kernels built that this CPU runs, best first, "cpu_isa": the one
-    sessions use ($FPTQ_CPU_ISA, or the first of cpu_isas; None when $FPTQ_CPU_ISA names one that is
-    not in cpu_isas, which makes session creation fail)}."""
+    "80,90", "cuda_kernels": the CUDA paths built, best first (each Run takes the first that takes its
+    rows: "decode" up to 16, else "reference"), "cuda_kernel": $FPTQ_CUDA_KERNEL when it forces one, else
+    "auto", "cpu_isas": the CPU kernels built that this CPU runs, best first, "cpu_isa": the one sessions
+    use ($FPTQ_CPU_ISA, or the first of cpu_isas; None when $FPTQ_CPU_ISA names one that is not in
+    cpu_isas, which makes session creation fail)}."""
     path = library_path().with_name("fptq_ops_build.json")
     info = json.loads(path.read_text()) if path.is_file() else {"cuda": False, "cuda_architectures": ""}
     flags = _cpu_flags()
@@ -75,6 +78,8 @@ def library_info() -> dict:
     info["cpu_isas"] = [isa for isa in CPU_ISA_FLAGS if isa in built and CPU_ISA_FLAGS[isa] <= flags]
     forced = os.environ.get(CPU_ISA_ENV, "")
     info["cpu_isa"] = (forced if forced in info["cpu_isas"] else None) if forced else info["cpu_isas"][0]
+    info.setdefault("cuda_kernels", [])
+    info["cuda_kernel"] = os.environ.get(CUDA_KERNEL_ENV) or "auto"
     return info
 
 

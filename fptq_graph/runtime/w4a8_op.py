@@ -12,7 +12,8 @@ X is quantized as xq = clip(round_half_even(X / a_m), -128, 127), as the qdq for
 
 fptq::W8A8MatMul is the same product over int8 weights (the int8 LM head): W int8 [N, Kp], row n
 holding wq[n, :] in [-128, 127], zero past K, any group_size >= 1 (K: per output channel). Its rows are
-an embedding table's rows, so a tied lookup Gathers the same initializer. CPU kernel only.
+an embedding table's rows, so a tied lookup Gathers the same initializer. CPU and CUDA kernels (CUDA:
+group_size a multiple of 32).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 #   2. what the compiler tells (ptxas table, SASS) and the CPU emulation of the kernels
 #   3. the CUDA kernel against the CPU kernel and float64 (tests/test_w4a8_op.py)
 #   4. compute-sanitizer memcheck and racecheck on scripts/gpu/sanitize_cases.py
-#   5. benchmarks/op_bench.py --provider cuda: K=4096, N 4096 11008, M 1 16 128 1024 4096
+#   5. benchmarks/op_bench.py --provider cuda: K=4096, N 4096 11008, M 1 16 128 1024 4096, each CUDA path
 #   6. benchmarks/e2e_gpu.py --provider cuda --size 1b (the end-to-end decoder benchmark)
 # Every log and JSON goes to $OUT; $OUT/summary.txt has one line a step (ok, FAILED rc, skipped why).
 #
@@ -13,8 +13,9 @@
 #   bash scripts/gpu/runbook.sh --dry-run        # here: the same steps on a copy of the work tree with the
 #                                                # CPU provider and tiny sizes, no sanitizer (FPTQ_GPU_DRY_RUN=1)
 #
-# On the GPU machine onnxruntime-gpu is in /root/site (../shared/tools/gpu-ort-parts) and build/ort-headers
-# and .whl are carried. A device call may run 600 s: the steps run in the order above, each under its own
+# On the GPU machine onnxruntime-gpu is in /root/site (../shared/tools/gpu-ort-slim: two device calls, the
+# second `bash .ortgpu2/install.sh && bash scripts/gpu/runbook.sh`; it writes the CUDA libraries' folders
+# to /root/ldpath) and build/ort-headers and .whl are carried. A device call may run 600 s: the steps run in the order above, each under its own
 # time limit, and a step that would not fit in what is left of FPTQ_GPU_BUDGET_S (default 570) is skipped
 # and named in the summary, for a second call with --steps.
 set -uo pipefail
@@ -60,6 +61,7 @@ else
   PROVIDER=cuda
   BUILD=/tmp/fptq-build
   export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
+  [ -f /root/ldpath ] && export LD_LIBRARY_PATH=$(cat /root/ldpath)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   if compgen -G ".whl/*.whl" >/dev/null; then   # pure-Python wheels the image lacks (onnx-graphsurgeon, ...)
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       >"$OUT/wheels.log" 2>&1 || { echo "installing .whl failed:"; tail -5 "$OUT/wheels.log"; exit 1; }
@@ -107,7 +109,7 @@ step() {
   "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 } 2>&1 | tee "$OUT/device.txt"
 if [ "$DRY" != 1 ] && ! "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
-  echo "no onnxruntime with CUDAExecutionProvider in /root/site: install it first (DEVELOPERS.md, GPU checks, calls 1-5)"
+  echo "no onnxruntime with CUDAExecutionProvider in /root/site: install it first (DEVELOPERS.md, GPU checks: ../shared/tools/gpu-ort-slim)"
   exit 1
 fi
 

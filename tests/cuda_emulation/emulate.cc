@@ -11,11 +11,13 @@
 // Global buffers are allocated at their exact sizes (build with -fsanitize=address to catch any read
 // or write past them), and every vector access is checked for the alignment the device requires.
 //
-//   emulate DIR M K N GROUP ACT_SCALE BIAS [--path auto|gemv|gemm] [--wrong-layout a|b|c|nibble]
+//   emulate DIR M K N GROUP ACT_SCALE BIAS [--path auto|decode|gemv|gemm] [--bits 4|8] [--wrong-layout a|b|c|nibble]
 //
-// reads DIR/x.bin (float32 [M, K]), w.bin (uint8 [N, Kp/2]), s.bin (float32 [N, groups]), b.bin
-// (float32 [N], when BIAS is 1); ACT_SCALE > 0 is the static activation scale, 0 per token. Writes
-// DIR/y.bin (float32 [M, N]), xq.bin (int8 [M, Kp]) and rs.bin (float32 [M]) and prints which kernel ran.
+// reads DIR/x.bin (float32 [M, K]), w.bin (uint8 [N, Kp/2]; --bits 8: int8 [N, Kp]), s.bin (float32
+// [N, groups]), b.bin (float32 [N], when BIAS is 1); ACT_SCALE > 0 is the static activation scale, 0 per
+// token. Writes DIR/y.bin (float32 [M, N]), xq.bin (int8 [M, Kp]) and rs.bin (float32 [M]; the decode
+// path's fused quantization: block 0's shared memory) and prints which kernel ran. auto: the path
+// table's choice on an sm_90 device (w4a8_cuda_launch.h), then the reference's gemv or gemm by M.
 // --wrong-layout swaps one mapping of the emulated hardware (a: MMA A registers 1 and 2; b: MMA B
 // registers 0 and 1; c: MMA C elements 1 and 2; nibble: byte_perm's two inputs): the test suite
 // checks that each makes the comparison with the reference fail.
@@ -29,6 +31,7 @@
 #include <vector>
 
 #include "w4a8_cuda_indexing.h"
+#include "w4a8_cuda_launch.h"
 
 namespace {
 
@@ -254,6 +257,97 @@ void run_gemv(const int8_t* xq, const float* row_scale, const uint8_t* weight, c
   }
 }
 
+// decode<T, Rows, Fused><<<decode_blocks(N), kDecodeThreads, Fused ? M * Kp : 0>>>. Fused: each block
+// quantizes X into its own shared memory first (decode_quantize); block 0's result is copied to xq and
+// row_scale for the caller's checks. Else xq and row_scale are quantize_rows' output.
+template <int Rows>
+void run_decode(const float* x, float static_scale, int8_t* xq, float* row_scale, const uint8_t* weight,
+                const float* scales, const float* bias, float* y, const W4A8Dims& d, bool fused) {
+  DeviceBuffer<int8_t> xs(fused ? d.M * d.Kp : 0);        // extern __shared__
+  std::vector<char> written(d.M * d.N, 0);
+  const int64_t chunks = decode_chunks(d);
+  for (int block = 0; block < decode_blocks(d.N); ++block) {
+    const int8_t* rows = xq;
+    const float* a = row_scale;
+    float rs[Rows];
+    if (fused) {
+      std::memset(xs.data, 0x5A, xs.count);            // garbage: a code not written here is read wrong
+      float warp_max[Rows][kDecodeWarps];
+      std::memset(warp_max, 0xA5, sizeof(warp_max));
+      if (static_scale <= 0.f) {
+        for (int64_t m = 0; m < d.M; ++m) {
+          for (int w = 0; w < kDecodeWarps; ++w) {
+            float amax[kWarpSize];
+            for (int lane = 0; lane < kWarpSize; ++lane) {
+              const int t = w * kWarpSize + lane;
+              amax[lane] = 0.f;
+              for (int64_t k = t; k < d.K; k += kDecodeThreads) amax[lane] = fmaxf(amax[lane], fabsf(x[m * d.K + k]));
+            }
+            butterfly(amax, [](float p, float q) { return fmaxf(p, q); });
+            warp_max[m][decode_warp_slot(w * kWarpSize)] = amax[0];
+          }
+        }
+      }
+      // __syncthreads()
+      for (int64_t m = 0; m < d.M; ++m) {
+        for (int t = 0; t < kDecodeThreads; ++t) {
+          float scale = static_scale;
+          if (scale <= 0.f) {
+            float amax = 0.f;
+            for (int w = 0; w < kDecodeWarps; ++w) amax = fmaxf(amax, warp_max[m][w]);
+            scale = token_scale(amax);
+          }
+          if (t == 0) rs[m] = scale;
+          for (int64_t k = t; k < d.Kp; k += kDecodeThreads) {
+            xs.data[m * d.Kp + k] = k < d.K ? quantize_value(x[m * d.K + k], scale) : int8_t(0);
+          }
+        }
+      }
+      // __syncthreads()
+      if (block == 0) {
+        std::memcpy(xq, xs.data, xs.count);
+        std::memcpy(row_scale, rs, sizeof(float) * d.M);
+      }
+      rows = xs.data;
+      a = rs;
+    }
+    for (int warp = 0; warp < kDecodeWarps; ++warp) {
+      float acc[kWarpSize][kDecodeChannels][Rows];
+      for (int lane = 0; lane < kWarpSize; ++lane) {
+        for (int j = 0; j < kDecodeChannels; ++j) {
+          for (int m = 0; m < Rows; ++m) acc[lane][j][m] = 0.f;
+          const int64_t n = decode_channel(block, warp, j);
+          for (int64_t c = lane; c < chunks; c += kWarpSize) {
+            decode_chunk<Rows>(decode_load(weight, d, n, c), rows, scales, d, n, c, acc[lane][j]);
+          }
+        }
+      }
+      for (int j = 0; j < kDecodeChannels; ++j) {
+        const int64_t n = decode_channel(block, warp, j);
+        for (int m = 0; m < Rows && m < d.M; ++m) {
+          float v[kWarpSize];
+          for (int lane = 0; lane < kWarpSize; ++lane) v[lane] = acc[lane][j][m];
+          butterfly(v, [](float p, float q) { return p + q; });
+          if (n >= d.N) continue;
+          const int64_t i = m * d.N + n;
+          if (written[i]) {
+            std::fprintf(stderr, "Y[%lld] written twice\n", static_cast<long long>(i));
+            std::abort();
+          }
+          written[i] = 1;
+          y[i] = epilogue(v[0], a[m], bias ? bias[n] : 0.f);   // lane 0 stores
+        }
+      }
+    }
+  }
+  for (size_t i = 0; i < written.size(); ++i) {
+    if (!written[i]) {
+      std::fprintf(stderr, "Y[%zu] never written\n", i);
+      std::exit(3);
+    }
+  }
+}
+
 // gemm_mma<<<(blocks_n, blocks_m), kGemmThreads>>>
 void run_gemm(const int8_t* xq, const float* row_scale, const uint8_t* weight, const float* scales, const float* bias,
               float* y, const W4A8Dims& d) {
@@ -345,8 +439,8 @@ void write_file(const std::string& path, const T* data, size_t count) {
 
 int main(int argc, char** argv) {
   if (argc < 8) {
-    std::fprintf(stderr, "usage: %s DIR M K N GROUP ACT_SCALE BIAS [--path auto|gemv|gemm] [--wrong-layout a|b|c|nibble]\n",
-                 argv[0]);
+    std::fprintf(stderr, "usage: %s DIR M K N GROUP ACT_SCALE BIAS [--path auto|decode|gemv|gemm] [--bits 4|8] "
+                 "[--wrong-layout a|b|c|nibble]\n", argv[0]);
     return 2;
   }
   const std::string dir = argv[1];
@@ -361,6 +455,7 @@ int main(int argc, char** argv) {
   for (int i = 8; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--path") path = argv[i + 1];
+    else if (flag == "--bits") d.bits = std::atoi(argv[i + 1]);
     else if (flag == "--wrong-layout") g_wrong = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
@@ -373,14 +468,24 @@ int main(int argc, char** argv) {
   }
   d.groups = (d.K + d.group - 1) / d.group;
   d.Kp = d.groups * d.group;
-  if (path == "auto") path = use_gemv(d.M) ? "gemv" : "gemm";
+  if (d.bits != 4 && d.bits != 8) {
+    std::fprintf(stderr, "--bits takes 4 or 8\n");
+    return 2;
+  }
+  if (path == "auto") {
+    path = CudaPathFor(nullptr, 90, d) == kPathDecode ? "decode" : use_gemv(d.M) ? "gemv" : "gemm";
+  }
+  if (path == "decode" && decode_rows(d.M, d.Kp) == 0) {
+    std::fprintf(stderr, "the decode path takes at most %d rows\n", kDecodeMaxRows);
+    return 2;
+  }
   if (path == "gemv" && d.M > kGemvMaxRows) {
     std::fprintf(stderr, "the gemv takes at most %d rows\n", kGemvMaxRows);
     return 2;
   }
 
   DeviceBuffer<float> x(d.M * d.K), scales(d.N * d.groups), bias(has_bias ? d.N : 0), y(d.M * d.N);
-  DeviceBuffer<uint8_t> weight(d.N * d.Kp / 2);
+  DeviceBuffer<uint8_t> weight(d.N * d.Kp * d.bits / 8);
   DeviceBuffer<char> workspace(workspace_bytes(d));
   read_file(dir + "/x.bin", x.data, x.count);
   read_file(dir + "/w.bin", weight.data, weight.count);
@@ -391,15 +496,25 @@ int main(int argc, char** argv) {
   int8_t* xq = reinterpret_cast<int8_t*>(workspace.data);
   float* row_scale = reinterpret_cast<float*>(workspace.data + workspace_xq_bytes(d));
 
-  run_quantize(x.data, d, static_scale, xq, row_scale);
   const float* b = has_bias ? bias.data : nullptr;
-  if (path == "gemv") run_gemv(xq, row_scale, weight.data, scales.data, b, y.data, d);
-  else run_gemm(xq, row_scale, weight.data, scales.data, b, y.data, d);
+  if (path == "decode") {
+    const int rows = decode_rows(d.M, d.Kp);
+    const bool fused = rows <= kDecodeFusedRows;
+    if (!fused) run_quantize(x.data, d, static_scale, xq, row_scale);
+    if (rows == 1) run_decode<1>(x.data, static_scale, xq, row_scale, weight.data, scales.data, b, y.data, d, fused);
+    else if (rows == kDecodeFusedRows) run_decode<kDecodeFusedRows>(x.data, static_scale, xq, row_scale, weight.data, scales.data, b, y.data, d, fused);
+    else run_decode<kDecodeMaxRows>(x.data, static_scale, xq, row_scale, weight.data, scales.data, b, y.data, d, fused);
+    path += rows <= kDecodeFusedRows ? " (fused quantization)" : " (quantize_rows first)";
+  } else {
+    run_quantize(x.data, d, static_scale, xq, row_scale);
+    if (path == "gemv") run_gemv(xq, row_scale, weight.data, scales.data, b, y.data, d);
+    else run_gemm(xq, row_scale, weight.data, scales.data, b, y.data, d);
+  }
 
   write_file(dir + "/y.bin", y.data, y.count);
   write_file(dir + "/xq.bin", xq, static_cast<size_t>(d.M * d.Kp));
   write_file(dir + "/rs.bin", row_scale, static_cast<size_t>(d.M));
-  std::printf("%s M=%lld K=%lld N=%lld group=%lld%s%s\n", path.c_str(), static_cast<long long>(d.M),
+  std::printf("%s bits=%d M=%lld K=%lld N=%lld group=%lld%s%s\n", path.c_str(), d.bits, static_cast<long long>(d.M),
               static_cast<long long>(d.K), static_cast<long long>(d.N), static_cast<long long>(d.group),
               static_scale > 0 ? " static" : " per-token", g_wrong.empty() ? "" : (" wrong-layout=" + g_wrong).c_str());
   return 0;
