@@ -30,27 +30,33 @@ CASES = [
 ]
 
 
-def op_model(K, N, group, *, static, dtype, seed, constant_weights=True):
-    """One W4A8MatMul node with bias over random INT4 weights; returns (model, arrays)."""
-    rng = np.random.default_rng(seed)
-    qw = quantize_groupwise(rng.standard_normal((K, N)).astype(np.float32), group)
-    w = {"W": pack_weight(qw.q, group), "S": np.ascontiguousarray(qw.scale.T),
-         "A": np.array(0.05, np.float32), "B": rng.standard_normal(N).astype(np.float32)}
+def node_model(op_type: str, name: str, w: dict, K, N, group, *, static, dtype, constant_weights=True):
+    """One fptq op node (W4A8MatMul or W8A8MatMul) with bias over the arrays `w` (W, S, A, B); A is dropped
+    unless static. constant_weights=False: W and scales are graph inputs, fed at Run (packed per Run)."""
     names = ["X", "W", "S", "A" if static else "", "B"]
     if not static:
-        del w["A"]
-    node = helper.make_node("W4A8MatMul", names, ["Y"], domain="fptq", name="lin", K=K, N=N, group_size=group)
+        w.pop("A", None)
+    node = helper.make_node(op_type, names, ["Y"], domain="fptq", name=name, K=K, N=N, group_size=group)
     elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
     inputs = [helper.make_tensor_value_info("X", elem, ["m", K])]
     inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
-    if not constant_weights:   # W and scales fed at Run: the kernel must pack them per Run
-        inputs += [helper.make_tensor_value_info("W", TensorProto.UINT8, list(w["W"].shape)),
+    if not constant_weights:
+        inputs += [helper.make_tensor_value_info("W", helper.np_dtype_to_tensor_dtype(w["W"].dtype), list(w["W"].shape)),
                    helper.make_tensor_value_info("S", TensorProto.FLOAT, list(w["S"].shape))]
         inits = [i for i in inits if i.name not in ("W", "S")]
     graph = helper.make_graph([node], "op", inputs, [helper.make_tensor_value_info("Y", elem, ["m", N])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("fptq", 1)])
     model.ir_version = 10
     return model, w
+
+
+def op_model(K, N, group, *, static, dtype, seed, constant_weights=True):
+    """One W4A8MatMul node with bias over random INT4 weights; returns (model, arrays)."""
+    rng = np.random.default_rng(seed)
+    qw = quantize_groupwise(rng.standard_normal((K, N)).astype(np.float32), group)
+    w = {"W": pack_weight(qw.q, group), "S": np.ascontiguousarray(qw.scale.T),
+         "A": np.array(0.05, np.float32), "B": rng.standard_normal(N).astype(np.float32)}
+    return node_model("W4A8MatMul", "lin", w, K, N, group, static=static, dtype=dtype, constant_weights=constant_weights)
 
 
 def rel_err(a, b):
@@ -74,10 +80,15 @@ def test_library_info_names_the_kernel_that_runs(monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-g{c[3]}-{'static' if c[4] else 'token'}-"
                                                       f"{np.dtype(c[5]).name}")
 def test_every_cpu_kernel_matches_reference_and_each_other_bitwise(case, monkeypatch):
+    check_every_kernel(case, op_model, reference, monkeypatch)
+
+
+def check_every_kernel(case, make_model, reference_fn, monkeypatch):
+    """Every CPU kernel this machine runs against the float64 reference, and bitwise against each other."""
     M, K, N, group, static, dtype = case
-    model, w = op_model(K, N, group, static=static, dtype=dtype, seed=M + K)
+    model, w = make_model(K, N, group, static=static, dtype=dtype, seed=M + K)
     x = (np.random.default_rng(M).standard_normal((M, K)) * 3).astype(dtype)
-    ref = reference(x, w["W"], w["S"], w.get("A"), w["B"], K, N, group)
+    ref = reference_fn(x, w["W"], w["S"], w.get("A"), w["B"], K, N, group)
     outs = {isa: run_on(isa, monkeypatch, model, {"X": x}) for isa in ISAS}
     for isa, out in outs.items():
         assert out.dtype == dtype and out.shape == (M, N)

@@ -4,13 +4,12 @@ equal, exact where ONNX Runtime's u8 x s8 kernel saturates (full-range codes on 
 count independent, weights packed per Run when they are graph inputs, and bad input refused clearly."""
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 from onnx.reference import ReferenceEvaluator
 
 from fptq_graph import runtime
 from fptq_graph.runtime.w4a8_op import MAX_INT8_GROUP, W8A8MatMulReference, pack_weight_int8, reference_int8
-
-ISAS = runtime.library_info()["cpu_isas"]      # best first; generic is always there
+from test_w4a8_isa import ISAS, check_every_kernel, node_model, rel_err, run_on
 
 # (M, K, N, group, static, dtype): decode (M = 1..3) and prefill row counts, per output channel
 # (group = K, the LM head) and per group, K and groups not a multiple of 8, N below a vector and odd.
@@ -31,49 +30,15 @@ def op_model(K, N, group, *, static, dtype=np.float32, seed=0, codes=None, const
     rng = np.random.default_rng(seed)
     q = rng.integers(-127, 128, (K, N)).astype(np.int8) if codes is None else codes
     weight = pack_weight_int8(q, group)
-    groups = weight.shape[1] // group
-    w = {"W": weight, "S": (rng.random((N, groups)) * 0.01 + 1e-3).astype(np.float32),
+    w = {"W": weight, "S": (rng.random((N, weight.shape[1] // group)) * 0.01 + 1e-3).astype(np.float32),
          "A": np.array(0.05, np.float32), "B": rng.standard_normal(N).astype(np.float32)}
-    names = ["X", "W", "S", "A" if static else "", "B"]
-    if not static:
-        del w["A"]
-    node = helper.make_node("W8A8MatMul", names, ["Y"], domain="fptq", name="head", K=K, N=N, group_size=group)
-    elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
-    inputs = [helper.make_tensor_value_info("X", elem, ["m", K])]
-    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
-    if not constant_weights:
-        inputs += [helper.make_tensor_value_info("W", TensorProto.INT8, list(w["W"].shape)),
-                   helper.make_tensor_value_info("S", TensorProto.FLOAT, list(w["S"].shape))]
-        inits = [i for i in inits if i.name not in ("W", "S")]
-    graph = helper.make_graph([node], "op", inputs, [helper.make_tensor_value_info("Y", elem, ["m", N])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("fptq", 1)])
-    model.ir_version = 10
-    return model, w
-
-
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
-
-
-def run_on(isa, monkeypatch, model, feeds, threads=None):
-    monkeypatch.setenv("FPTQ_CPU_ISA", isa)
-    return runtime.session(model, threads=threads).run(None, feeds)[0]
+    return node_model("W8A8MatMul", "head", w, K, N, group, static=static, dtype=dtype, constant_weights=constant_weights)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-g{c[3]}-{'static' if c[4] else 'token'}-"
                                                       f"{np.dtype(c[5]).name}")
 def test_every_cpu_kernel_matches_reference_and_each_other_bitwise(case, monkeypatch):
-    M, K, N, group, static, dtype = case
-    model, w = op_model(K, N, group, static=static, dtype=dtype, seed=M + K)
-    x = (np.random.default_rng(M).standard_normal((M, K)) * 3).astype(dtype)
-    ref = reference_int8(x, w["W"], w["S"], w.get("A"), w["B"], K, N, group)
-    outs = {isa: run_on(isa, monkeypatch, model, {"X": x}) for isa in ISAS}
-    for isa, out in outs.items():
-        assert out.dtype == dtype and out.shape == (M, N)
-        # float32 sums of exact int32 group dots: about 1e-7; one int8 rounding off would be ~1e-3
-        assert rel_err(out, ref) <= (1e-5 if dtype == np.float32 else 2e-3), isa
-    for isa, out in outs.items():
-        assert np.array_equal(out.view(np.uint8), outs[ISAS[0]].view(np.uint8)), f"{isa} differs from {ISAS[0]}"
+    check_every_kernel(case, op_model, reference_int8, monkeypatch)
 
 
 def test_reference_evaluator_agrees():
