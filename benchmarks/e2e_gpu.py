@@ -14,6 +14,12 @@ per form through ONNX Runtime with I/O bound to the device (outputs stay there, 
 
 Prints a table and writes JSON. Targets (issue 6): w4a8 prefill >= 1.3x faster than fp16; decode no
 slower than `ort`; weights <= 0.3x fp16.
+
+What this measures on a GPU: the exported graph one ORT Run a step, with unfused attention, rotary and
+norms and no CUDA graph: several hundred small kernels a token, so decode here is bound by launches, not
+by the linears (H200, 2026-12-04: 7.4-7.9 ms a token for 2.1 GB of fp16 weights, ~15x the memory roof).
+How users deploy a decoder on a GPU is onnxruntime-genai over the GenAI builder's CUDA folders:
+benchmarks/genai_gpu.py (issue 32) is the deployment figure.
 """
 from __future__ import annotations
 

@@ -70,8 +70,14 @@ def hf_folder(tmp_path_factory):
 
     from fptq_graph.exporters.packaged import packaged_model
 
-    gguf = packaged_model("smollm2")
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # FPTQ_TEST_TOKENIZER: a saved tokenizer folder instead of the packaged GGUF's (the GPU machine has no
+    # room for the GGUF package: scripts/gpu/genai_gpu.sh carries SmolLM2's tokenizer saved here)
+    saved = os.environ.get("FPTQ_TEST_TOKENIZER")
+    if saved:
+        tok = AutoTokenizer.from_pretrained(saved)
+    else:
+        gguf = packaged_model("smollm2")
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=FOLDER_LAYERS,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tok.bos_token_id,
@@ -85,6 +91,19 @@ def hf_folder(tmp_path_factory):
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def builder_cuda_folder(hf_folder):
+    """hf_folder made by the GenAI model builder for CUDA (fp16; GroupQueryAttention over a shared
+    past/present buffer): what a user deploying to a GPU quantizes. The builder needs no GPU to write it."""
+    import subprocess
+    out = hf_folder.parent / "genai-cuda-fp16"
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(out),
+                           "-p", "fp16", "-e", "cuda"], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -186,12 +186,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", parents=[common], help="perplexity of a causal LM (float or quantized) on a text file",
                        description="Perplexity through ONNX Runtime over non-overlapping windows of a text file, "
                                    "tokenized with the model's recorded tokenizer (or --tokenizer).")
-    p.add_argument("model", help="ONNX causal LM with a 'logits' output")
+    p.add_argument("model", help="ONNX causal LM with a 'logits' output, or a model folder (its tokenizer beside it)")
     p.add_argument("--text", required=True, help="evaluation text (use held-out text calibration never saw)")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the one recorded by export)")
     p.add_argument("--json", metavar="OUT.json", help="also write the result as JSON")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", parents=[common], help="greedy generation from a causal LM (float or quantized) in ONNX Runtime",
@@ -458,7 +459,7 @@ def _cmd_eval(args) -> int:
     from fptq_graph.evaluate import perplexity
     from fptq_graph.ir.load import load_split
     from fptq_graph.ir.save import write_atomic
-    from fptq_graph.runtime.sessions import session
+    from fptq_graph.runtime.sessions import PROVIDERS, session
 
     if args.seq_len < 2:
         raise FptqError(f"--seq-len must be at least 2 (a window predicts its tokens after the first), got {args.seq_len}")
@@ -481,12 +482,13 @@ def _cmd_eval(args) -> int:
         bos = leading_bos(get_tokenizer())
         inputs = list(header.graph.input)
         del header
-        sess = session(args.model, mem_pattern=False)   # see session(): the qdq form's memory pattern
+        # see session(): the qdq form's memory pattern
+        sess = session(args.model, providers=PROVIDERS[args.provider], mem_pattern=False)
         used = min(ids.size, args.max_tokens or ids.size)
         value = perplexity(sess, ids, args.seq_len, max_tokens=args.max_tokens, progress=True, bos=bos,
                            inputs=inputs)
         windows = used // (args.seq_len - (bos is not None))
-        result = {"model": args.model, "text": args.text, "seq_len": args.seq_len, "bos": bos,
+        result = {"model": args.model, "text": args.text, "provider": args.provider, "seq_len": args.seq_len, "bos": bos,
                   "tokens_scored": windows * (args.seq_len - 1), "windows": windows, "perplexity": value}
         if json_out:
             write_atomic(json_out.staged, json.dumps(result, indent=2))

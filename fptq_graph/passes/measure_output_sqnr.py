@@ -82,8 +82,8 @@ def output_chunks(linears: list, bytes_per_channel: int, budget: int) -> list[li
 
 
 def with_outputs(model: SplitModel, names: list[str]) -> SplitModel:
-    """`model` with `names` as its outputs (types left to the runtime) and only the nodes they need: a
-    copy of the structure, the same arrays. The pruning matters: these sessions run with graph
+    """`model` with `names` as its outputs (types left to the runtime; the model's own outputs that those
+    nodes compute stay too) and only the nodes they need: a copy of the structure, the same arrays. The pruning matters: these sessions run with graph
     optimizations off, so a kept-float LM head would still compute its logits ([tokens, vocab]: with
     a 262k vocabulary, more than the model's weights) for nothing."""
     out = onnx.ModelProto()
@@ -98,4 +98,10 @@ def with_outputs(model: SplitModel, names: list[str]) -> SplitModel:
             needed.update(body_reads(node))   # outer-scope names its bodies read
     del out.graph.node[:]
     out.graph.node.extend(reversed(kept))
+    # The model's own outputs that the kept nodes compute anyway stay outputs: a GenAI builder's CUDA graph
+    # (GroupQueryAttention over a past/present buffer) whose present KV is no longer a graph output has ORT
+    # plan present into the past input's buffer (the op may work in place), which fails at run time with
+    # a past of another length ("Shape mismatch attempting to re-use buffer {1,2,0,64} != {1,2,32,64}").
+    produced = {name for node in kept for name in node.output}
+    out.graph.output.extend(v for v in model.proto.graph.output if v.name not in names and v.name in produced)
     return SplitModel(out, model.arrays)
