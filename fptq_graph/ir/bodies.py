@@ -2,7 +2,7 @@
 onnx-graphsurgeon graphs (the passes) and ONNX protos (loading, saving, sessions)."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -45,3 +45,23 @@ def gs_body_nodes(graph: gs.Graph, owner: str = "") -> Iterator[tuple[gs.Node, s
 def body_reads(node: onnx.NodeProto) -> set[str]:
     """Names the bodies of `node` read, at any depth: outer-scope references included."""
     return {name for body in proto_bodies(node) for inner in proto_nodes(body.node) for name in inner.input}
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads, its control-flow bodies' outer-scope reads included."""
+    return [name for name in node.input if name] + sorted(body_reads(node))
+
+
+def needed_nodes(nodes: Sequence[onnx.NodeProto], outputs: Iterable[str], among: Iterable[int] | None = None,
+                 stop: Iterable[str] = ()) -> list[int]:
+    """Indices (ascending) of the nodes that `outputs` depend on: the one walk back through every tensor a
+    node reads (node_reads), over `nodes` in topological order (as ONNX lists them). among: only these
+    indices are candidates (a block's own nodes); stop: tensors the walk does not pass (a block's inputs)."""
+    candidates = sorted(among) if among is not None else range(len(nodes))
+    stop = set(stop)
+    wanted, keep = set(outputs), []
+    for i in reversed(candidates):
+        if any(name in wanted for name in nodes[i].output):
+            keep.append(i)
+            wanted.update(name for name in node_reads(nodes[i]) if name not in stop)
+    return sorted(keep)

@@ -17,7 +17,7 @@ import onnx
 from fptq_graph.runtime import ort_errors
 from fptq_graph.ir.save import finish_split
 from fptq_graph.runtime.sessions import session
-from fptq_graph.ir.bodies import body_reads
+from fptq_graph.ir.bodies import needed_nodes
 from fptq_graph.ir.split_model import SplitModel
 from fptq_graph.passes.base import Pass, PassResult
 from fptq_graph.passes.rewrite.quantize_weights import signal_and_noise, sqnr_db
@@ -90,14 +90,9 @@ def with_outputs(model: SplitModel, names: list[str]) -> SplitModel:
     out.CopyFrom(model.proto)
     del out.graph.output[:]
     out.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
-    needed, kept = set(names), []
-    for node in reversed(out.graph.node):   # ONNX lists nodes in topological order
-        if any(name in needed for name in node.output):
-            kept.append(node)
-            needed.update(node.input)
-            needed.update(body_reads(node))   # outer-scope names its bodies read
+    kept = [out.graph.node[i] for i in needed_nodes(out.graph.node, names)]
     del out.graph.node[:]
-    out.graph.node.extend(reversed(kept))
+    out.graph.node.extend(kept)
     # The model's own outputs that the kept nodes compute anyway stay outputs: a GenAI builder's CUDA graph
     # (GroupQueryAttention over a past/present buffer) whose present KV is no longer a graph output has ORT
     # plan present into the past input's buffer (the op may work in place), which fails at run time with

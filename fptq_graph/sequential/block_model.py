@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 
 from fptq_graph.ir.split_model import SplitModel
-from fptq_graph.sequential.blocks import Block, node_reads
+from fptq_graph.ir.bodies import node_reads
+from fptq_graph.sequential.blocks import Block
 
 
 def block_model(observed: SplitModel, block: Block, input_dtypes: dict[str, np.dtype],

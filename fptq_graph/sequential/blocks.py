@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from fptq_graph.errors import FptqError
-from fptq_graph.ir.bodies import body_reads
+from fptq_graph.ir.bodies import node_reads
 
 # Ops whose output depends on the shape of their input, not on its values.
 SHAPE_OPS = {"Shape", "Size"}
@@ -53,11 +53,6 @@ class Block:
         if not self.linears:
             return self.kind
         return f"{self.kind} {self.linears[0]}" + (f" .. {self.linears[-1]}" if len(self.linears) > 1 else "")
-
-
-def node_reads(node: onnx.NodeProto) -> list[str]:
-    """Every tensor a node reads, its control-flow bodies' outer-scope reads included."""
-    return [name for name in node.input if name] + sorted(body_reads(node))
 
 
 def find_blocks(model: onnx.ModelProto, observed_model: onnx.ModelProto, linear_names: list[str],

@@ -28,7 +28,8 @@ from fptq_graph.passes.rewrite.quantize_weights import signal_and_noise, sqnr_db
 from fptq_graph.runtime import ort_errors
 from fptq_graph.runtime.sessions import session
 from fptq_graph.sequential.block_model import block_model
-from fptq_graph.sequential.blocks import Block, node_reads
+from fptq_graph.ir.bodies import needed_nodes
+from fptq_graph.sequential.blocks import Block
 
 
 def measure_output_sqnr_by_block(state, blocks: list[Block], log=None) -> PassRecord:
@@ -105,14 +106,7 @@ def nodes_for(model, block: Block, outputs: list[str]) -> list[int]:
     """Indices of the nodes `outputs` depend on back to the block's input tensors (which end the walk):
     in the float model the block's own nodes, in the lowered graph the same with the nodes lowering
     added (quantize/dequantize, the W4A8 op)."""
-    stop = set(block.inputs)
-    wanted, keep = set(outputs), []
-    nodes = model.graph.node
-    for i in range(len(nodes) - 1, -1, -1):   # ONNX lists nodes in topological order
-        if any(name in wanted for name in nodes[i].output):
-            keep.append(i)
-            wanted.update(name for name in node_reads(nodes[i]) if name not in stop)
-    return sorted(keep)
+    return needed_nodes(model.graph.node, outputs, stop=block.inputs)
 
 
 def _dtypes(cut: dict[str, np.ndarray]) -> dict[str, np.dtype]:

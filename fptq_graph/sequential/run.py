@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fptq_graph.errors import FptqError
+from fptq_graph.ir.bodies import needed_nodes
 from fptq_graph.ir.split_model import export_split
 from fptq_graph.ir.residency import is_spent, release_pages, reset_peak, resident_bytes, spent, trim_heap
 from fptq_graph.passes.analysis.calibrate import StatisticsSum, observer_outputs
@@ -279,7 +280,7 @@ def _forward(runner, key: str, observed, block: Block, store: CutStore, calib, g
     overrides = {}
     if cfg.block_inputs == "quantized":
         overrides = _dequantized_weights(observed, linears, result)
-    pruned = replace(block, outputs=hand_over, nodes=_needed(observed, block, hand_over))
+    pruned = replace(block, outputs=hand_over, nodes=needed_nodes(observed.proto.graph.node, hand_over, among=block.nodes))
     model = block_model(observed, pruned, store.dtypes(), overrides)
     for index, values in runner.run_block(f"{key}/forward/{block.index}", model, hand_over,
                                           _batches(calib, graph_inputs, pruned, store, names),
@@ -294,17 +295,6 @@ def _batches(calib, graph_inputs, block: Block, store: CutStore, names: list[str
     tensors earlier blocks handed over."""
     for index, feeds in enumerate(calib.feed_batches(graph_inputs)):
         yield index, {n: feeds[n] for n in block.inputs if n in feeds} | store.feeds(index, names)
-
-
-def _needed(observed, block: Block, outputs: list[str]) -> list[int]:
-    """The block's nodes that the given outputs depend on."""
-    nodes = observed.proto.graph.node
-    wanted, keep = set(outputs), []
-    for i in reversed(block.nodes):
-        if any(o in wanted for o in nodes[i].output):
-            keep.append(i)
-            wanted.update(nodes[i].input)
-    return sorted(keep)
 
 
 def _dequantized_weights(observed, linears: dict, result: BlockResult) -> dict[str, np.ndarray]:
