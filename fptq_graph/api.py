@@ -5,7 +5,7 @@ import functools
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from fptq_graph.calibration import (CalibrationSet, CalibrationWarning, FeedsCal
                           from_random, leading_bos, load_tokenizer, random_feeds, read_token_ids, takes_tokens, vocab_size_of,
                           windows_of)
 from fptq_graph.config import Config
-from fptq_graph.errors import CalibrationError, ModelLoadError
+from fptq_graph.errors import CalibrationError, FptqError, ModelLoadError
 from fptq_graph.ir.load import load_split, validate_model
 from fptq_graph.ir.metadata import TOKENIZER_KEY, get_metadata, set_metadata
 from fptq_graph.ir.opset import MIN_OPSET, upgrade_opset
@@ -127,6 +127,7 @@ def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: An
     spread each block's calibration (sequential/ray_workers.py). result.run says which way the run went
     and why; result.discard_work() removes the folder once the output is written (save() does).
     """
+    config = block_run_options(config or Config(), resume=resume, workers=workers, ray_address=ray_address)
     state, source = _prepare(model_or_path, calibration, config, tokenizer)
     pipeline = default_pipeline(state.config.format)
     records = pipeline.until("linears").run(state, log=log)
@@ -212,6 +213,26 @@ def calibrate(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: A
     state, _ = _prepare(model_or_path, calibration, config, tokenizer)
     calibration_pipeline().run(state, log=log)
     return {activation: stats.max for activation, stats in state.stats.items()}
+
+
+def block_run_options(config: Config, *, resume: bool = False, workers: int | None = None, ray_address: str | None = None,
+                      names: dict[str, str] | None = None) -> Config:
+    """The block-by-block options checked before any work, the same for the API and the CLI (`names`: how
+    the caller calls them, e.g. "--workers"), and what they imply: resume, workers or a Ray address make
+    an undecided run (Config.sequential None) block by block; they only mean something there (the whole-
+    graph run would have ignored them)."""
+    names = {"resume": "resume", "workers": "workers", "ray_address": "ray_address", "sequential": "sequential=False",
+             **(names or {})}
+    asked = [key for key, value in (("resume", resume), ("workers", workers), ("ray_address", ray_address)) if value]
+    if config.sequential is False and asked:
+        raise FptqError(f"{names[asked[0]]} is for the block-by-block run, which {names['sequential']} refuses")
+    if workers is not None and workers < 1:
+        raise FptqError(f"{names['workers']} must be >= 1, got {workers}")
+    if workers and ray_address:
+        raise FptqError(f"{names['workers']} starts a local Ray cluster and {names['ray_address']} joins one: give one of them")
+    if config.sequential is None and asked:
+        config = replace(config, sequential=True)
+    return config
 
 
 def _prepare(model_or_path, calibration, config: Config | None, tokenizer) -> tuple[State, str]:

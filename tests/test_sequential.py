@@ -303,3 +303,26 @@ def test_ray_workers_give_the_same_model_and_survive_a_killed_worker(models, tmp
     assert fingerprint == whole_graph(models, c)
     assert result.run["workers"] == 2
     assert result.run["weight_tasks"] == 36
+
+
+@pytest.mark.parametrize("kwargs,config,match", [
+    ({"workers": 0}, {}, r"workers must be >= 1, got 0"),
+    ({"workers": 2, "ray_address": "auto"}, {}, r"workers starts a local Ray cluster and ray_address joins one"),
+    ({"resume": True}, {"sequential": False}, r"resume is for the block-by-block run, which sequential=False refuses"),
+])
+def test_api_checks_block_options_as_the_cli_does(kwargs, config, match):
+    """quantize() refuses what the CLI refuses, before any work (issue 33: workers=0 went through the API,
+    and resume or workers were ignored when the run went whole graph)."""
+    from fptq_graph import Config, FptqError, quantize
+
+    with pytest.raises(FptqError, match=match):
+        quantize("/nonexistent.onnx", 2, Config(progress=False, **config), **kwargs)
+
+
+def test_api_block_options_make_an_undecided_run_block_by_block():
+    from fptq_graph import Config
+    from fptq_graph.api import block_run_options
+
+    assert block_run_options(Config(), resume=True).sequential is True
+    assert block_run_options(Config(), workers=2).sequential is True
+    assert block_run_options(Config()).sequential is None

@@ -9,7 +9,6 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 from fptq_graph.errors import FptqError
@@ -246,7 +245,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from fptq_graph.api import quantize
+    from fptq_graph.api import block_run_options, quantize
     from fptq_graph.config import Config
 
     if args.quantize_lm_head and args.lm_head not in (None, "int4"):
@@ -260,16 +259,10 @@ def _cmd_quantize(args) -> int:
                     calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet,
                     sequential=args.sequential, memory_budget_mib=args.memory_budget, block_inputs=args.block_inputs)
     config.validate()   # every argument checked before any work
-    if args.sequential is False and (args.resume or args.workers or args.ray_address):
-        flag = "--resume" if args.resume else "--workers" if args.workers else "--ray-address"
-        return _fail(f"{flag} is for the block-by-block run, which --no-sequential refuses")
-    if args.workers is not None and args.workers < 1:
-        return _fail(f"--workers must be >= 1, got {args.workers}")
-    if args.workers and args.ray_address:
-        return _fail("--workers starts a local Ray cluster and --ray-address joins one: give one of them")
+    config = block_run_options(config, resume=args.resume, workers=args.workers, ray_address=args.ray_address,
+                               names={"resume": "--resume", "workers": "--workers", "ray_address": "--ray-address",
+                                      "sequential": "--no-sequential"})
     blocks = _block_options(args)
-    if args.sequential is None and (args.resume or args.workers or args.ray_address):
-        config = replace(config, sequential=True)   # these only mean something block by block
     if Path(args.input).is_dir():
         return _quantize_folder(args, config, blocks)
     outputs = _outputs_reading(args.input, args.calib, args.tokenizer)
