@@ -9,9 +9,10 @@ tied embedding lookups Gather rows of that very initializer and dequantize only 
 kernel of the op (generic, AVX2, AVX-VNNI, AVX-512 VNNI: exact int32 group sums on each).
 
 Why not ONNX Runtime's own integer ops: MatMulIntegerToFloat with int8 activations (exact on every CPU)
-runs MLAS's portable s8 x s8 loop, 96 ms for SmolLM2's 1 x 576 @ 576 x 49152 head against 9 ms float;
-with uint8 activations MLAS's AVX2 kernel (no VNNI) saturates its int16 pair sums on full-range int8
-weights (README, "CPUs without VNNI"). W8A8MatMul runs it in 1.7 ms (docs/benchmarks.md, issue 30).
+runs MLAS's portable s8 x s8 loop, 50 ms for SmolLM2's 1 x 576 @ 576 x 49152 head against 8 ms float on
+2 cores; with uint8 activations MLAS's AVX2 kernel (no VNNI) saturates its int16 pair sums on full-range
+int8 weights (README, "CPUs without VNNI"). W8A8MatMul runs it in 2.2 ms there (0.8-1.0 ms alone and
+warm; docs/benchmarks.md, issue 30), and has CUDA kernels beside W4A8MatMul's.
 """
 from __future__ import annotations
 
