@@ -185,7 +185,7 @@ def run_model(name: str, result: dict, args, out: Path, save) -> None:
 
 def model_bytes(path: Path) -> int:
     """The model file and its external data."""
-    from fptq_graph.ir.run_outputs import model_files
+    from fptq_graph.files.run_outputs import model_files
 
     return sum(Path(p).stat().st_size for p in model_files(path))
 

@@ -1,7 +1,8 @@
 // Picks the CPU kernel once per ONNX Runtime kernel (at session creation): FPTQ_CPU_ISA if set,
 // else the best instruction set this CPU and OS run. The CPU check is GCC/clang's
 // __builtin_cpu_supports, which reads CPUID once per process and also checks (xgetbv) that the OS
-// saves the ymm / zmm registers. fptq_graph.runtime.library_info() mirrors this choice in Python.
+// saves the ymm / zmm registers. fptq_graph.runtime.library_info() asks this check (FptqCpuKernels,
+// below) rather than re-deriving it, so Python and the kernels never disagree on what this CPU runs.
 #include <cstdlib>
 #include <string>
 
@@ -78,3 +79,17 @@ const CpuKernels* SelectCpuKernels(std::string* error) {
 }
 
 }  // namespace fptq
+
+// The CPU kernels this library has that this CPU runs, best first, comma-separated ("avx512vnni,avx2,
+// generic"): what SelectCpuKernels picks from. Exported (exports.map) for fptq_graph.runtime.library_info,
+// which loads the library with ctypes; no ONNX Runtime call is made.
+extern "C" __attribute__((visibility("default"))) const char* FptqCpuKernels() {
+  static const std::string runs = [] {
+    std::string out;
+    for (const fptq::Path& p : fptq::kPaths) {
+      if (p.supported()) out += (out.empty() ? "" : ",") + std::string(p.name);
+    }
+    return out;
+  }();
+  return runs.c_str();
+}

@@ -13,7 +13,7 @@ MOVED = {
     "fptq_graph.ort_errors": "fptq_graph.runtime.ort_errors",
     "fptq_graph.model_io": "fptq_graph.ir",            # load_model, load_split, save_model, validate_model, ...
     "fptq_graph.split_model": "fptq_graph.ir.split_model",
-    "fptq_graph.run_outputs": "fptq_graph.ir.run_outputs",
+    "fptq_graph.run_outputs": "fptq_graph.files.run_outputs",
     "fptq_graph.model_folder": "fptq_graph.ir.folder",
     "fptq_graph.schedule": "fptq_graph.ir.schedule",
     "fptq_graph.protobuf_wire": "fptq_graph.ir.protobuf_wire",

@@ -365,7 +365,7 @@ def test_signal_before_commit_stops_and_after_commit_does_not(tmp_path):
     """In-process, no timing: a SIGTERM before the commit raises Terminated and leaves nothing; one held
     during the commit's renames, or arriving after it, finds the outputs complete and stops nothing (the
     CLI would otherwise print "no output written" over files it had just put in place)."""
-    from fptq_graph.ir.run_outputs import RunOutputs, Terminated, signals
+    from fptq_graph.files.run_outputs import RunOutputs, Terminated, signals
 
     def run(kill_at: str) -> None:
         outputs = RunOutputs(inputs=[])
@@ -431,3 +431,46 @@ def test_a_killed_run_leaves_a_staging_folder_the_next_run_removes(tmp_path):
     assert all(f"removed {p}" in done.stderr for p in left), done.stderr
     assert not list(tmp_path.glob(".fptq-staging-*"))
     onnx.checker.check_model(str(tmp_path / "q.onnx"))
+
+
+def test_a_full_output_folder_leaves_no_staging_behind(tmp_path, monkeypatch):
+    """The output folder fills up after the staging folder is made, while its owner is written: the run
+    fails with one line naming the folder, and removes the staging folder it made (each retry used to add
+    another, which the sweep could not judge: no owner in it)."""
+    from pathlib import Path as P
+
+    from fptq_graph.files.run_outputs import OutputError, RunOutputs
+
+    write_text = P.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == ".owner":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(P, "write_text", full)
+    for _ in range(2):
+        outputs = RunOutputs()
+        outputs.add(tmp_path / "q.onnx", "model")
+        with pytest.raises(OutputError, match=f"output directory {tmp_path}: cannot write there"):
+            with outputs:   # stages on entry
+                pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ownerless_staging_older_than_the_run_is_removed(tmp_path):
+    """A staging folder without an owner (left by a version that leaked one) is removed by the next run
+    into the folder when it was made before that run started; one made since (a run making its own this
+    instant) is left alone."""
+    from fptq_graph.files import run_outputs
+
+    old = tmp_path / f"{run_outputs.STAGING_PREFIX}old"
+    (old / "q.onnx").parent.mkdir()
+    (old / "q.onnx").write_bytes(b"\0" * 1024)
+    before = run_outputs._PROCESS_STARTED - 60
+    os.utime(old, (before, before))
+    young = tmp_path / f"{run_outputs.STAGING_PREFIX}young"
+    young.mkdir()
+    with pytest.warns(run_outputs.StaleStagingWarning, match="a run that recorded no owner"):
+        removed = run_outputs.remove_stale_staging(tmp_path)
+    assert removed == [old] and not old.exists() and young.is_dir()

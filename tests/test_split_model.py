@@ -2,6 +2,9 @@
 protobuf message, handed to ONNX Runtime in place and streamed into the output file. Each check compares
 against onnx's own loader and serializer (the independent reference)."""
 import hashlib
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +17,7 @@ from fptq_graph.ir.load import load_split
 from fptq_graph.ir.save import save_model
 from fptq_graph.ir.protobuf_wire import read_varint, varint
 from fptq_graph.runtime import session
+from fptq_graph.ir.residency import mapping_of
 from fptq_graph.ir.split_model import IN_MEMORY, SplitModel, is_in_memory, open_split, split_proto, write_external
 
 
@@ -59,7 +63,7 @@ def test_open_split_maps_weights_read_only(tmp_path, external):
     # Inline, the 192-byte bias stays in the proto; external data is mapped whatever its size.
     assert set(split.arrays) == {"w0", "w1", "table", "index"} | ({"bias"} if external else set())
     for name, array in split.arrays.items():
-        assert isinstance(array, np.memmap) and not array.flags.writeable, name
+        assert mapping_of(array) is not None and not array.flags.writeable, name   # mapped, not read
         np.testing.assert_array_equal(array, expected[name])
         init = next(i for i in split.proto.graph.initializer if i.name == name)
         assert is_in_memory(init) and not init.raw_data
@@ -156,3 +160,85 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path):
     onnx.save_model(header, str(tmp_path / "inner" / "escape.onnx"))
     with pytest.raises(ModelLoadError, match="escape.onnx.*outside the model's folder"):
         load_split(tmp_path / "inner" / "escape.onnx")
+
+
+# Opening a model maps each file once (split_model._FileMaps): the descriptors it takes do not grow with
+# its tensor count. Run in a child process whose RLIMIT_NOFILE is what it already has open plus 48: a
+# mapping per tensor (before) needed one descriptor per tensor, hundreds here, and failed.
+_LOW_LIMIT = """
+import os, resource, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from fptq_graph.ir.split_model import open_split
+from fptq_graph.runtime import session
+{imports}
+open_now = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+{body}
+print("ok")
+"""
+
+
+def _run_low_limit(tmp_path, body: str, imports: str = "") -> None:
+    script = tmp_path / "low_limit.py"
+    script.write_text(_LOW_LIMIT.format(tests=str(Path(__file__).parent), imports=imports, body=body))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def _many_tensor_chain(count: int) -> onnx.ModelProto:
+    """x -> MatMul(w_i) -> ... : `count` weights of 16 x 16 float32 (1 KiB each: every one mapped)."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    for i in range(count):
+        w = (np.eye(16) + rng.normal(0, 1e-3, (16, 16))).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}" if i < count - 1 else "y"]))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_thousands_of_tensors_open_twice_under_a_low_descriptor_limit(tmp_path, external):
+    model = _many_tensor_chain(3000)
+    expected = np.ones((1, 16), np.float32)
+    for init in model.graph.initializer:
+        expected = expected @ numpy_helper.to_array(init)
+    path = tmp_path / "chain.onnx"
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="chain.onnx.data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    np.save(tmp_path / "expected.npy", expected)
+    _run_low_limit(tmp_path, f"""
+first, second = open_split({str(path)!r}), open_split({str(path)!r})   # quantize's float and output models
+assert len(first.arrays) == len(second.arrays) == 3000
+y = session(second).run(None, {{"x": np.ones((1, 16), np.float32)}})[0]
+np.testing.assert_allclose(y, np.load({str(tmp_path / "expected.npy")!r}), rtol=1e-4)
+""")
+
+
+def test_block_by_block_runs_under_a_low_descriptor_limit(tmp_path):
+    """A 24-layer LLaMA (170 mapped tensors) quantized block by block with 48 descriptors to spare."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fptq_graph.exporters import export_hf_streaming
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=24,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    hf.save_pretrained(str(tmp_path / "hf"))
+    path = tmp_path / "m.onnx"
+    export_hf_streaming(tmp_path / "hf", path)
+    assert len(open_split(path).arrays) > 150
+    out = tmp_path / "q.onnx"
+    _run_low_limit(tmp_path, f"""
+result = quantize({str(path)!r}, 2, Config(recipe="fptq-paper", group_size=32, calib_samples=2, calib_seq_len=32,
+                                           calib_batch_size=2, sqnr_samples=1, progress=False, sequential=True))
+assert result.run["mode"] == "block by block", result.run
+result.save({str(out)!r})
+""", imports="from fptq_graph import Config, quantize")
+    assert out.stat().st_size > 0

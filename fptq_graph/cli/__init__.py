@@ -2,7 +2,7 @@
 
 SIGTERM and SIGHUP are answered from the command's first line: the handler below is installed before
 the heavy imports (torch, onnx, ONNX Runtime: seconds on a loaded machine), so a signal at any time
-gives the same exit code (128 + signal) and message; once a command runs, ir/run_outputs.signals()
+gives the same exit code (128 + signal) and message; once a command runs, files/run_outputs.signals()
 takes over and cleans up what the run staged.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from fptq_graph.ir.run_outputs import swap_stop_handlers
+from fptq_graph.files.run_outputs import swap_stop_handlers
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from fptq_graph.errors import FptqError
-from fptq_graph.ir.run_outputs import RunOutputs, Terminated, model_files, signals
+from fptq_graph.files.run_outputs import RunOutputs, Terminated, model_files, signals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,7 +319,7 @@ def _quantize_folder(args, config, blocks: dict) -> int:
     from fptq_graph.api import quantize
     from fptq_graph.ir.folder import TOKENIZER_FILES, FolderWarning, copy_companions, open_folder, update_genai_config
     from fptq_graph.ir.metadata import TOKENIZER_KEY, set_metadata
-    from fptq_graph.ir.run_outputs import Output
+    from fptq_graph.files.run_outputs import Output
 
     folder = open_folder(args.input)
     pair = folder.encoder_decoder()
@@ -383,7 +383,7 @@ def _quantize_encoder_decoder_folder(args, config, blocks: dict, folder, pair) -
     from fptq_graph.api import quantize_encoder_decoder
     from fptq_graph.ir.folder import FolderWarning, copy_companions
     from fptq_graph.ir.metadata import TOKENIZER_KEY, set_metadata
-    from fptq_graph.ir.run_outputs import Output
+    from fptq_graph.files.run_outputs import Output
 
     if blocks.get("resume") or blocks.get("workers") or blocks.get("ray_address"):
         raise FptqError("--resume, --workers and --ray-address are for one model; an encoder-decoder folder is "

@@ -6,7 +6,7 @@ split_model.py  SplitModel: the proto's structure with its large tensors as arra
 opset.py        the model's opset, what its ops need, conversion (never a relabel)
 metadata.py     metadata_props keys (the tokenizer, the report)
 bodies.py       the one walker of control-flow bodies (If/Loop/Scan subgraphs)
-run_outputs.py  several outputs staged and committed together, held against signals
+mapped_files.py read-only mappings, one per file, tensors as views into them
 folder.py       model folders in and out (ONNX Runtime GenAI, optimum, Hugging Face)
 schedule.py     node order for early reductions; protobuf_wire.py: the wire format for mapping
 """
@@ -19,7 +19,7 @@ __all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
-    """The common entry points, loaded on first use: ir/run_outputs.py must import without onnx (the
+    """The common entry points, loaded on first use: fptq_graph.files.run_outputs must import without onnx (the
     command installs its signal handlers through it before the heavy imports)."""
     if name not in _EXPORTS:
         raise AttributeError(f"module 'fptq_graph.ir' has no attribute {name!r}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fptq_graph.errors import FptqError
-from fptq_graph.ir.run_outputs import STAGING_PREFIX
+from fptq_graph.files.run_outputs import STAGING_PREFIX
 
 GENAI_CONFIG = "genai_config.json"
 # optimum's decoder file names, most useful first (a merged decoder serves prompt and decode steps).

@@ -18,23 +18,36 @@ import numpy as np
 
 
 def release_pages(arrays: Iterable[np.ndarray]) -> int:
-    """Advises away the mapped pages behind each memory-mapped array; returns the bytes advised."""
+    """Advises away the mapped pages behind each memory-mapped array (its own bytes, not its whole
+    file: a file's tensors share one mapping, split_model._FileMaps); returns the bytes advised."""
     released = 0
     for array in arrays:
-        base = array
-        while base is not None and not isinstance(base, mmap.mmap):
-            mapped = getattr(base, "_mmap", None)
-            if isinstance(mapped, mmap.mmap):
-                base = mapped
-                break
-            base = getattr(base, "base", None)
-        if isinstance(base, mmap.mmap) and not base.closed:
-            try:
-                base.madvise(mmap.MADV_DONTNEED)
-                released += len(base)
-            except (OSError, ValueError):   # a mapping the kernel will not advise: it is only memory
-                pass
+        mapped = mapping_of(array)
+        if mapped is None or mapped.closed or array.nbytes == 0:
+            continue
+        base_address = np.frombuffer(mapped, dtype=np.uint8, count=1).__array_interface__["data"][0]
+        start = array.__array_interface__["data"][0] - base_address
+        aligned = start - start % mmap.PAGESIZE
+        length = min(start + array.nbytes, len(mapped)) - aligned
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED, aligned, length)
+            released += length
+        except (OSError, ValueError):   # a mapping the kernel will not advise: it is only memory
+            pass
     return released
+
+
+def mapping_of(array: np.ndarray) -> mmap.mmap | None:
+    """The mmap an array's memory lies in (np.memmap's own, or the one a np.frombuffer view reads), if any."""
+    base = array
+    while base is not None:
+        if isinstance(base, mmap.mmap):
+            return base
+        mapped = getattr(base, "_mmap", None)
+        if isinstance(mapped, mmap.mmap):
+            return mapped
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return None
 
 
 class SpentWeight(np.ndarray):

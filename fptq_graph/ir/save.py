@@ -2,7 +2,7 @@
 
 onnx 1.23 writes IR version 14 by default and onnxruntime 1.31 refuses it. An interrupted run never
 leaves a partial file under the requested name; several outputs committed together go through
-ir/run_outputs.py, which stages them with these writers.
+files/run_outputs.py, which stages them with these writers.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def replace_atomically(path: Path, write) -> Path:
     """The one way a file reaches its final name: `write(staged)` writes it (and any files beside it,
     whose names it returns) in a staging folder made in the target's own folder; then the companions and
     last the file itself are renamed into place, so an interrupted write never leaves a partial file
-    under a requested name. (ir/run_outputs.py stages several outputs of one run the same way and
+    under a requested name. (files/run_outputs.py stages several outputs of one run the same way and
     commits them together.)"""
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():

@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 from fptq_graph.ir.bodies import gs_graphs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from fptq_graph.ir.mapped_files import MappedFiles
 from fptq_graph.ir.residency import release_pages
 from fptq_graph.ir.protobuf_wire import LEN, VARINT, fields, key, read_varint, varint
 
@@ -113,7 +114,7 @@ def open_split(path: str | os.PathLike) -> SplitModel:
     path = Path(path)
     spans: dict[str, tuple[int, int]] = {}
     structure = bytearray()
-    # Only the walk reads this mapping; the weights get their own (np.memmap, below).
+    # Only the walk reads this mapping; the weights get their own, one per file (ir/mapped_files).
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         for number, wire_type, start, value_start, end in fields(buf, 0, len(buf)):
             if number == _GRAPH and wire_type == LEN:
@@ -123,16 +124,17 @@ def open_split(path: str | os.PathLike) -> SplitModel:
                 structure += buf[start:end]
     proto = onnx.ModelProto.FromString(bytes(structure))
     arrays = {}
+    maps = MappedFiles()   # one mapping per file, each tensor a view (not a descriptor per tensor)
     for init in proto.graph.initializer:
         if init.name in spans:
             offset, _ = spans[init.name]
-            arrays[init.name] = _map(path, offset, init)
+            arrays[init.name] = maps.view(path, offset, _numpy_type(init), _dims(init), init.name)
         elif init.data_location == onnx.TensorProto.EXTERNAL and _numpy_type(init) is not None:
             info = {e.key: e.value for e in init.external_data}
             data = (path.parent / info["location"]).resolve()
             if not data.is_relative_to(path.parent.resolve()):   # as onnx and ONNX Runtime refuse it too
                 raise ValueError(f"external data of '{init.name}' ({info['location']}) is outside the model's folder")
-            arrays[init.name] = _map(data, int(info.get("offset", 0)), init)
+            arrays[init.name] = maps.view(data, int(info.get("offset", 0)), _numpy_type(init), _dims(init), init.name)
             init.CopyFrom(reference(init.name, arrays[init.name]))
     return SplitModel(proto, arrays)
 
@@ -181,17 +183,8 @@ def _numpy_type(init: onnx.TensorProto):
     return onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
 
 
-def _map(path: Path, offset: int, init: onnx.TensorProto) -> np.ndarray:
-    """The tensor's bytes in `path` at `offset`, mapped read-only (never copied, never written)."""
-    shape = tuple(int(d) for d in init.dims)
-    dtype = _numpy_type(init)
-    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    size = path.stat().st_size
-    if need > size:
-        raise ValueError(f"tensor '{init.name}' needs bytes up to {need} of {path.name}, which has {size}")
-    if need == offset:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+def _dims(init: onnx.TensorProto) -> tuple[int, ...]:
+    return tuple(int(d) for d in init.dims)
 
 
 def _inline(init: onnx.TensorProto, array: np.ndarray) -> None:

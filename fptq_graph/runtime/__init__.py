@@ -6,8 +6,8 @@ w4a8_op.py     the fptq::W4A8MatMul contract: weight packing, ONNX schema, float
 ort_errors.py  ONNX Runtime's failures as one line naming the model, the node and the cause
 """
 from fptq_graph.runtime import sessions
-from fptq_graph.runtime.sessions import (CPU_ISA_ENV, CPU_ISA_FLAGS, LIBRARY_NAME, PROVIDERS, library_info, library_path,
+from fptq_graph.runtime.sessions import (CPU_ISA_ENV, LIBRARY_NAME, PROVIDERS, library_info, library_path,
                                          session, session_options)
 
-__all__ = ["session", "session_options", "library_path", "library_info", "PROVIDERS", "CPU_ISA_ENV", "CPU_ISA_FLAGS",
+__all__ = ["session", "session_options", "library_path", "library_info", "PROVIDERS", "CPU_ISA_ENV",
            "LIBRARY_NAME", "sessions"]

@@ -11,6 +11,8 @@ package's install). `session` registers it; users of other ONNX Runtime front en
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.resources
 import json
 import os
@@ -44,40 +46,37 @@ def library_path() -> Path:
     return path
 
 
-# The CPU kernels of the op library, best first, and the /proc/cpuinfo flags each needs: the same
-# checks csrc/w4a8_cpu_dispatch.cc makes with CPUID when ONNX Runtime creates the kernel.
-CPU_ISA_FLAGS = {
-    "avx512vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma"},
-    "avxvnni": {"avx2", "fma", "avx_vnni"},
-    "avx2": {"avx2", "fma"},
-    "generic": set(),
-}
 CPU_ISA_ENV = "FPTQ_CPU_ISA"   # forces one of them (sessions fail at creation if this CPU lacks it)
 CUDA_KERNEL_ENV = "FPTQ_CUDA_KERNEL"   # forces a CUDA path (csrc/w4a8_cuda_launch.h's kCudaPaths)
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=None)
+def _cpu_kernels_this_cpu_runs() -> tuple[str, ...]:
+    """The library's own answer (its exported FptqCpuKernels: the CPUID check the kernels dispatch on),
+    best first; () when the library cannot be loaded. Asked, not re-derived, so the two never disagree."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
+        library = ctypes.CDLL(str(library_path()))
+        ask = library.FptqCpuKernels
+    except (FptqError, OSError, AttributeError):
+        return ()
+    ask.restype = ctypes.c_char_p
+    return tuple(name for name in ask().decode().split(",") if name)
 
 
 def library_info() -> dict:
     """How the library was built and which CPU kernel it runs here: {"cuda": bool, "cuda_architectures":
     "80,90", "cuda_kernels": the CUDA paths built, best first (each Run takes the first that takes its
     rows: "decode" up to 16, else "reference"), "cuda_kernel": $FPTQ_CUDA_KERNEL when it forces one, else
-    "auto", "cpu_isas": the CPU kernels built that this CPU runs, best first, "cpu_isa": the one sessions
-    use ($FPTQ_CPU_ISA, or the first of cpu_isas; None when $FPTQ_CPU_ISA names one that is not in
-    cpu_isas, which makes session creation fail)}."""
+    "auto", "cpu_isas_built": every CPU kernel built, "cpu_isas": those this CPU runs, best first (the
+    library's own CPUID check, asked through ctypes), "cpu_isa": the one sessions use ($FPTQ_CPU_ISA, or
+    the first of cpu_isas; None when $FPTQ_CPU_ISA names one that is not in cpu_isas, which makes session
+    creation fail, or when the library cannot be loaded)}."""
     path = library_path().with_name("fptq_ops_build.json")
     info = json.loads(path.read_text()) if path.is_file() else {"cuda": False, "cuda_architectures": ""}
-    flags = _cpu_flags()
-    built = info.get("cpu_isas", ["generic"])
-    info["cpu_isas"] = [isa for isa in CPU_ISA_FLAGS if isa in built and CPU_ISA_FLAGS[isa] <= flags]
+    info["cpu_isas_built"] = info.pop("cpu_isas", [])
+    info["cpu_isas"] = list(_cpu_kernels_this_cpu_runs())
     forced = os.environ.get(CPU_ISA_ENV, "")
-    info["cpu_isa"] = (forced if forced in info["cpu_isas"] else None) if forced else info["cpu_isas"][0]
+    info["cpu_isa"] = (forced if forced in info["cpu_isas"] else None) if forced else next(iter(info["cpu_isas"]), None)
     info.setdefault("cuda_kernels", [])
     info["cuda_kernel"] = os.environ.get(CUDA_KERNEL_ENV) or "auto"
     return info

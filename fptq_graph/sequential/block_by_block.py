@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from fptq_graph import __version__
 from fptq_graph.errors import FptqError
 from fptq_graph.ir.residency import is_spent
-from fptq_graph.ir.run_outputs import model_files
+from fptq_graph.files.run_outputs import model_files
 from fptq_graph.passes.base import PassRecord, Pipeline
 from fptq_graph.passes.lower.emit_embeddings import EmitEmbeddings
 from fptq_graph.passes.pipeline import EMITTERS, default_pipeline

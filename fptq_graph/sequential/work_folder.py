@@ -3,14 +3,15 @@ run that is stopped (killed, out of disk, a power cut) resumes at the first unfi
 
     <folder>/manifest.json          the run's fingerprint (input files, calibration, config, blocks)
     <folder>/block-00007/           one finished block: result.pkl (its plans, notes, SQNRs, pass
-                                    records) and one .npy per quantized array (codes, scales, zero points)
+                                    records) and arrays.bin, every quantized array (codes, scales, zero
+                                    points) at a 64-byte aligned offset result.pkl records
     <folder>/activations/           spilled cut activations (cut_store.py; never resumed from)
 
 A block is written into block-00007.tmp-<pid> and renamed into place once complete, so a block folder
 that exists is whole; temporary folders of dead runs are removed when a run opens the folder. Resuming
 needs the same fingerprint: a folder made by another input, calibration or configuration is refused,
-never mixed in. The codes are read back memory-mapped, so finished blocks cost no memory until the
-output is written.
+never mixed in. The codes are read back memory-mapped, one mapping (one file descriptor) per block
+(ir/mapped_files), so finished blocks cost no memory until the output is written.
 
 Resident: nothing but the manifest; a loaded block's codes are mapped files.
 """
@@ -27,10 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from fptq_graph.errors import FptqError
+from fptq_graph.ir.mapped_files import MappedFiles
 from fptq_graph.quant.int4 import QuantizedWeight
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2          # 2: a block's arrays in one file (1: a .npy each)
+ALIGN = 64
 
 
 class WorkFolderError(FptqError):
@@ -113,15 +116,24 @@ class WorkFolder:
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
         try:
-            stored = {}
-            for number, (name, qw) in enumerate(result.quantized.items()):
-                files = {}
-                for part in ("codes", "scale", "zero_point"):
-                    array = getattr(qw, part)
-                    if array is not None:
-                        files[part] = f"w{number}.{part}.npy"
-                        np.save(staged / files[part], np.ascontiguousarray(array))
-                stored[name] = (files, qw.shape, qw.group_size, qw.bits)
+            stored, offset = {}, 0
+            with open(staged / "arrays.bin", "wb") as data:
+                for name, qw in result.quantized.items():
+                    parts = {}
+                    for part in ("codes", "scale", "zero_point"):
+                        array = getattr(qw, part)
+                        if array is None:
+                            continue
+                        array = np.ascontiguousarray(array)
+                        pad = -offset % ALIGN
+                        data.write(b"\0" * pad)
+                        offset += pad
+                        parts[part] = (offset, array.dtype.str, array.shape)
+                        data.write(array.data)
+                        offset += array.nbytes
+                    stored[name] = (parts, qw.shape, qw.group_size, qw.bits)
+                data.flush()
+                os.fsync(data.fileno())
             head = result.head
             tied = tuple(g.outputs[0].name for g in head.tied) if head is not None and head.tied else ()
             meta = replace(result, quantized=stored, head=(replace(head, tied=()) if head is not None else None, tied))
@@ -141,12 +153,13 @@ class WorkFolder:
         try:
             with open(folder / "result.pkl", "rb") as f:
                 meta = pickle.load(f)
-            quantized = {}
-            for name, (files, shape, group_size, bits) in meta.quantized.items():
-                parts = {part: np.load(folder / file, mmap_mode="r") for part, file in files.items()}
+            quantized, maps = {}, MappedFiles()
+            for name, (stored, shape, group_size, bits) in meta.quantized.items():
+                parts = {part: maps.view(folder / "arrays.bin", offset, np.dtype(dtype), tuple(dims), f"{name}.{part}")
+                         for part, (offset, dtype, dims) in stored.items()}
                 quantized[name] = QuantizedWeight(codes=parts["codes"], shape=tuple(shape), scale=parts["scale"],
                                                   zero_point=parts.get("zero_point"), group_size=group_size, bits=bits)
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, KeyError) as exc:
+        except (OSError, ValueError, pickle.UnpicklingError, EOFError, AttributeError, KeyError) as exc:
             raise WorkFolderError(f"{folder}: unreadable finished block ({exc}); remove the work folder "
                                   f"{self.path} and run again") from None
         head, tied = meta.head

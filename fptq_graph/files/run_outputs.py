@@ -22,6 +22,7 @@ import signal
 import socket
 import stat
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -263,10 +264,13 @@ class RunOutputs:
         key = Path(os.path.realpath(folder))
         if key not in self._staging:
             remove_stale_staging(folder)
+            staging = None
             try:
                 staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
                 (staging / OWNER_FILE).write_text(f"{os.getpid()}\n{socket.gethostname()}\n")
             except OSError as exc:
+                if staging is not None:   # made, but its owner could not be written (a full disk): not left behind
+                    shutil.rmtree(staging, ignore_errors=True)
                 raise OutputError(f"output directory {folder}: cannot write there ({exc.strerror})") from None
             self._staging[key] = staging
         return self._staging[key]
@@ -293,16 +297,42 @@ def remove_stale_staging(folder: Path) -> list[Path]:
             pid_text, host = (staging / OWNER_FILE).read_text().split("\n")[:2]
             pid = int(pid_text)
         except (OSError, ValueError):
-            continue   # no owner recorded (an older version's, or one being made this instant): not ours to judge
-        if host != socket.gethostname() or pid == os.getpid() or _alive(pid):
-            continue
+            # No owner recorded: a run that could not write it (a full disk; an older version's), or one
+            # being made this instant. Made before this run started, it is nobody's any more.
+            if not _older_than_this_run(staging):
+                continue
+            pid = None
+        else:
+            if host != socket.gethostname() or pid == os.getpid() or _alive(pid):
+                continue
         size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file() and not f.is_symlink())
         shutil.rmtree(staging, ignore_errors=True)
         if not staging.exists():
             removed.append(staging)
-            warnings.warn(f"removed {staging} ({size / 2**20:.1f} MiB): what a run (pid {pid}) that is no longer "
-                          "running had staged there", StaleStagingWarning, stacklevel=2)
+            who = f"a run (pid {pid}) that is no longer running" if pid is not None else "a run that recorded no owner"
+            warnings.warn(f"removed {staging} ({size / 2**20:.1f} MiB): what {who} had staged there",
+                          StaleStagingWarning, stacklevel=2)
     return removed
+
+
+def _older_than_this_run(path: Path) -> bool:
+    try:
+        return path.stat().st_mtime < _PROCESS_STARTED
+    except OSError:
+        return False
+
+
+def _process_start_time() -> float:
+    """When this process started (from /proc: the kernel's clock ticks since boot), else now."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+_PROCESS_STARTED = _process_start_time()
 
 
 def _alive(pid: int) -> bool:
