@@ -44,9 +44,13 @@ HELDOUT = TEXT / "python-docstrings.heldout.txt"
 # "groups": the group sizes a row runs at when not all of --groups (None: group-free, run once).
 RECIPES = {
     "fptq (default: AWQ + gptq-clip)": {"recipe": "fptq"},
+    "fptq-rot (Hadamard + fptq)": {"recipe": "fptq-rot"},
     "fptq-paper (RTN)": {"recipe": "fptq-paper"},
+    "fptq-paper, rotated (RTN)": {"recipe": "fptq-paper", "rotate": "hadamard"},
     "dynamic-w4a8 (per token, RTN)": {"recipe": "dynamic-w4a8"},
     "rtn-w4a16": {"recipe": "rtn-w4a16"},
+    "rtn-w4a16, rotated": {"recipe": "rtn-w4a16", "rotate": "hadamard"},
+    "dynamic-w4a8, rotated (RTN)": {"recipe": "dynamic-w4a8", "rotate": "hadamard"},
     "fptq-measured (clip)": {"recipe": "fptq-measured"},
     "dynamic-w4a8, clip": {"recipe": "dynamic-w4a8", "weight_quantizer": "clip"},
     "fptq-measured, gptq-clip": {"recipe": "fptq-measured", "weight_quantizer": "gptq-clip"},

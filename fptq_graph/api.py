@@ -45,6 +45,7 @@ class QuantizeResult:
     plan: Any = None             # the frozen plan (plan/plan.py): every linear's decisions, the LM head's
     run: dict = field(default_factory=dict)   # whole graph or block by block, why, and per block time and memory
     work: Any = None             # sequential.work_folder.WorkFolder of a block-by-block run (its codes back the model)
+    rotation: dict = field(default_factory=dict)   # the residual stream's rotation: how, or why not (rotate_residual)
 
     def discard_work(self) -> None:
         """Removes a block-by-block run's work folder (call once the model is written: its codes are read
@@ -73,6 +74,7 @@ class QuantizeResult:
             "kept_float": self.kept_float,
             "embeddings": self.embeddings,
             "run": self.run,
+            "rotation": json_numbers(self.rotation),
         }
 
     def table(self) -> str:
@@ -141,12 +143,12 @@ def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: An
     else:
         if log:
             log(f"[mode] whole graph: {mode.why}")
-        records += Pipeline(list(pipeline)[1:], given=state.facts).run(state, log=log)
+        records += pipeline.after("linears").run(state, log=log)
         run = mode.to_dict()
     out = finish_split(state.graph, state.source_model.proto)
     result = QuantizeResult(split=out, layers=layer_rows(state), passes=records, config=state.config, source=source,
                             calibration=state.calibration.source, kept_float=list(state.kept_float.values()), embeddings=state.embeddings,
-                            plan=state.plan, run=run, work=work)
+                            plan=state.plan, run=run, work=work, rotation=state.rotation)
     set_metadata(out.proto, REPORT_KEY, json.dumps(result.report(), allow_nan=False, default=str))
     return result
 

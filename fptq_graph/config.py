@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from fptq_graph.recipes import RECIPES, WEIGHT_QUANTIZERS, RecipeError, recipe_row  # noqa: F401  (RECIPES: the built-in names)
+from fptq_graph.recipes import RECIPES, ROTATIONS, WEIGHT_QUANTIZERS, RecipeError, recipe_row  # noqa: F401  (RECIPES: the built-in names)
 
 FORMATS = ("qdq", "w4a8", "ort")
 # The block sizes ONNX Runtime's MatMulNBits kernels accept (onnxruntime 1.31, CPU and CUDA).
@@ -63,6 +63,12 @@ class Config:
                      path (the GenAI builder's int4 default); the graph then writes no activation QDQ
                      (the schemes still decide the LAE folds; weights-only layers get int8 activations
                      too). About 1.5x the decode speed of 0 (docs/benchmarks.md).
+    rotate:          "hadamard" rotates the residual stream of a pre-norm decoder before anything is observed
+                     (passes/rewrite/rotate_residual.py: a randomized Hadamard matrix of the hidden size, seeded
+                     by `rotate_seed`, folded into the embedding and every linear reading or writing the stream; the
+                     float model computes the same, checked on one calibration sample); "none" does not; None
+                     (the default) takes the recipe's (recipe fptq-rot rotates). A model whose stream cannot be
+                     rotated exactly (post-LN encoders, LayerNorm) is left unrotated, the reason in the report.
     compensate_residual: a LayerNorm that feeds linears AND something else (a post-LN residual add)
                      can still take the LAE scale if the other consumers get a Mul by s that undoes
                      it; False makes such linears fall back to dynamic instead.
@@ -79,6 +85,8 @@ class Config:
     smooth_alpha: float = 0.5
     gptq: bool = False
     weight_quantizer: str | None = None   # "rtn", "clip", "gptq", "gptq-clip"; None: the recipe's (recipes.py), gptq with gptq=True
+    rotate: str | None = None        # "hadamard" or "none"; None: the recipe's (recipes.py)
+    rotate_seed: int = 0             # the rotation's random signs (quant/rotation.py); recorded in the report
     act_order: bool = False          # GPTQ: rows by decreasing diag(X^T X), group scales fixed up front (gptq.py)
     measured_tolerance_db: float = 0.5   # measured classifier: static when within this of per-token's output SQNR
     statistics_budget_mib: int | None = None   # X^T X memory allowed before AWQ/GPTQ give way to clipping (None: the float weights' size, >= 1 GiB)
@@ -138,6 +146,8 @@ class Config:
             raise FptqError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
         if self.weight_quantizer is not None and self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise FptqError(f"unknown weight quantizer {self.weight_quantizer!r}; choose one of {', '.join(WEIGHT_QUANTIZERS)}")
+        if self.rotate is not None and self.rotate not in ROTATIONS:
+            raise FptqError(f"unknown rotation {self.rotate!r}; choose one of {', '.join(ROTATIONS)}")
         if self.gptq and self.weight_quantizer not in (None, "gptq", "gptq-clip"):
             raise FptqError(f"gptq=True (--gptq) contradicts weight_quantizer={self.weight_quantizer!r}")
         if self.measured_tolerance_db < 0:

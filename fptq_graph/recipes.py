@@ -26,6 +26,9 @@ weights     the weight quantizer: rtn (round to nearest, max-abs scales), clip (
             gptq-clip (GPTQ whose group scales come from the clipping search);
             Config.weight_quantizer (--weight-quantizer) overrides it, Config.gptq means "gptq"
 weight_bits 4 (INT4 group-wise) or 8 (int8 per output channel)
+rotate      "hadamard": rotate the residual stream first (passes/rewrite/rotate_residual.py: an orthogonal Q
+            folded into the weights, the same function in float, outlier channels spread over all);
+            "none". Config.rotate (--rotate) overrides it
 options     Config defaults the recipe changes (RECIPE_OPTIONS: bounds, alphas, damping): applied where the
             user's Config still holds the default (Config.with_recipe_options)
 
@@ -36,6 +39,7 @@ A TOML recipe (`--recipe my.toml`; `fptq-graph quantize --recipe show fptq` prin
     awq = true
     weights = "gptq-clip"       # WEIGHT_QUANTIZERS
     weight_bits = 4
+    rotate = "none"             # ROTATIONS (optional)
     summary = "..."
     [options]
     static_bound = 10.0
@@ -54,6 +58,7 @@ from typing import Any
 CLASSIFIERS = ("bands", "measured", "static", "smooth", "dynamic", "float")
 EQUALIZERS = ("lae", "smoothquant", "none")
 WEIGHT_QUANTIZERS = ("rtn", "clip", "gptq", "gptq-clip")
+ROTATIONS = ("none", "hadamard")
 # Config fields a recipe's [options] may set, with their types.
 RECIPE_OPTIONS = {"static_bound": float, "dynamic_bound": float, "smooth_alpha": float, "measured_tolerance_db": float,
                   "gptq_damp": float, "act_order": bool, "compensate_residual": bool}
@@ -69,11 +74,13 @@ class Recipe:
     weight_bits: int
     summary: str
     options: tuple[tuple[str, Any], ...] = ()   # (Config field, value) pairs, RECIPE_OPTIONS
+    rotate: str = "none"                        # ROTATIONS: the residual stream's rotation, before observing
 
 
 _ROWS = [
     # name                 classifier   equalizer      awq    weights  bits
     Recipe("fptq",             "bands",    "lae",         True,  "gptq-clip", 4, "FPTQ bands, AWQ scales on top of LAE, GPTQ on clipped INT4 scales (the most accurate measured; docs/accuracy.md)"),
+    Recipe("fptq-rot",         "bands",    "lae",         True,  "gptq-clip", 4, "fptq on a rotated residual stream (randomized Hadamard folded into the weights; pre-norm decoders)", rotate="hadamard"),
     Recipe("fptq-paper",       "bands",    "lae",         False, "rtn",  4, "FPTQ as the paper states it: activations by range band, round-to-nearest INT4"),
     Recipe("fptq-awq",         "bands",    "lae",         True,  "clip", 4, "FPTQ bands, AWQ weight scales on top of LAE, clipped INT4 scales"),
     Recipe("fptq-measured",    "measured", "lae",         False, "clip", 4, "each layer's activation scheme from its measured output error, clipped INT4 scales"),
@@ -108,8 +115,11 @@ def recipe_row(spec: "str | os.PathLike | Recipe") -> Recipe:
 
 
 def run_row(config) -> Recipe:
-    """The recipe's row with the user's weight quantizer (--weight-quantizer, else --gptq) put in."""
+    """The recipe's row with the user's weight quantizer (--weight-quantizer, else --gptq) and rotation
+    (--rotate) put in."""
     row = recipe_row(config.recipe)
+    if getattr(config, "rotate", None) is not None:
+        row = replace(row, rotate=config.rotate)
     if getattr(config, "weight_quantizer", None):
         return replace(row, weights=config.weight_quantizer)
     return replace(row, weights="gptq") if config.gptq else row
@@ -135,8 +145,9 @@ def observers_needed(row: Recipe) -> set[str]:
 
 
 _TYPES = {"name": str, "classifier": str, "equalizer": str, "awq": bool, "weights": str, "weight_bits": int,
-          "summary": str, "options": dict}
-_CHOICES = {"classifier": CLASSIFIERS, "equalizer": EQUALIZERS, "weights": WEIGHT_QUANTIZERS, "weight_bits": (4, 8)}
+          "rotate": str, "summary": str, "options": dict}
+_CHOICES = {"classifier": CLASSIFIERS, "equalizer": EQUALIZERS, "weights": WEIGHT_QUANTIZERS, "weight_bits": (4, 8),
+            "rotate": ROTATIONS}
 
 
 def check_row(row: Recipe, where: str) -> Recipe:
@@ -197,9 +208,9 @@ def to_toml(row: Recipe) -> str:
 
 def describe() -> str:
     """The table `fptq-graph quantize --recipe list` prints."""
-    head = ("recipe", "activations", "equalizer", "awq", "weights", "bits", "")
+    head = ("recipe", "activations", "equalizer", "awq", "weights", "bits", "rotate", "")
     rows = [head] + [(r.name, r.classifier, r.equalizer, "yes" if r.awq else "no", r.weights, str(r.weight_bits),
-                      r.summary) for r in _ROWS]
+                      r.rotate, r.summary) for r in _ROWS]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip() for row in rows)
 

@@ -57,7 +57,9 @@ def test_every_pass_returns_a_result_with_numbers():
     assert not any(p.result.modified for p in result.passes if p.kind == "analysis")
     assert next(p for p in result.passes if p.name == "emit_qdq").result.modified
     report = result.report()
-    assert report["passes"][0]["stats"]["linears"] == 4 and json.dumps(report, allow_nan=False)
+    found = next(p for p in report["passes"] if p["name"] == "find_linears")
+    assert found["stats"]["linears"] == 4 and json.dumps(report, allow_nan=False)
+    assert report["rotation"] == {"method": "none"}   # the recipe rotates nothing, and the report says so
 
 
 def test_the_plan_is_frozen_and_matches_the_report():

@@ -37,3 +37,45 @@ class MappedFiles:
             with open(path, "rb") as f:
                 mapped = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+class SpillFile:
+    """Arrays written one at a time to an unnamed temporary file, then read back as views of one mapping.
+
+    For a rewrite that makes a new copy of every weight (rotate_residual): the copies would otherwise all
+    be resident at once, the model's size again. Each array is written as soon as it is made (`add`), and
+    `views()` maps the file once and hands back read-only views in the order added. The file has no name
+    (tempfile.TemporaryFile): the disk space goes with the last view, whatever way the run ends.
+    """
+
+    def __init__(self, folder: str | None = None):
+        import tempfile
+
+        self._file = tempfile.TemporaryFile(dir=folder, prefix="fptq-spill-")
+        self._layout: list[tuple[int, np.dtype, tuple[int, ...]]] = []
+        self._offset = 0
+
+    def add(self, array: np.ndarray) -> int:
+        """Writes `array`; returns its index for views()."""
+        array = np.ascontiguousarray(array)
+        pad = -self._offset % 64
+        self._file.write(b"\0" * pad)
+        self._offset += pad
+        self._layout.append((self._offset, array.dtype, array.shape))
+        self._file.write(array.data if array.nbytes else b"")
+        self._offset += array.nbytes
+        return len(self._layout) - 1
+
+    def views(self) -> list[np.ndarray]:
+        self._file.flush()
+        if self._offset == 0:
+            self._file.close()
+            return [np.zeros(shape, dtype) for _, dtype, shape in self._layout]
+        mapped = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        self._file.close()   # the mapping keeps the data (and the file) alive
+        out = []
+        for offset, dtype, shape in self._layout:
+            count = int(np.prod(shape, dtype=np.int64))
+            out.append(np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape) if count
+                       else np.zeros(shape, dtype))
+        return out

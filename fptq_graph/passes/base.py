@@ -23,6 +23,7 @@ KINDS = ("analysis", "rewrite", "lower", "measure")
 
 # The facts passes require and ensure, and what each means.
 FACTS = {
+    "rotated": "the residual stream rotated as the recipe says, or left as it was with the reason (rotate_residual)",
     "linears": "state.linears: every quantizable linear, its producer and siblings (find_linears)",
     "statistics_plan": "state.recipe: the row this run follows and which statistics calibration records",
     "canonical_weights": "each linear reads its own constant [K, N] weight (canonicalize_weights)",
@@ -124,6 +125,11 @@ class Pipeline:
             if fact in have:
                 return Pipeline(self.passes[: index + 1], self.given)
         raise PassContractError(f"no pass of this pipeline ensures {fact!r}")
+
+    def after(self, fact: str) -> "Pipeline":
+        """The passes after until(fact): the rest of the pipeline, starting from what that prefix ensures."""
+        head = self.until(fact)
+        return Pipeline(self.passes[len(head):], head.ensures)
 
     def run(self, state, log: Callable[[str], None] | None = None) -> list[PassRecord]:
         """Runs the passes over `state`, adding what each ensures to state.facts (so a later pipeline

@@ -1,6 +1,6 @@
 """The default pipelines, as values (passes/base.py's Pipeline).
 
-    calibration_pipeline()   find linears -> plan statistics -> canonicalize weights -> insert observers
+    calibration_pipeline()   rotate the residual stream (when the recipe says) -> find linears -> plan statistics -> canonicalize weights -> insert observers
                              -> calibrate  (what api.calibrate runs: a prefix of the default)
     planning                 classify -> plan the LM head -> plan equalization (LAE/SmoothQuant/AWQ)
                              -> freeze the plan
@@ -32,6 +32,7 @@ from fptq_graph.passes.measure_output_sqnr import MeasureOutputSQNR
 from fptq_graph.passes.rewrite.canonicalize_weights import CanonicalizeWeights
 from fptq_graph.passes.rewrite.fold_equalization import FoldEqualizationScales
 from fptq_graph.passes.rewrite.quantize_weights import QuantizeWeights
+from fptq_graph.passes.rewrite.rotate_residual import RotateResidual
 
 EMITTERS = {"qdq": EmitQDQ, "w4a8": EmitW4A8, "ort": EmitORT}   # Config.format -> the pass that writes that form
 
@@ -39,7 +40,7 @@ __all__ = ["EMITTERS", "PassRecord", "calibration_pipeline", "default_pipeline",
 
 
 def calibration_pipeline() -> Pipeline:
-    return Pipeline([FindQuantizableLinears(), PlanStatistics(), CanonicalizeWeights(), InsertObservers(), Calibrate()])
+    return Pipeline([RotateResidual(), FindQuantizableLinears(), PlanStatistics(), CanonicalizeWeights(), InsertObservers(), Calibrate()])
 
 
 def default_pipeline(form: str = "qdq") -> Pipeline:

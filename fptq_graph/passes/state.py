@@ -1,6 +1,7 @@
 """What the passes share: the graph being rewritten, what analysis found and measured, and the plan.
 
 Who writes what (each field has one writer; passes/base.py's FACTS name them):
+  rotation                         rotate_residual
   linears, producers, kept_float, kept_float_head   find_linears (structure: never changed after)
   recipe, statistics_note          plan_statistics
   observed_model, observers        insert_observers
@@ -78,6 +79,7 @@ class State:
     # How quantize_weights runs its per-linear quantizer calls: None, here and in order, one at a time;
     # else map_tasks(fn, jobs) -> results in jobs' order (sequential/ray_workers.py: Ray tasks)
     map_tasks: Any = None
+    rotation: dict = field(default_factory=dict)                        # what rotate_residual did, or why not (the report)
     facts: set[str] = field(default_factory=set)                        # what the passes run so far ensured (passes/base.py)
 
     def act_max(self, linear: Linear) -> np.ndarray:

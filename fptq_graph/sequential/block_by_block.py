@@ -40,13 +40,13 @@ from fptq_graph.sequential.work_folder import WorkFolder
 def run_block_by_block(state, mode, source: str, log=None, work_dir: str | os.PathLike | None = None,
                        resume: bool = False, workers: int | None = None,
                        ray_address: str | None = None) -> tuple[list[PassRecord], dict, WorkFolder | None]:
-    """Runs the rest of the default pipeline (after find_linears) block by block over `state`.
+    """Runs the rest of the default pipeline (after the passes that find the linears) block by block over `state`.
     Returns the pass records, the report's "run" section and the work folder (None when the run fell
     back to the whole graph); the caller removes the folder once the output is written."""
     form = state.config.format
-    passes = list(default_pipeline(form))
+    passes = list(default_pipeline(form).after("linears"))
     names = [p.name for p in passes]
-    prefix = Pipeline(passes[1:names.index("calibrate")], given=state.facts)
+    prefix = Pipeline(passes[:names.index("calibrate")], given=state.facts)
     records = prefix.run(state, log=log)
     try:
         blocks = plan_blocks(state)

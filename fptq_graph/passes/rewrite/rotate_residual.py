@@ -1,0 +1,214 @@
+"""Rotate the residual stream by an orthogonal Q folded into the weights (QuaRot's offline rotation), before
+anything is observed: calibration, the classifier, LAE, AWQ and GPTQ then all see the rotated model.
+
+A pre-norm decoder computes the same function with its stream x replaced by xQ when
+  - every table whose rows enter the stream (the embedding) becomes E Q, every linear writing it (o_proj,
+    down_proj) W Q, every constant added to it b Q;
+  - every RMS norm's gain g moves into the linears reading the norm: W -> Q^T diag(g) W, the gain -> 1
+    (RMSNorm(xQ) = RMSNorm(x) Q, since a rotation keeps the sum of squares; a gain would not commute);
+  - a tied LM head reads the rotated table already ((yQ)(EQ)^T = y E^T); the final norm's gain, which the
+    shared table cannot take, becomes one [hidden, hidden] float MatMul Q^T diag(g) Q before the head
+    (kept float, listed: about hidden/vocab of the head's cost).
+What the readers compute is unchanged; writers' outputs are rotated. One calibration sample checks it:
+each reader's output and each model output of the rotated float graph against the original, within
+1e-4 relative (float32; 1e-2 for float16 weights, which are rounded back to float16 after rotating),
+else the run fails naming the first tensor off. The rotated float model is then the float reference
+the later measurements compare with (writers' outputs are compared rotated on both sides).
+
+Q is a randomized Hadamard matrix of the hidden size where one can be built (quant/rotation.py), else
+a random orthogonal one; the seed is Config.rotate_seed, recorded in the report with the construction.
+Where the stream cannot be rotated exactly (patterns/residual_stream.py says why: LayerNorm, a norm with
+a bias, the stream as an output, an op reading it directly), nothing is rotated and the reason is reported.
+
+Resident: Q, and one weight being rotated; each rotated weight is written to an unnamed temporary file as
+it is made and read back mapped (ir/mapped_files.SpillFile), so the rotated model is never held twice.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from fptq_graph.errors import FptqError
+from fptq_graph.ir.mapped_files import SpillFile
+from fptq_graph.ir.save import finish_split
+from fptq_graph.passes.base import Pass, PassResult
+from fptq_graph.patterns.graph_match import constant_value, resolve_weight
+from fptq_graph.patterns.residual_stream import NotRotatable, ResidualStream, find_residual_stream
+from fptq_graph.quant.rotation import rotation
+from fptq_graph.recipes import run_row
+
+TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-4, np.dtype(np.float16): 1e-2}
+HEAD_GAIN_PREFIX = "rotation.head_gain"   # the tied head's gain MatMul (find_linears keeps it float)
+
+
+class RotationMismatchError(FptqError):
+    """The rotated float graph does not compute what the original does (a bug, or a pattern we misread)."""
+
+
+class RotateResidual(Pass):
+    name = "rotate_residual"
+    kind = "rewrite"
+    ensures = frozenset({"rotated"})
+
+    def run(self, state) -> PassResult:
+        method = run_row(state.config).rotate
+        state.rotation = {"method": method}
+        if method == "none":
+            return PassResult("not asked (recipe and --rotate say none)", stats={"rotated": 0})
+        try:
+            stream = find_residual_stream(state.graph)
+        except NotRotatable as exc:
+            state.rotation.update(rotated=False, reason=str(exc))
+            return PassResult(f"not rotated: {exc}", stats={"rotated": 0})
+        q = rotation(stream.hidden, state.config.rotate_seed)
+        counts = _rewrite(state.graph, stream, q.matrix)
+        state.graph.cleanup()
+        rotated_source = finish_split(state.graph, state.source_model.proto) if state.source_model is not None else None
+        checked = _check_same_function(state, stream, rotated_source)
+        if rotated_source is not None:
+            state.source_model = rotated_source   # the float reference from here on (see the docstring)
+        state.rotation.update(rotated=True, hidden=stream.hidden, kind=q.kind, construction=q.construction, seed=q.seed,
+                              checked=checked, **counts)
+        summary = (f"residual stream ({stream.hidden} channels) rotated by a {q.kind} matrix ({q.construction}, seed "
+                   f"{q.seed}): {counts['readers']} reading linears, {counts['writers']} writing, {counts['tables']} "
+                   f"table(s), {counts['norms']} norm gains folded"
+                   + (f", tied head's gain as a float {stream.hidden}x{stream.hidden} MatMul" if counts["head_gain"] else "")
+                   + (f"; same function on one calibration sample (max rel. error {checked['max_relative_error']:.1e})"
+                      if checked else ""))
+        return PassResult(summary, modified=True, stats={"rotated": 1, **counts})
+
+
+def _rewrite(graph: gs.Graph, stream: ResidualStream, q: np.ndarray) -> dict:
+    """Folds the gains and Q into the weights; every new array goes through one SpillFile."""
+    spill = SpillFile()
+    pending: list[tuple[gs.Node, int, str, int]] = []   # (node, input index, new constant name, spill index)
+    tied = {id(node) for node in stream.tied_readers}
+    compute = np.float64 if stream.hidden <= 2048 else np.float32   # exactness vs. time on 8k-wide models
+
+    taken = set(graph.tensors())
+
+    def put(node: gs.Node, index: int, name: str, array: np.ndarray, dtype) -> None:
+        base, number = name if not name.startswith(".") else f"{node.op}_{len(pending)}{name}", 0
+        name = base
+        while name in taken:   # unnamed nodes, or a name already in the graph
+            number += 1
+            name = f"{base}_{number}"
+        taken.add(name)
+        pending.append((node, index, name, spill.add(np.asarray(array).astype(dtype))))
+
+    qc = q.astype(compute)
+    head_gain = 0
+    for norm in stream.norms:
+        gain = (constant_value(norm.gain_node.inputs[norm.gain_index]) if norm.gain_node is not None
+                else np.ones(stream.hidden, np.float32))
+        g = gain.reshape(-1).astype(compute)
+        for reader in norm.readers:
+            if id(reader) in tied:
+                if np.all(g == 1):
+                    continue
+                # y Q (Q^T diag(g) Q) (E Q)^T = y diag(g) E^T: the gain in rotated coordinates, before the head
+                dtype = _dtype_of(reader)
+                m = (qc.T * g[None, :]) @ qc
+                name = f"{HEAD_GAIN_PREFIX}.{reader.name or 'head'}"
+                x = reader.inputs[0]
+                out = gs.Variable(f"{name}.output", dtype=x.dtype, shape=getattr(x, "shape", None))
+                at = next(i for i, node in enumerate(graph.nodes) if node is reader)   # just before the head
+                graph.nodes.insert(at, gs.Node("MatMul", name=name, inputs=[x, gs.Constant(f"{name}.weight", m.astype(dtype))],
+                                               outputs=[out]))
+                reader.inputs[0] = out
+                head_gain += 1
+                continue
+            weight, _ = resolve_weight(reader)
+            put(reader, 1, f"{reader.name}.rotated_weight", qc.T @ (g[:, None] * weight.astype(compute)), weight.dtype)
+            _direct_weight(reader)
+        if norm.gain_node is not None:
+            put(norm.gain_node, norm.gain_index, f"{norm.gain_node.name}.rotated_gain", np.ones_like(gain), gain.dtype)
+    for writer in stream.writers:
+        weight, _ = resolve_weight(writer)
+        put(writer, 1, f"{writer.name}.rotated_weight", weight.astype(compute) @ qc, weight.dtype)
+        _direct_weight(writer)
+    for node, index in stream.vectors:
+        value = constant_value(node.inputs[index])
+        put(node, index, f"{node.name}.rotated_bias_{index}", (value.reshape(-1).astype(compute) @ qc).reshape(value.shape),
+            value.dtype)
+    table_slots = []
+    for table in stream.tables:
+        values = table.values
+        rows = max(1, (64 << 20) // max(1, values.shape[1] * 8))   # 64 MiB of the table at a time
+        rotated = np.empty(values.shape, values.dtype)
+        for start in range(0, values.shape[0], rows):
+            rotated[start:start + rows] = (values[start:start + rows].astype(compute) @ qc).astype(values.dtype)
+        table_slots.append((table, spill.add(rotated)))
+        del rotated
+    views = spill.views()
+    for node, index, name, slot in pending:
+        node.inputs[index] = gs.Constant(name, views[slot])
+    for table, slot in table_slots:
+        table.values = views[slot]   # in place: the lookups and a tied head read the one table
+    return {"readers": sum(len(n.readers) for n in stream.norms) - len(stream.tied_readers), "writers": len(stream.writers),
+            "tables": len(stream.tables), "vectors": len(stream.vectors), "norms": len(stream.norms),
+            "head_gain": head_gain}
+
+
+def _direct_weight(node: gs.Node) -> None:
+    """The node now reads a direct [K, N] weight: Gemm's transB and alpha were applied by resolve_weight."""
+    if node.op == "Gemm":
+        node.attrs["transB"] = 0
+        node.attrs["alpha"] = 1.0
+
+
+def _dtype_of(node: gs.Node):
+    weight, _ = resolve_weight(node)
+    return weight.dtype if weight is not None else np.float32
+
+
+def _check_same_function(state, stream: ResidualStream, rotated) -> dict | None:
+    """Runs one calibration sample through the original and the rotated float models and compares what
+    must not change (each reader's output, each model output) in graph order; raises on the first one off.
+    Also records, per norm, the range of what its readers multiply before and after (state.rotation["ranges"])."""
+    from fptq_graph.passes.measure_output_sqnr import with_outputs
+    from fptq_graph.runtime import ort_errors
+    from fptq_graph.runtime.sessions import session
+
+    source = state.source_model
+    if state.calibration is None or source is None or rotated is None:
+        return None
+    feeds = next(iter(state.calibration.sample_feeds(source.proto.graph.input, 1)), None)
+    if feeds is None:
+        return None
+    order = {node.outputs[0].name: i for i, node in enumerate(state.graph.nodes) if node.outputs}
+    names = [r.outputs[0].name for norm in stream.norms for r in norm.readers] + [o.name for o in source.proto.graph.output]
+    names = sorted(dict.fromkeys(names), key=lambda n: order.get(n, len(order)))
+    activations = [norm.output.name for norm in stream.norms]   # the same name in both models
+    fetch = names + [n for n in dict.fromkeys(activations) if n not in names]
+    got = {}
+    for kind, model in (("original", source), ("rotated", rotated)):
+        sess = session(with_outputs(model, fetch), arena=False)
+        got[kind] = dict(zip(fetch, ort_errors.run(sess, fetch, feeds, f"the {kind} float model on calibration sample 0")))
+        del sess
+    tolerance = max(TOLERANCE.get(np.asarray(got["original"][n]).dtype, 1e-4) for n in names)
+    worst = 0.0
+    for name in names:
+        ref = np.asarray(got["original"][name], np.float64)
+        out = np.asarray(got["rotated"][name], np.float64)
+        if ref.shape != out.shape:
+            raise RotationMismatchError(f"rotating the residual stream changed the shape of '{name}' "
+                                        f"({list(ref.shape)} -> {list(out.shape)}); nothing written")
+        finite = np.isfinite(ref)
+        error = float(np.linalg.norm((out - ref)[finite])) / (float(np.linalg.norm(ref[finite])) or 1.0)
+        worst = max(worst, error)
+        if not error <= tolerance:
+            raise RotationMismatchError(
+                f"the rotated float model differs from the original at '{name}' (relative error {error:.2e} > "
+                f"{tolerance:g}) on calibration sample 0: the rotation would change the function; nothing written")
+    state.rotation["ranges"] = {
+        reader.name: {"before": _range(got["original"][norm.output.name]), "after": _range(got["rotated"][norm.output.name])}
+        for norm in stream.norms for reader in norm.readers}
+    return {"tensors": len(names), "max_relative_error": worst, "tolerance": tolerance}
+
+
+def _range(x) -> dict:
+    """max|x| and the max/median ratio of the per-channel maxima (how far the outlier channels stand out)."""
+    channel_max = np.abs(np.asarray(x, np.float64)).reshape(-1, np.shape(x)[-1]).max(axis=0)
+    median = float(np.median(channel_max))
+    return {"max": float(channel_max.max()), "max_over_median": float(channel_max.max() / median) if median > 0 else None}
