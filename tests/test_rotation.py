@@ -7,6 +7,7 @@ by block; and on a model with planted outlier channels it does what it is for.""
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import onnx
@@ -54,7 +55,8 @@ def stream_model(norm: str, dtype=np.float32, tied: bool = False, seed: int = 0,
 
     norm: "decomposed" (x * Reciprocal(Sqrt(mean(x^2) + eps)) * g), "decomposed-div-casts" (float32 statistics
     between Casts, x / sqrt(..), as optimum's fp16 exports), "simplified" (SimplifiedLayerNormalization),
-    "skip" (SkipSimplifiedLayerNormalization carrying the stream on its output 3, as the GenAI builder writes).
+    "skip" (SkipSimplifiedLayerNormalization carrying the stream on its output 3, as the GenAI builder writes),
+    "rmsnormalization" (ONNX's RMSNormalization, opset 23).
     tied: the head reads E through a Transpose. outliers: residual channels 3, 17 and 30 100x the rest (the
     embedding's columns), as trained LLMs' massive activations are, with the norms' gains there at 50 and the
     linears reading the norms nearly ignoring them (those weight rows x 0.01), as trained models learn to."""
@@ -78,11 +80,12 @@ def stream_model(norm: str, dtype=np.float32, tied: bool = False, seed: int = 0,
             nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [skip, x, f"g{i}"],
                                           [f"n{i}", "", "", f"r{i}"], domain=MS, epsilon=1e-5))
             return f"n{i}", f"r{i}"
-        if norm in ("simplified", "skip"):
+        if norm in ("simplified", "skip", "rmsnormalization"):
             if skip is not None:
                 nodes.append(helper.make_node("Add", [x, skip], [f"r{i}"]))
                 x = f"r{i}"
-            nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, f"g{i}"], [f"n{i}"], axis=-1, epsilon=1e-5))
+            op = "RMSNormalization" if norm == "rmsnormalization" else "SimplifiedLayerNormalization"
+            nodes.append(helper.make_node(op, [x, f"g{i}"], [f"n{i}"], axis=-1, epsilon=1e-5))
             return f"n{i}", x
         if skip is not None:
             nodes.append(helper.make_node("Add", [x, skip], [f"r{i}"]))
@@ -134,7 +137,8 @@ def stream_model(norm: str, dtype=np.float32, tied: bool = False, seed: int = 0,
                if k in {t for n in nodes for t in n.input}]
     graph = helper.make_graph(nodes, f"stream_{norm}", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
                               [helper.make_tensor_value_info("logits", elem, ["b", "s", VOCAB])], tensors)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
+    opset = 23 if norm == "rmsnormalization" else 21   # ONNX's own RMSNormalization is opset 23
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)])
     model.ir_version = 10
     return model
 
@@ -154,7 +158,7 @@ def rotate(model: onnx.ModelProto, seed: int = 0):
     return finish_split(state.graph, split.proto), state.rotation, result
 
 
-FORMS = ["decomposed", "decomposed-div-casts", "simplified", "skip"]
+FORMS = ["decomposed", "decomposed-div-casts", "simplified", "skip", "rmsnormalization"]
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -178,15 +182,14 @@ def test_rotated_float_graph_computes_the_same(norm, dtype, tied):
     q = rotation(HIDDEN, 0).matrix
     assert np.allclose(table.astype(np.float64), original @ q, rtol=1e-2 if dtype == np.float16 else 1e-5, atol=1e-3)
     gains = [v for k, v in arrays.items() if "rotated_gain" in k]
-    if norm != "skip" or True:
-        assert all(np.all(g == 1) for g in gains)
+    assert len(gains) == LAYERS + 1 and all(np.all(g == 1) for g in gains)
 
 
 def test_the_rotation_spreads_outlier_channels():
     """What the linears read: the max/median ratio of the per-channel maxima drops (recorded per linear)."""
     _, info, _ = rotate(stream_model("decomposed", outliers=True))
     ranges = info["ranges"]
-    assert set(ranges) >= {"layers.0.gate_proj", "layers.1.down_proj"} - {"layers.1.down_proj"}
+    assert "layers.0.gate_proj" in ranges and "layers.1.down_proj" not in ranges   # down_proj reads no norm
     first = ranges["layers.0.gate_proj"]
     assert first["before"]["max_over_median"] > 20 and first["after"]["max_over_median"] < first["before"]["max_over_median"] / 4
 
@@ -325,3 +328,41 @@ def test_planted_outliers_rotation_gains_output_sqnr_and_moves_layers_to_static(
         runs[recipe] = (10 * np.log10(np.sum(ref ** 2) / np.sum((out - ref) ** 2)), schemes.count("static"), len(schemes))
     assert runs["fptq-rot"][0] >= runs["fptq"][0] + 2, runs
     assert runs["fptq"][1] < runs["fptq"][2] and runs["fptq-rot"][1] == runs["fptq-rot"][2], runs
+
+
+def test_cli_rotates_and_inspect_shows_what_it_did(tmp_path, capsys):
+    from fptq_graph.cli import main
+
+    path = tmp_path / "m.onnx"
+    onnx.save(stream_model("decomposed", outliers=True), str(path))
+    out = tmp_path / "q.onnx"
+    code = main(["quantize", str(path), "-o", str(out), "--calib-random", "4", "--seq-len", "16", "--group-size", "16",
+                 "--rotate", "hadamard", "--rotate-seed", "3", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "[rotate_residual] residual stream (48 channels) rotated by a hadamard matrix (Paley I (q=11) x Sylvester 4, seed 3)" in text
+    line = next(l for l in text.splitlines() if l.strip().startswith("layers.0.gate_proj, layers.0.up_proj:"))
+    before, after = map(float, re.search(r"max/median ([0-9.e+]+) -> ([0-9.e+]+)", line).groups())
+    assert before > 20 and after < before / 4, line
+    # not asked: nothing said beyond the pass line
+    code = main(["quantize", str(path), "-o", str(tmp_path / "plain.onnx"), "--calib-random", "4", "--seq-len", "16",
+                 "--group-size", "16", "--quiet"])
+    assert code == 0
+    capsys.readouterr()
+    main(["inspect", str(tmp_path / "plain.onnx")])
+    assert "rotation:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fixture", ["builder_folder", "builder_cuda_folder"])
+def test_genai_builder_folders_rotate_and_compute_the_same(fixture, request):
+    """The GenAI builder's graphs (SkipSimplifiedLayerNormalization carrying the stream, GroupQueryAttention,
+    fused QKV; fp32 for the CPU, fp16 with Casts for CUDA): rotated, and the float check passed inside."""
+    folder = request.getfixturevalue(fixture)
+    result = quantize(folder / "model.onnx", 2, Config(recipe="fptq-rot", **{**SMALL, "lm_head": "int8"}),
+                      tokenizer=str(folder))
+    rotation_ = result.rotation
+    assert rotation_["rotated"], rotation_.get("reason")
+    assert rotation_["checked"]["max_relative_error"] <= rotation_["checked"]["tolerance"]
+    assert rotation_["norms"] >= 2 * 2 + 1 and rotation_["writers"] >= 2 * 2

@@ -534,6 +534,7 @@ def _cmd_inspect(args) -> int:
     from fptq_graph.ir.load import load_model
     from fptq_graph.ir.metadata import get_metadata
     from fptq_graph.report.layers import REPORT_KEY, format_table, parse_stored
+    from fptq_graph.report.rotation import rotation_lines
 
     _model_of_folder(args)
     outputs = _outputs_reading(args.model)
@@ -560,6 +561,8 @@ def _cmd_inspect(args) -> int:
     for p in report["passes"]:
         print(f"  [{p['name']}] {p['summary']}")
     print(format_table(report["layers"]))
+    for line in rotation_lines(report.get("rotation", {})):
+        print(line)
     for kept in report.get("kept_float", []):
         print(f"  kept float: {kept['name']} (K={kept['K']} N={kept['N']}): {kept['reason']}")
     for table in report.get("embeddings", []):

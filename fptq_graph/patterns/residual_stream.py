@@ -40,7 +40,8 @@ class StreamNorm:
 @dataclass
 class ResidualStream:
     hidden: int
-    tables: list[gs.Constant] = field(default_factory=list)    # [rows, hidden] tables whose rows enter the stream
+    # tables whose rows enter the stream: (initializer, whether it holds the [rows, hidden] table transposed)
+    tables: list[tuple[gs.Constant, bool]] = field(default_factory=list)
     writers: list[gs.Node] = field(default_factory=list)       # MatMul/Gemm whose output columns are added to it
     vectors: list[tuple[gs.Node, int]] = field(default_factory=list)   # (node, input index) of constant [hidden] added
     norms: list[StreamNorm] = field(default_factory=list)
@@ -62,10 +63,26 @@ def find_residual_stream(graph: gs.Graph) -> ResidualStream:
 
 
 def _table(node: gs.Node) -> np.ndarray | None:
+    """The [rows, hidden] table a Gather looks rows up in: a constant, or the Transpose of a constant [hidden,
+    rows] (the GenAI builder's tied embedding reads the LM head's weight that way)."""
+    source = _table_source(node)
+    if source is None:
+        return None
+    constant, transposed = source
+    return constant.values.T if transposed else constant.values
+
+
+def _table_source(node: gs.Node) -> tuple[gs.Constant, bool] | None:
+    """(the initializer holding the table, whether it holds it transposed)."""
     if node.op != "Gather" or int(node.attrs.get("axis", 0)) != 0:
         return None
-    value = constant_value(node.inputs[0])
-    return value if value is not None and value.ndim == 2 and value.dtype.kind == "f" else None
+    data, transposed = node.inputs[0], False
+    transpose = producer(data)
+    if transpose is not None and transpose.op == "Transpose" and list(transpose.attrs.get("perm", [1, 0])) == [1, 0]:
+        data, transposed = transpose.inputs[0], True
+    if not isinstance(data, gs.Constant) or data.values.ndim != 2 or data.values.dtype.kind != "f":
+        return None
+    return data, transposed
 
 
 class _Walk:
@@ -253,27 +270,30 @@ class _Walk:
                            "not a linear's output, a bias or a table's rows")
 
     def _add_table(self, gather: gs.Node) -> None:
-        table = gather.inputs[0]
-        if not isinstance(table, gs.Constant):
-            raise NotRotatable(f"Gather '{gather.name}' reads its table through a Constant node, not an initializer")
-        if all(t is not table for t in self.stream.tables):
-            self.stream.tables.append(table)
+        source = _table_source(gather)
+        if all(t is not source[0] for t, _ in self.stream.tables):
+            self.stream.tables.append(source)
 
     def _check_tables(self) -> None:
-        """Every reader of a rotated table must be a stream lookup or a tied reader (the LM head reading
-        the embedding table transposed): their table is rotated once, in place."""
-        for table in self.stream.tables:
+        """Every reader of a rotated table must be a stream lookup (directly or through its Transpose) or a
+        tied reader (the LM head reading the embedding table): their table is rotated once, in place."""
+        readers = {id(reader) for norm in self.stream.norms for reader in norm.readers}
+        lookups = {id(n) for n in self.graph.nodes if _table_source(n) is not None}
+        for table, _ in self.stream.tables:
             for consumer in table.outputs:
-                if _table(consumer) is not None and consumer.inputs[0] is table:
+                if id(consumer) in lookups:
                     continue
-                head = consumer
-                if consumer.op == "Transpose" and len(consumer.outputs[0].outputs) == 1:
-                    head = consumer.outputs[0].outputs[0]
-                if any(head is reader for norm in self.stream.norms for reader in norm.readers):
-                    self.stream.tied_readers.append(head)
-                    continue
-                raise NotRotatable(f"{consumer.op} '{consumer.name}' reads the embedding table '{table.name}' and is "
-                                   "neither a lookup nor an LM head reading a norm")
+                users = [consumer]
+                if consumer.op == "Transpose":
+                    users = list(consumer.outputs[0].outputs)
+                for user in users:
+                    if id(user) in lookups:
+                        continue
+                    if id(user) in readers:
+                        self.stream.tied_readers.append(user)
+                        continue
+                    raise NotRotatable(f"{user.op} '{user.name}' reads the embedding table '{table.name}' and is "
+                                       "neither a lookup nor an LM head reading a norm")
 
 
 def _reduces_last_axis(node: gs.Node, tensor: gs.Tensor) -> bool:

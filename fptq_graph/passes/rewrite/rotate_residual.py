@@ -132,12 +132,15 @@ def _rewrite(graph: gs.Graph, stream: ResidualStream, q: np.ndarray) -> dict:
         put(node, index, f"{node.name}.rotated_bias_{index}", (value.reshape(-1).astype(compute) @ qc).reshape(value.shape),
             value.dtype)
     table_slots = []
-    for table in stream.tables:
-        values = table.values
-        rows = max(1, (64 << 20) // max(1, values.shape[1] * 8))   # 64 MiB of the table at a time
+    for table, transposed in stream.tables:
+        values = table.values                  # [rows, hidden], or [hidden, rows] when held transposed
         rotated = np.empty(values.shape, values.dtype)
-        for start in range(0, values.shape[0], rows):
-            rotated[start:start + rows] = (values[start:start + rows].astype(compute) @ qc).astype(values.dtype)
+        rows = max(1, (64 << 20) // max(1, stream.hidden * 8))   # 64 MiB of the table at a time
+        for start in range(0, values.shape[1 if transposed else 0], rows):
+            if transposed:   # (E Q)^T = Q^T E^T
+                rotated[:, start:start + rows] = (qc.T @ values[:, start:start + rows].astype(compute)).astype(values.dtype)
+            else:
+                rotated[start:start + rows] = (values[start:start + rows].astype(compute) @ qc).astype(values.dtype)
         table_slots.append((table, spill.add(rotated)))
         del rotated
     views = spill.views()
