@@ -45,6 +45,7 @@ HELDOUT = TEXT / "python-docstrings.heldout.txt"
 RECIPES = {
     "fptq (default: AWQ + gptq-clip)": {"recipe": "fptq"},
     "fptq-rot (Hadamard + fptq)": {"recipe": "fptq-rot"},
+    "fptq-rot, online FFN rotation (--rotate-ffn)": {"recipe": "fptq-rot", "rotate_ffn": True},
     "fptq-paper (RTN)": {"recipe": "fptq-paper"},
     "fptq-paper, rotated (RTN)": {"recipe": "fptq-paper", "rotate": "hadamard"},
     "dynamic-w4a8 (per token, RTN)": {"recipe": "dynamic-w4a8"},

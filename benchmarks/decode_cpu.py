@@ -52,6 +52,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 PREFILL, NEW_TOKENS = 512, 64
 
 
+def _wanted(args, name: str) -> bool:
+    import re
+
+    return not args.only or re.search(args.only, name) is not None
+
+
 def file_bytes(path: Path) -> int:
     """The model and its external data files."""
     import onnx
@@ -366,6 +372,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over every SmolLM2 variant (medians)")
+    ap.add_argument("--only", help="SmolLM2 variants whose name matches this regular expression (float always runs)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--profile", help=argparse.SUPPRESS)
     ap.add_argument("--float-model", help=argparse.SUPPRESS)
@@ -407,17 +414,29 @@ def main(argv=None) -> int:
         for head in ("float", "int8"):
             tag = f"{form}-acc4" if level else form
             path = work / f"smollm2.{tag}.head-{head}.onnx"
-            if not path.is_file():
+            label = f"ours --format {form}" + (" --ort-accuracy-level 4" if level else "") + f", head {head}"
+            if not path.is_file() and _wanted(args, label):
                 fq.quantize(float_path, str(CALIB_TEXT), fq.Config(format=form, ort_accuracy_level=level, lm_head=head,
                                                                    calib_samples=32, calib_seq_len=256, sqnr_samples=0,
                                                                    progress=False)).save(path)
-            label = f"ours --format {form}" + (" --ort-accuracy-level 4" if level else "")
-            variants.append((f"{label}, head {head}", path))
+            variants.append((label, path))
+    # The rotated recipe in the fast form: folded (no run-time cost expected), and with the online FFN rotation
+    # (an explicit op before each down projection: its cost)
+    for tag, extra in (("fptq-rot", {}), ("fptq-rot-ffn", {"rotate_ffn": True})):
+        path = work / f"smollm2.w4a8.{tag}.head-int8.onnx"
+        if not path.is_file() and _wanted(args, f"ours --format w4a8 --recipe {tag}"):
+            fq.quantize(float_path, str(CALIB_TEXT), fq.Config(recipe="fptq-rot", format="w4a8", lm_head="int8",
+                                                               calib_samples=32, calib_seq_len=256, sqnr_samples=0,
+                                                               progress=False, **extra)).save(path)
+        label = "ours --format w4a8 --recipe fptq-rot" + (" --rotate-ffn" if extra else "") + ", head int8"
+        variants.append((label, path))
     for block, head_bits in ((32, None), (128, None), (32, 8)):
         path = work / f"smollm2.ort-nbits-b{block}{'-head8' if head_bits else ''}.onnx"
-        if not path.is_file():
+        label = f"ORT MatMulNBits acc 4, block {block}" + (", head 8-bit" if head_bits else "")
+        if not path.is_file() and _wanted(args, label):
             ort_nbits(float_path, path, block, head_bits)
-        variants.append((f"ORT MatMulNBits acc 4, block {block}" + (", head 8-bit" if head_bits else ""), path))
+        variants.append((label, path))
+    variants = [(name, path) for name, path in variants if name == "float" or _wanted(args, name)]
     print(f"SmolLM2-135M, {args.threads} threads: prefill 1 x {PREFILL}, decode {NEW_TOKENS} greedy tokens at batch 1",
           flush=True)
     # Interleaved: each round measures every variant once (each in a fresh process), so a change in the

@@ -160,9 +160,29 @@ class CalibrationWarning(UserWarning):
     """Calibration goes on, but not as asked (less text than the samples requested)."""
 
 
+def input_role(name: str) -> str | None:
+    """What a model input is, from its name (the one place inputs are guessed by name): "tokens"
+    (input_ids, ids, tokens), "mask" (attention_mask, optimum's encoder_attention_mask: any *mask*),
+    "token_type", "positions" (position_ids: any *position*), "encoder_hidden" (encoder_hidden_states, encoder_outputs), "cross_past" (a with-past
+    decoder's cross-attention cache), "past" (the KV cache), or None."""
+    lowered = name.lower()
+    if lowered.startswith("past_key_values"):
+        return "cross_past" if ".encoder." in lowered else "past"
+    if "encoder_hidden_states" in lowered or lowered == "encoder_outputs":
+        return "encoder_hidden"
+    if "input_ids" in lowered or lowered in ("ids", "tokens"):
+        return "tokens"
+    if "token_type" in lowered:
+        return "token_type"
+    if "mask" in lowered:
+        return "mask"
+    if "position" in lowered:
+        return "positions"
+    return None
+
+
 def is_token_input(value: onnx.ValueInfoProto) -> bool:
-    lowered = value.name.lower()
-    return value.type.tensor_type.elem_type in INT_TYPES and ("input_ids" in lowered or lowered in ("ids", "tokens"))
+    return value.type.tensor_type.elem_type in INT_TYPES and input_role(value.name) == "tokens"
 
 
 def takes_tokens(model_inputs: Sequence[onnx.ValueInfoProto]) -> bool:
@@ -187,8 +207,8 @@ def feeds_for(model_inputs: Sequence[onnx.ValueInfoProto], tokens: np.ndarray, m
         elem = value.type.tensor_type.elem_type
         dtype = INT_TYPES.get(elem)
         name = value.name
-        lowered = name.lower()
-        if lowered.startswith("past_key_values") and elem in FLOAT_TYPES:
+        role = input_role(name)
+        if role in ("past", "cross_past") and elem in FLOAT_TYPES:
             feeds[name] = empty_past(value, batch)
             continue
         if dtype is None:
@@ -199,13 +219,13 @@ def feeds_for(model_inputs: Sequence[onnx.ValueInfoProto], tokens: np.ndarray, m
             dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
             raise CalibrationError(f"{model_name}: input '{name}' has rank {rank} ({dims}); token inputs are filled "
                                    "as [batch, sequence]; calibrate this model with a .npz of feeds")
-        if "input_ids" in lowered or lowered in ("ids", "tokens"):
+        if role == "tokens":
             feeds[name] = tokens.astype(dtype)
-        elif "attention_mask" in lowered:
+        elif role == "mask":
             feeds[name] = np.ones((batch, seq), dtype=dtype)
-        elif "token_type" in lowered:
+        elif role == "token_type":
             feeds[name] = np.zeros((batch, seq), dtype=dtype)
-        elif "position_ids" in lowered:
+        elif role == "positions":
             feeds[name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
         else:
             raise CalibrationError(f"{model_name}: don't know how to fill input '{name}' from tokens")
@@ -241,7 +261,7 @@ def random_feeds(model_inputs: Sequence[onnx.ValueInfoProto], count: int, seq_le
                                        "be drawn for it; calibrate with a .npz of feeds")
             shape = [d.dim_value if d.dim_value > 0 else (batch if i == 0 else seq_len)
                      for i, d in enumerate(tensor.shape.dim)]
-            lowered = value.name.lower()
+            role = input_role(value.name)
             if tensor.elem_type in FLOAT_TYPES:
                 feeds[value.name] = rng.standard_normal(shape).astype(FLOAT_TYPES[tensor.elem_type])
             elif tensor.elem_type in INT_TYPES and is_token_input(value):
@@ -249,9 +269,9 @@ def random_feeds(model_inputs: Sequence[onnx.ValueInfoProto], count: int, seq_le
                     raise CalibrationError(f"{source}: cannot tell the vocabulary size for random tokens in "
                                            f"'{value.name}'; calibrate with a .npz of feeds")
                 feeds[value.name] = rng.integers(0, vocab, size=shape).astype(INT_TYPES[tensor.elem_type])
-            elif tensor.elem_type in INT_TYPES and "mask" in lowered:
+            elif tensor.elem_type in INT_TYPES and role == "mask":
                 feeds[value.name] = np.ones(shape, INT_TYPES[tensor.elem_type])
-            elif tensor.elem_type in INT_TYPES and "position" in lowered:
+            elif tensor.elem_type in INT_TYPES and role == "positions":
                 feeds[value.name] = np.broadcast_to(np.arange(shape[-1]), shape).astype(INT_TYPES[tensor.elem_type])
             else:
                 raise CalibrationError(f"{source}: don't know how to draw random values for input '{value.name}' "
@@ -306,7 +326,7 @@ def vocab_size_of(model: onnx.ModelProto) -> int | None:
     for prop in model.metadata_props:
         if prop.key == "fptq_graph.vocab_size":
             return int(prop.value)
-    ids_inputs = {v.name for v in model.graph.input if "input_ids" in v.name.lower()}
+    ids_inputs = {v.name for v in model.graph.input if input_role(v.name) == "tokens"}
     shapes = {init.name: list(init.dims) for init in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in ids_inputs:
@@ -378,27 +398,26 @@ def decoder_feeds(encoder, encoder_inputs: Sequence[onnx.ValueInfoProto], decode
     for index, tokens in enumerate(calib.batches()):
         encoder_feeds = feeds_for(encoder_inputs, tokens, "encoder")
         hidden = ort_errors.run(encoder, [output], encoder_feeds, f"the float encoder on calibration batch {index}")[0]
-        mask = next((v for k, v in encoder_feeds.items() if "attention_mask" in k.lower()),
-                    np.ones(tokens.shape, np.int64))
+        mask = next((v for k, v in encoder_feeds.items() if input_role(k) == "mask"), np.ones(tokens.shape, np.int64))
         shifted = tokens if start_token is None else np.concatenate(
             [np.full((tokens.shape[0], 1), start_token, tokens.dtype), tokens[:, :-1]], axis=1)
         feeds = {}
         for value in decoder_inputs:
-            name, lowered = value.name, value.name.lower()
+            name, role = value.name, input_role(value.name)
             dtype = INT_TYPES.get(value.type.tensor_type.elem_type)
-            if "encoder_hidden_states" in lowered or lowered == "encoder_outputs":
+            if role == "encoder_hidden":
                 feeds[name] = hidden
-            elif "attention_mask" in lowered and dtype is not None:   # optimum: encoder_attention_mask
+            elif role == "mask" and dtype is not None:   # optimum: encoder_attention_mask
                 feeds[name] = mask.astype(dtype)
-            elif "input_ids" in lowered and dtype is not None:
+            elif role == "tokens" and dtype is not None:
                 feeds[name] = shifted.astype(dtype)
-            elif lowered.startswith("past_key_values") and ".encoder." in lowered:
+            elif role == "cross_past":
                 raise CalibrationError(f"{decoder_name}: input '{name}' is the cross-attention cache of a decoding step "
                                        "(a with-past decoder), which text calibration does not produce; quantize the "
                                        "folder's decoder_model.onnx, or this model with a .npz of feeds")
-            elif lowered.startswith("past_key_values") and value.type.tensor_type.elem_type in FLOAT_TYPES:
+            elif role == "past" and value.type.tensor_type.elem_type in FLOAT_TYPES:
                 feeds[name] = empty_past(value, tokens.shape[0])
-            elif lowered == "use_cache_branch":
+            elif name.lower() == "use_cache_branch":
                 feeds[name] = np.zeros((1,), np.bool_)
             else:
                 raise CalibrationError(f"{decoder_name}: don't know how to fill input '{name}' from the encoder's "

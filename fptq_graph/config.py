@@ -69,6 +69,11 @@ class Config:
                      float model computes the same, checked on one calibration sample); "none" does not; None
                      (the default) takes the recipe's (recipe fptq-rot rotates). A model whose stream cannot be
                      rotated exactly (post-LN encoders, LayerNorm) is left unrotated, the reason in the report.
+    rotate_ffn:      with a rotation, also rotate each FFN down projection's input (the gated product) by a
+                     Hadamard matrix at run time: explicit Reshape and MatMul ops before it (about
+                     inner + outer multiply-adds per channel, 140 for 1536 = 12 x 128), its inverse folded into
+                     the down projection's weight; spreads the outliers of what is the per-token band's usual
+                     linear, and makes its INT4 groups incoherent. Off by default (it costs run time).
     compensate_residual: a LayerNorm that feeds linears AND something else (a post-LN residual add)
                      can still take the LAE scale if the other consumers get a Mul by s that undoes
                      it; False makes such linears fall back to dynamic instead.
@@ -87,6 +92,7 @@ class Config:
     weight_quantizer: str | None = None   # "rtn", "clip", "gptq", "gptq-clip"; None: the recipe's (recipes.py), gptq with gptq=True
     rotate: str | None = None        # "hadamard" or "none"; None: the recipe's (recipes.py)
     rotate_seed: int = 0             # the rotation's random signs (quant/rotation.py); recorded in the report
+    rotate_ffn: bool = False         # also rotate each down projection's input at run time (an explicit op; rotate_residual)
     act_order: bool = False          # GPTQ: rows by decreasing diag(X^T X), group scales fixed up front (gptq.py)
     measured_tolerance_db: float = 0.5   # measured classifier: static when within this of per-token's output SQNR
     statistics_budget_mib: int | None = None   # X^T X memory allowed before AWQ/GPTQ give way to clipping (None: the float weights' size, >= 1 GiB)
@@ -148,6 +154,9 @@ class Config:
             raise FptqError(f"unknown weight quantizer {self.weight_quantizer!r}; choose one of {', '.join(WEIGHT_QUANTIZERS)}")
         if self.rotate is not None and self.rotate not in ROTATIONS:
             raise FptqError(f"unknown rotation {self.rotate!r}; choose one of {', '.join(ROTATIONS)}")
+        if self.rotate_ffn and (self.rotate or recipe_row(self.recipe).rotate) == "none":
+            raise FptqError("rotate_ffn (--rotate-ffn) rotates inside the rotated model: it needs --rotate hadamard "
+                            "or a recipe that rotates (fptq-rot)")
         if self.gptq and self.weight_quantizer not in (None, "gptq", "gptq-clip"):
             raise FptqError(f"gptq=True (--gptq) contradicts weight_quantizer={self.weight_quantizer!r}")
         if self.measured_tolerance_db < 0:

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from fptq_graph.runtime import ort_errors
-from fptq_graph.calibration import feeds_for, session_inputs
+from fptq_graph.calibration import feeds_for, input_role, session_inputs
 from fptq_graph.errors import FptqError
 
 PAST = "past_key_values."
@@ -81,8 +81,8 @@ def _cached_step_feeds(inputs, step_ids: np.ndarray, past: dict, length: int) ->
         name = value.name
         if name in past:
             feeds[name] = past[name]
-        elif "attention_mask" in name:
+        elif input_role(name) == "mask":
             feeds[name] = np.ones((1, length + n), dtype=feeds[name].dtype)
-        elif "position_ids" in name:
+        elif input_role(name) == "positions":
             feeds[name] = np.arange(length, length + n, dtype=feeds[name].dtype)[None]
     return feeds

@@ -17,6 +17,7 @@ SMOLLM2_CI = {
     *(f"smollm2/fptq-paper/{form}/g{g}/{sym}" for form in ("qdq", "w4a8", "ort", "ort-acc4") for g in (128, 32)
       for sym in ("sym", "asym")),
     "smollm2/fptq/qdq/g128/sym", "smollm2/fptq/qdq/g32/asym", "smollm2/fptq/w4a8/g128/sym", "smollm2/fptq/ort-acc4/g32/sym",
+    "smollm2/fptq-rot/qdq/g128/sym", "smollm2/fptq-rot/w4a8/g32/sym",   # the rotated stream (issue 34)
     *(f"smollm2/{r}/qdq/g128/sym" for r in ("fptq-awq", "fptq-measured", "naive-w4a8", "smoothquant-w4a8",
                                             "dynamic-w4a8", "w8a8-smoothquant", "rtn-w4a16", "awq-w4a16")),
 }

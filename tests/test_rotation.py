@@ -50,7 +50,8 @@ def test_rotation_is_orthogonal_seeded_and_says_how(n, kind):
 
 
 # -- a small pre-norm decoder in each norm form --------------------------------------------------------
-def stream_model(norm: str, dtype=np.float32, tied: bool = False, seed: int = 0, outliers: bool = False) -> onnx.ModelProto:
+def stream_model(norm: str, dtype=np.float32, tied: bool = False, seed: int = 0, outliers: bool = False,
+                 ffn: int = FFN) -> onnx.ModelProto:
     """Gather(E) -> per layer: h += Wo(silu(n Wg) * (n Wu)) with n = norm(h), then logits = norm(h) @ head.
 
     norm: "decomposed" (x * Reciprocal(Sqrt(mean(x^2) + eps)) * g), "decomposed-div-casts" (float32 statistics
@@ -113,7 +114,7 @@ def stream_model(norm: str, dtype=np.float32, tied: bool = False, seed: int = 0,
     stream, pending = "h0", None
     for layer in range(LAYERS):
         n, stream = add_norm(stream, layer, pending)
-        for name, shape in (("Wg", (HIDDEN, FFN)), ("Wu", (HIDDEN, FFN)), ("Wo", (FFN, HIDDEN))):
+        for name, shape in (("Wg", (HIDDEN, ffn)), ("Wu", (HIDDEN, ffn)), ("Wo", (ffn, HIDDEN))):
             inits[f"{name}{layer}"] = rng.standard_normal(shape) / np.sqrt(shape[0])
             if outliers and name != "Wo":
                 inits[f"{name}{layer}"][planted] *= 0.0002
@@ -147,13 +148,13 @@ def ids(seed: int = 1, batch: int = 2, seq: int = 16) -> dict:
     return {"input_ids": np.random.default_rng(seed).integers(0, VOCAB, (batch, seq)).astype(np.int64)}
 
 
-def rotate(model: onnx.ModelProto, seed: int = 0):
-    """Runs only the rotation over `model`; returns (the rotated float model, state.rotation)."""
+def rotate(model: onnx.ModelProto, seed: int = 0, ffn: bool = False):
+    """Runs only the rotation over `model`; returns (the rotated float model, state.rotation, the pass result)."""
     split = split_proto(model)
     from fptq_graph.ir.split_model import bind_arrays
 
     state = State(graph=bind_arrays(gs.import_onnx(split.proto), split.arrays),
-                  config=Config(rotate="hadamard", rotate_seed=seed), calibration=FeedsCalibration([ids(7)]), source_model=split)
+                  config=Config(rotate="hadamard", rotate_seed=seed, rotate_ffn=ffn), calibration=FeedsCalibration([ids(7)]), source_model=split)
     result = RotateResidual().run(state)
     return finish_split(state.graph, split.proto), state.rotation, result
 
@@ -183,6 +184,60 @@ def test_rotated_float_graph_computes_the_same(norm, dtype, tied):
     assert np.allclose(table.astype(np.float64), original @ q, rtol=1e-2 if dtype == np.float16 else 1e-5, atol=1e-3)
     gains = [v for k, v in arrays.items() if "rotated_gain" in k]
     assert len(gains) == LAYERS + 1 and all(np.all(g == 1) for g in gains)
+
+
+@pytest.mark.parametrize("ffn,construction", [(96, "block-diagonal: 3 blocks of Sylvester 32"),
+                                               (1536, "Paley I (q=11) x Sylvester 128")])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("norm", ["decomposed", "skip"])
+def test_online_ffn_rotation_computes_the_same(norm, dtype, ffn, construction):
+    """rotate_ffn: each down projection's input rotated at run time (block-diagonal where the block count has
+    no Hadamard matrix, A (x) B otherwise), its weight Q^T W, the signs in up_proj's columns; the float graph
+    computes the same."""
+    model = stream_model(norm, dtype, ffn=ffn)
+    rotated, info, result = rotate(model, ffn=True)
+    assert info["online"] == LAYERS and construction in info["online_construction"]
+    ops = [n.op_type for n in rotated.proto.graph.node if n.name.startswith("rotation.ffn")]
+    assert ops.count("MatMul") == LAYERS * (2 if "Paley" in construction else 1)
+    assert "Mul" not in ops and "Transpose" not in ops   # the signs went into up_proj's columns
+    feeds = ids(3)
+    want = session(model).run(None, feeds)[0].astype(np.float64)
+    got = session(rotated).run(None, feeds)[0].astype(np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= (1e-4 if dtype == np.float32 else 1e-2)
+
+
+def test_online_ffn_rotation_on_an_exported_llama_with_its_kv_cache(tmp_path):
+    """Our exporter's graph with past/present inputs (as decode runs it): quantized with --rotate-ffn, one
+    prompt and one cached step through the w4a8 form match the qdq form's."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fptq_graph.exporters.huggingface import export_hf
+    from fptq_graph.generate import greedy_generate
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=1536, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    path = tmp_path / "kv.onnx"
+    export_hf(hf, path, kv_cache=True)
+    tokens = {}
+    for form in ("qdq", "w4a8"):
+        result = quantize(path, 4, Config(recipe="fptq-rot", rotate_ffn=True, format=form, group_size=32, calib_seq_len=32,
+                                          calib_batch_size=2, sqnr_samples=1, progress=False))
+        assert result.rotation["online"] == 2
+        tokens[form] = greedy_generate(session(result.model), np.arange(1, 9)[None], 6).tokens
+    assert np.array_equal(tokens["qdq"], tokens["w4a8"])
+
+
+def test_online_ffn_rotation_is_kept_float_and_needs_a_rotation(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(stream_model("decomposed"), str(path))
+    result = quantize(path, _calib(), Config(recipe="fptq-rot", rotate_ffn=True, **SMALL))
+    kept = [k["name"] for k in result.kept_float]
+    assert sum(name.startswith("rotation.ffn") for name in kept) == LAYERS
+    assert len(result.layers) == 3 * LAYERS   # gate, up, down per layer: all still quantized (the head is float here)
+    with pytest.raises(FptqError, match="rotate_ffn .* needs --rotate hadamard"):
+        Config(recipe="fptq", rotate_ffn=True).validate()
 
 
 def test_the_rotation_spreads_outlier_channels():

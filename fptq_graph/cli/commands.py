@@ -141,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
                         "or none; default: the recipe's (fptq-rot rotates)")
     p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs (default %(default)s; "
                                                                "recorded in the report)")
+    p.add_argument("--rotate-ffn", action="store_true",
+                   help="with a rotation, also rotate each FFN down projection's input at run time (an explicit op "
+                        "in the graph, a few percent of the down projection's cost; docs/accuracy.md)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize rows by decreasing diag(X^T X)")
     p.add_argument("--ort-accuracy-level", type=int, choices=(0, 4), default=defaults.ort_accuracy_level,
                    help="--format ort: MatMulNBits accuracy_level; 0 computes what the graph says (default), "
@@ -260,7 +263,7 @@ def _cmd_quantize(args) -> int:
     config = Config(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
                     group_size=args.group_size, symmetric=not args.asymmetric, format=args.format,
                     compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
-                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, rotate=args.rotate, rotate_seed=args.rotate_seed, act_order=args.act_order, ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head or Config().lm_head, quantize_lm_head=args.quantize_lm_head, embedding=args.embedding, sqnr_samples=args.sqnr_samples,
+                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, rotate=args.rotate, rotate_seed=args.rotate_seed, rotate_ffn=args.rotate_ffn, act_order=args.act_order, ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head or Config().lm_head, quantize_lm_head=args.quantize_lm_head, embedding=args.embedding, sqnr_samples=args.sqnr_samples,
                     calib_batch_size=args.batch_size,
                     calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet,
                     sequential=args.sequential, memory_budget_mib=args.memory_budget, block_inputs=args.block_inputs)

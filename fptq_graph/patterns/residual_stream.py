@@ -321,3 +321,35 @@ def _is_rms_of(tensor: gs.Tensor, x: gs.Tensor, depth: int = 6) -> bool:
             source = producer(source).inputs[0]
         return source is x and square.op in ("Pow", "Mul")
     return any(_is_rms_of(t, x, depth - 1) for t in node.inputs if isinstance(t, gs.Variable))
+
+
+@dataclass
+class ProductReader:
+    """A linear reading an elementwise product of two computed tensors (SwiGLU's down projection)."""
+
+    node: gs.Node              # the MatMul/Gemm
+    product: gs.Node           # the Mul
+    source: gs.Node | None     # a MatMul making one factor, read by nothing else: its columns can take signs
+
+
+def product_readers(graph: gs.Graph) -> list[ProductReader]:
+    """Every linear with a constant weight whose input is a Mul of two computed tensors read by it alone."""
+    outputs = {t.name for t in graph.outputs}
+    found = []
+    for node in graph.nodes:
+        if node.op not in ("MatMul", "Gemm") or resolve_weight(node)[0] is None or node.attrs.get("transA", 0):
+            continue
+        x = node.inputs[0]
+        mul = producer(x)
+        if (mul is None or mul.op != "Mul" or len(mul.inputs) != 2 or len(x.outputs) != 1 or x.name in outputs
+                or any(constant_value(t) is not None for t in mul.inputs)):
+            continue
+        source = None
+        for factor in mul.inputs:
+            maker = producer(factor)
+            if (maker is not None and maker.op == "MatMul" and len(factor.outputs) == 1 and factor.name not in outputs
+                    and resolve_weight(maker)[0] is not None):
+                source = maker
+                break
+        found.append(ProductReader(node, mul, source))
+    return found

@@ -14,7 +14,7 @@ from fptq_graph.errors import ModelLoadError, NoQuantizableLinearError
 from fptq_graph.patterns.graph_match import constant_value, is_channel_passthrough, norm_inputs, producer, resolve_weight, rms_norm_gain
 from fptq_graph.ir.bodies import gs_body_nodes
 from fptq_graph.passes.base import Pass, PassResult
-from fptq_graph.passes.rewrite.rotate_residual import HEAD_GAIN_PREFIX
+from fptq_graph.passes.rewrite.rotate_residual import HEAD_GAIN_PREFIX, ROTATION_PREFIX
 from fptq_graph.passes.state import Linear, NormProducer, State
 from fptq_graph.patterns.lm_head import LOGITS, feeds_output
 
@@ -52,11 +52,11 @@ class FindQuantizableLinears(Pass):
             if not node.name or node.name in state.linears:
                 node.name = f"{node.op}_{index}"
             k, n = weight.shape
-            if node.name.startswith(HEAD_GAIN_PREFIX):
-                state.kept_float[node.name] = {
-                    "name": node.name, "K": k, "N": n,
-                    "reason": "the final norm's gain in rotated coordinates, before the tied LM head (rotate_residual): "
-                              "kept float"}
+            if node.name.startswith(ROTATION_PREFIX):
+                what = ("the final norm's gain in rotated coordinates, before the tied LM head"
+                        if node.name.startswith(HEAD_GAIN_PREFIX) else "a down projection's run-time input rotation")
+                state.kept_float[node.name] = {"name": node.name, "K": k, "N": n,
+                                               "reason": f"{what} (rotate_residual): kept float"}
                 continue
             if state.config.lm_head_mode == "float" and feeds_output(node, outputs):
                 state.kept_float_head = node.name

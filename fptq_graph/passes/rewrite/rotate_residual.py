@@ -25,6 +25,8 @@ it is made and read back mapped (ir/mapped_files.SpillFile), so the rotated mode
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -33,12 +35,14 @@ from fptq_graph.ir.mapped_files import SpillFile
 from fptq_graph.ir.save import finish_split
 from fptq_graph.passes.base import Pass, PassResult
 from fptq_graph.patterns.graph_match import constant_value, resolve_weight
-from fptq_graph.patterns.residual_stream import NotRotatable, ResidualStream, find_residual_stream
-from fptq_graph.quant.rotation import rotation
+from fptq_graph.patterns.residual_stream import NotRotatable, ResidualStream, find_residual_stream, product_readers
+from fptq_graph.quant.rotation import online_rotation, rotation
 from fptq_graph.recipes import run_row
 
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-4, np.dtype(np.float16): 1e-2}
-HEAD_GAIN_PREFIX = "rotation.head_gain"   # the tied head's gain MatMul (find_linears keeps it float)
+ROTATION_PREFIX = "rotation."               # nodes this pass adds: find_linears keeps their products float
+HEAD_GAIN_PREFIX = "rotation.head_gain"     # the tied head's gain MatMul
+ONLINE_PREFIX = "rotation.ffn"              # a down projection's run-time input rotation (rotate_ffn)
 
 
 class RotationMismatchError(FptqError):
@@ -61,10 +65,13 @@ class RotateResidual(Pass):
             state.rotation.update(rotated=False, reason=str(exc))
             return PassResult(f"not rotated: {exc}", stats={"rotated": 0})
         q = rotation(stream.hidden, state.config.rotate_seed)
-        counts = _rewrite(state.graph, stream, q.matrix)
+        online = (_online_rotations(state.graph, state.config.rotate_seed,
+                                    state.source_model.proto if state.source_model is not None else None)
+                  if state.config.rotate_ffn else {})
+        counts = _rewrite(state.graph, stream, q.matrix, online)
         state.graph.cleanup()
         rotated_source = finish_split(state.graph, state.source_model.proto) if state.source_model is not None else None
-        checked = _check_same_function(state, stream, rotated_source)
+        checked = _check_same_function(state, stream, rotated_source, online)
         if rotated_source is not None:
             state.source_model = rotated_source   # the float reference from here on (see the docstring)
         state.rotation.update(rotated=True, hidden=stream.hidden, kind=q.kind, construction=q.construction, seed=q.seed,
@@ -73,13 +80,16 @@ class RotateResidual(Pass):
                    f"{q.seed}): {counts['readers']} reading linears, {counts['writers']} writing, {counts['tables']} "
                    f"table(s), {counts['norms']} norm gains folded"
                    + (f", tied head's gain as a float {stream.hidden}x{stream.hidden} MatMul" if counts["head_gain"] else "")
+                   + (f"; {counts['online']} FFN down projections' inputs rotated at run time ({counts['online_construction']})"
+                      if counts["online"] else "")
                    + (f"; same function on one calibration sample (max rel. error {checked['max_relative_error']:.1e})"
                       if checked else ""))
         return PassResult(summary, modified=True, stats={"rotated": 1, **counts})
 
 
-def _rewrite(graph: gs.Graph, stream: ResidualStream, q: np.ndarray) -> dict:
-    """Folds the gains and Q into the weights; every new array goes through one SpillFile."""
+def _rewrite(graph: gs.Graph, stream: ResidualStream, q: np.ndarray, online: dict) -> dict:
+    """Folds the gains and Q into the weights; every new array goes through one SpillFile. `online`: per
+    down projection (id of its node), (ProductReader, OnlineRotation) to insert (rotate_ffn)."""
     spill = SpillFile()
     pending: list[tuple[gs.Node, int, str, int]] = []   # (node, input index, new constant name, spill index)
     tied = {id(node) for node in stream.tied_readers}
@@ -98,6 +108,13 @@ def _rewrite(graph: gs.Graph, stream: ResidualStream, q: np.ndarray) -> dict:
 
     qc = q.astype(compute)
     head_gain = 0
+    # The online rotations' random signs go into the columns of the linear making one factor of the product
+    # (up_proj: the product's channel j is scaled by the sign exactly when that column is), else a Mul.
+    column_signs = {id(r.source): rot.signs for r, rot in online.values() if r.source is not None}
+
+    def signed(node: gs.Node, weight: np.ndarray) -> np.ndarray:
+        signs = column_signs.pop(id(node), None)
+        return weight if signs is None else weight * signs[None, :]
     for norm in stream.norms:
         gain = (constant_value(norm.gain_node.inputs[norm.gain_index]) if norm.gain_node is not None
                 else np.ones(stream.hidden, np.float32))
@@ -119,14 +136,31 @@ def _rewrite(graph: gs.Graph, stream: ResidualStream, q: np.ndarray) -> dict:
                 head_gain += 1
                 continue
             weight, _ = resolve_weight(reader)
-            put(reader, 1, f"{reader.name}.rotated_weight", qc.T @ (g[:, None] * weight.astype(compute)), weight.dtype)
+            put(reader, 1, f"{reader.name}.rotated_weight", signed(reader, qc.T @ (g[:, None] * weight.astype(compute))),
+                weight.dtype)
             _direct_weight(reader)
         if norm.gain_node is not None:
             put(norm.gain_node, norm.gain_index, f"{norm.gain_node.name}.rotated_gain", np.ones_like(gain), gain.dtype)
     for writer in stream.writers:
         weight, _ = resolve_weight(writer)
-        put(writer, 1, f"{writer.name}.rotated_weight", weight.astype(compute) @ qc, weight.dtype)
+        rows = weight.astype(compute)
+        if id(writer) in online:   # its input rotated at run time: Q_ffn^T W Q
+            rows = online[id(writer)][1].rotate_rows(rows)
+        put(writer, 1, f"{writer.name}.rotated_weight", rows @ qc, weight.dtype)
         _direct_weight(writer)
+    for reader, rot in online.values():
+        if not any(reader.node is w for w in stream.writers):   # a product reader that does not write the stream
+            weight, _ = resolve_weight(reader.node)
+            put(reader.node, 1, f"{reader.node.name}.rotated_weight", rot.rotate_rows(weight.astype(compute)), weight.dtype)
+            _direct_weight(reader.node)
+    for node_id, signs in list(column_signs.items()):   # a factor's linear the stream rotation did not rewrite
+        source = next(r.source for r, _ in online.values() if r.source is not None and id(r.source) == node_id)
+        weight, _ = resolve_weight(source)
+        put(source, 1, f"{source.name}.signed_weight", weight.astype(compute) * signs[None, :], weight.dtype)
+        _direct_weight(source)
+        column_signs.pop(node_id)
+    for reader, rot in online.values():
+        _insert_online(graph, reader, rot, taken)
     for node, index in stream.vectors:
         value = constant_value(node.inputs[index])
         put(node, index, f"{node.name}.rotated_bias_{index}", (value.reshape(-1).astype(compute) @ qc).reshape(value.shape),
@@ -150,7 +184,115 @@ def _rewrite(graph: gs.Graph, stream: ResidualStream, q: np.ndarray) -> dict:
         table.values = views[slot]   # in place: the lookups and a tied head read the one table
     return {"readers": sum(len(n.readers) for n in stream.norms) - len(stream.tied_readers), "writers": len(stream.writers),
             "tables": len(stream.tables), "vectors": len(stream.vectors), "norms": len(stream.norms),
-            "head_gain": head_gain}
+            "head_gain": head_gain, "online": len(online),
+            "online_construction": "; ".join(sorted({rot.construction for _, rot in online.values()}))}
+
+
+def _online_rotations(graph: gs.Graph, seed: int, structure=None) -> dict:
+    """The down projections (linears reading a gated product) whose input width has an online rotation and
+    whose input's rank is known (the graph's, else ONNX shape inference over `structure`, the model without
+    its weights): the Reshapes around the rotation keep the leading axes by rank."""
+    found, ranks = {}, None
+    for number, reader in enumerate(product_readers(graph)):
+        k = resolve_weight(reader.node)[0].shape[0]
+        x = reader.node.inputs[0]
+        rank = _rank_of(x)
+        if rank is None:
+            ranks = _ranks(structure) if ranks is None else ranks
+            rank = ranks.get(x.name)
+        rot = online_rotation(k, seed + 1 + number)
+        if rot is not None and rank is not None:
+            found[id(reader.node)] = (reader, replace(rot, rank=rank))
+    return found
+
+
+# Ops whose output has the rank of their widest input (elementwise, norms, a MatMul by a 2-D weight).
+_RANK_KEEPING = {"Mul", "Add", "Sub", "Div", "Sigmoid", "Tanh", "Relu", "Gelu", "FastGelu", "QuickGelu", "Erf", "Softplus",
+                 "Cast", "Identity", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization",
+                 "LayerNormalization", "SkipLayerNormalization", "MatMul"}
+
+
+def _rank_of(tensor, limit: int = 256) -> int | None:
+    """A tensor's rank from its shape, else from the nearest tensor upstream whose rank is known, through ops
+    that keep it (elementwise, norms, a MatMul by a 2-D weight, a table lookup: the ids' rank + 1). The
+    graph's contrib ops, which ONNX's shape inference does not know, keep their input's rank."""
+    frontier, seen = [(tensor, 0)], set()
+    while frontier and len(seen) < limit:
+        current, extra = frontier.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if getattr(current, "shape", None):
+            return len(current.shape) + extra
+        node = current.inputs[0] if isinstance(current, gs.Variable) and len(current.inputs) == 1 else None
+        if node is None:
+            continue
+        if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant):
+            frontier.append((node.inputs[1], extra + node.inputs[0].values.ndim - 1))
+        elif node.op == "MatMul":
+            if isinstance(node.inputs[1], gs.Constant) and node.inputs[1].values.ndim == 2:
+                frontier.append((node.inputs[0], extra))
+        elif node.op in _RANK_KEEPING:
+            frontier.extend((t, extra) for t in node.inputs if isinstance(t, gs.Variable))
+    return None
+
+
+def _ranks(structure) -> dict[str, int]:
+    """Tensor name -> rank, from ONNX shape inference over a model's structure (no weights needed)."""
+    import onnx
+
+    if structure is None:
+        return {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(structure)
+    except Exception:   # noqa: BLE001 - a graph shape inference cannot follow: the ranks stay unknown
+        return {}
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in inferred.graph.value_info
+            if v.type.tensor_type.HasField("shape")}
+
+
+def _insert_online(graph: gs.Graph, reader, rot, taken: set) -> None:
+    """x -> [x * signs] -> Reshape [..., outer, inner] -> MatMul(B / norm) -> [MatMul(A^T, .)] -> Reshape back,
+    before the down projection: x Q with Q = diag(signs) (A (x) B) / norm (A^T X B over each row's [outer, inner]
+    view; MatMul broadcasts A^T over the leading axes, so no Transpose). The Reshapes keep the leading axes
+    with 0 (the input's rank is known: _online_rotations checks). Named rotation.ffn.<linear>.*: find_linears
+    keeps its products float."""
+    node = reader.node
+    x = node.inputs[0]
+    dtype = resolve_weight(node)[0].dtype
+    base = f"{ONLINE_PREFIX}.{node.name or 'linear'}"
+    while any(name.startswith(base) for name in taken):
+        base += "_"
+    taken.add(base)
+    inner, m = rot.inner.shape[0], rot.n // rot.inner.shape[0]
+    lead = [0] * (rot.rank - 1)
+
+    def var(suffix):
+        return gs.Variable(f"{base}.{suffix}", dtype=x.dtype)
+
+    nodes, current = [], x
+    if reader.source is None:   # signs as a Mul (else folded into the factor's columns)
+        signed = var("signed")
+        nodes.append(gs.Node("Mul", name=f"{base}.signs", inputs=[current, gs.Constant(f"{base}.signs", rot.signs.astype(dtype))],
+                             outputs=[signed]))
+        current = signed
+    blocks, inner_out = var("blocks"), var("inner")
+    nodes += [gs.Node("Reshape", name=f"{base}.reshape", outputs=[blocks],
+                      inputs=[current, gs.Constant(f"{base}.block_shape", np.array(lead + [m, inner], np.int64))]),
+              gs.Node("MatMul", name=f"{base}.inner", outputs=[inner_out],
+                      inputs=[blocks, gs.Constant(f"{base}.inner_matrix", (rot.inner / rot.norm).astype(dtype))])]
+    current = inner_out
+    if rot.outer is not None:
+        outer_out = var("outer")
+        nodes.append(gs.Node("MatMul", name=f"{base}.outer", outputs=[outer_out],
+                             inputs=[gs.Constant(f"{base}.outer_matrix", rot.outer.T.astype(dtype)), current]))
+        current = outer_out
+    rotated = var("output")
+    nodes.append(gs.Node("Reshape", name=f"{base}.unblock", outputs=[rotated],
+                         inputs=[current, gs.Constant(f"{base}.row_shape", np.array(lead + [rot.n], np.int64))]))
+    node.inputs[0] = rotated
+    at = next(i for i, n in enumerate(graph.nodes) if n is node)
+    graph.nodes[at:at] = nodes
 
 
 def _direct_weight(node: gs.Node) -> None:
@@ -165,7 +307,7 @@ def _dtype_of(node: gs.Node):
     return weight.dtype if weight is not None else np.float32
 
 
-def _check_same_function(state, stream: ResidualStream, rotated) -> dict | None:
+def _check_same_function(state, stream: ResidualStream, rotated, online: dict) -> dict | None:
     """Runs one calibration sample through the original and the rotated float models and compares what
     must not change (each reader's output, each model output) in graph order; raises on the first one off.
     Also records, per norm, the range of what its readers multiply before and after (state.rotation["ranges"])."""
@@ -180,7 +322,12 @@ def _check_same_function(state, stream: ResidualStream, rotated) -> dict | None:
     if feeds is None:
         return None
     order = {node.outputs[0].name: i for i, node in enumerate(state.graph.nodes) if node.outputs}
-    names = [r.outputs[0].name for norm in stream.norms for r in norm.readers] + [o.name for o in source.proto.graph.output]
+    # what must not change: readers' outputs (but a product factor's, which carries the online rotation's
+    # signs), down projections that do not write the stream, the model outputs
+    writers, signed = {id(w) for w in stream.writers}, {id(r.source) for r, _ in online.values() if r.source is not None}
+    names = ([r.outputs[0].name for norm in stream.norms for r in norm.readers if id(r) not in signed]
+             + [r.node.outputs[0].name for r, _ in online.values() if id(r.node) not in writers]
+             + [o.name for o in source.proto.graph.output])
     names = sorted(dict.fromkeys(names), key=lambda n: order.get(n, len(order)))
     activations = [norm.output.name for norm in stream.norms]   # the same name in both models
     fetch = names + [n for n in dict.fromkeys(activations) if n not in names]
