@@ -176,3 +176,17 @@ def test_the_old_module_names_still_import():
         assert importlib.import_module(old) is importlib.import_module(new), old
     from fptq_graph.model_io import load_model, save_model   # noqa: F401  (the old loaders' home)
     from fptq_graph.w4a8_op import pack_weight                # noqa: F401
+
+
+def test_a_later_analysis_refines_classify_only_through_a_recorded_step():
+    """Issue 33's plan discipline: plan_lm_head changes classify's scheme for a tied head through
+    PlanDraft.refine_activation, which refuses a linear classify has not decided and records the change."""
+    from fptq_graph.plan.plan import PlanDraft
+
+    draft = PlanDraft()
+    with pytest.raises(ValueError, match="cannot refine the activation scheme of 'lm_head': classify has not decided"):
+        draft.refine_activation("lm_head", "dynamic", "tied", by="plan_lm_head")
+    draft.set_activation("lm_head", "lae", "v=40")
+    draft.refine_activation("lm_head", "dynamic", "v=40: tied embedding table", by="plan_lm_head")
+    assert draft.scheme("lm_head") == "dynamic"
+    assert draft.notes["lm_head"] == ["plan_lm_head refined classify's lae to dynamic"]

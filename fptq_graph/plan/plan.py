@@ -117,6 +117,17 @@ class PlanDraft:
             raise ValueError(f"unknown scheme {scheme!r}")
         self.activation[name] = (scheme, reason)
 
+    def refine_activation(self, name: str, scheme: str, reason: str, by: str) -> None:
+        """A later analysis changing classify's decision for one linear (plan_lm_head: a tied head cannot take
+        an equalization fold): only a decision already made can be refined, and the plan records what it was
+        and who changed it (the linear's reason, so the report shows both)."""
+        if name not in self.activation:
+            raise ValueError(f"{by}: cannot refine the activation scheme of '{name}': classify has not decided it")
+        before = self.activation[name][0]
+        self.set_activation(name, scheme, reason)
+        if before != scheme:
+            self.note(name, f"{by} refined classify's {before} to {scheme}")
+
     def scheme(self, name: str) -> str:
         return self.activation[name][0]
 

@@ -68,8 +68,9 @@ class PlanLMHead(Pass):
             if draft.scheme(head.name) in EQUALIZED:
                 fallback = "static" if state.recipe.equalizer == "smoothquant" else "dynamic"
                 v = float(state.act_max(head).max())
-                draft.set_activation(head.name, fallback, f"v={v:.3g}: tied embedding table (an equalization fold "
-                                                          f"would part the head from the table): {fallback}")
+                draft.refine_activation(head.name, fallback, f"v={v:.3g}: tied embedding table (an equalization fold "
+                                                             f"would part the head from the table): {fallback}",
+                                        by=self.name)
         draft.note(head.name, note)
         draft.head = HeadPlan(mode, head.name, group_size=None, tied=tuple(gathers))
         tied = f", tied to {len(gathers)} embedding Gather(s): table held once, quantized" if gathers else ""
