@@ -5,8 +5,6 @@ which installs its signal handlers) does not wait for torch, onnx and ONNX Runti
 """
 import importlib
 
-from fptq_graph import compat
-
 __version__ = "0.1.0"
 
 _EXPORTS = {"Config": "fptq_graph.config", "quantize": "fptq_graph.api", "calibrate": "fptq_graph.api",
@@ -14,8 +12,6 @@ _EXPORTS = {"Config": "fptq_graph.config", "quantize": "fptq_graph.api", "calibr
             "NoQuantizableLinearError": "fptq_graph.errors", "CalibrationError": "fptq_graph.errors",
             "ExportError": "fptq_graph.errors"}
 _SUBPACKAGES = ("runtime", "ir", "passes", "plan", "quant", "patterns", "report", "exporters", "cli")
-
-compat.install()   # the old module names (fptq_graph.w4a8_op, fptq_graph.model_io, ...) as aliases
 
 __all__ = ["Config", "quantize", "quantize_encoder_decoder", "calibrate", "runtime", "QuantizeResult", "FptqError", "ModelLoadError",
            "NoQuantizableLinearError", "CalibrationError", "ExportError", "__version__"]

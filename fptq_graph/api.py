@@ -24,7 +24,7 @@ from fptq_graph.ir.opset import MIN_OPSET, upgrade_opset
 from fptq_graph.ir.save import finish_model, finish_split, save_model, write_atomic  # noqa: F401 (finish_model: re-exported)
 from fptq_graph.ir.split_model import SplitModel, bind_arrays, split_proto
 from fptq_graph.files.run_outputs import Output, RunOutputs, model_files
-from fptq_graph.passes.base import PassRecord, Pipeline
+from fptq_graph.passes.base import PassRecord
 from fptq_graph.passes.pipeline import calibration_pipeline, default_pipeline
 from fptq_graph.report.layers import REPORT_KEY, format_table, json_numbers, layer_rows, to_json
 from fptq_graph.passes.state import State

@@ -66,9 +66,10 @@ def hf_folder(tmp_path_factory):
     """A small random LLaMA (2 layers, hidden 64) saved as a Hugging Face folder with SmolLM2's tokenizer;
     its input norms scaled up so that some linears land in FPTQ's LAE band."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from fptq_graph.exporters.packaged import packaged_model
+    from tiny_models import tiny_llama
 
     # FPTQ_TEST_TOKENIZER: a saved tokenizer folder instead of the packaged GGUF's (the GPU machine has no
     # room for the GGUF package: scripts/gpu/genai_gpu.sh carries SmolLM2's tokenizer saved here)
@@ -78,12 +79,8 @@ def hf_folder(tmp_path_factory):
     else:
         gguf = packaged_model("smollm2")
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=FOLDER_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(vocab=len(tok), layers=FOLDER_LAYERS, tied=True, max_position_embeddings=512,
+                       initializer_range=0.3, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.input_layernorm.weight.mul_(20.0)   # q/k/v inputs into the LAE band (15, 150]
@@ -117,3 +114,32 @@ def builder_folder(hf_folder):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "genai_config.json").is_file()
     return out
+
+
+# The fast subset, `pytest -m "not slow"` (under 5 minutes on 2 cores; the full suite, which CI runs, about
+# 28): a test is slow when it uses a real model or a builder folder (their session fixtures export and
+# build them), lives in a module that is about whole-model runs, or took more than about 4 s in the full
+# suite's --durations of 2026-12-04 (named below).
+SLOW_FIXTURES = {"minilm_onnx", "smollm2_onnx", "hf_folder", "builder_folder", "builder_cuda_folder"}
+SLOW_MODULES = {"test_fingerprints", "test_large_model", "test_sequential", "test_smollm2", "test_minilm",
+                "test_streaming_export", "test_model_folders", "test_kernel_audit", "test_genai_cuda", "test_cuda_build"}
+SLOW_TESTS = {
+    "test_block_by_block_runs_under_a_low_descriptor_limit", "test_thousands_of_tensors_open_twice_under_a_low_descriptor_limit",
+    "test_terminated_run_leaves_nothing", "test_a_killed_run_leaves_a_staging_folder_the_next_run_removes",
+    "test_float16_decoder_quantizes_in_every_form", "test_kv_export_layout",
+    "test_online_ffn_rotation_on_an_exported_llama_with_its_kv_cache",
+    "test_planted_outliers_rotation_gains_output_sqnr_and_moves_layers_to_static",
+    "test_genai_builder_folders_rotate_and_compute_the_same",
+    "test_sliding_window_decoder_exports_with_its_kv_cache", "test_text_that_tokenizes_to_nothing",
+    "test_cli_export_of_a_local_hf_directory_then_quantize", "test_causal_lm_export_matches_torch_and_quantizes",
+    "test_lae_fold_equivalence_on_decoders", "test_killed_mid_write_leaves_no_partial_file",
+    "test_w4a8_form_on_minilm_equals_qdq",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in SLOW_MODULES
+                or getattr(item, "originalname", item.name) in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)

@@ -167,15 +167,15 @@ def test_recipe_show_prints_toml(capsys):
     assert main(["quantize", "--recipe", "show", "nope"]) == 2
 
 
-def test_the_old_module_names_still_import():
+def test_the_pre_subpackage_module_names_are_gone():
+    """Issue 33: the module aliases of before issue 20 (fptq_graph.w4a8_op, fptq_graph.model_io, ...), which
+    only a test used, are removed; their modules live in the subpackages (README's layout)."""
     import importlib
 
-    from fptq_graph.compat import MOVED
-
-    for old, new in MOVED.items():
-        assert importlib.import_module(old) is importlib.import_module(new), old
-    from fptq_graph.model_io import load_model, save_model   # noqa: F401  (the old loaders' home)
-    from fptq_graph.w4a8_op import pack_weight                # noqa: F401
+    for old in ("fptq_graph.w4a8_op", "fptq_graph.model_io", "fptq_graph.run_outputs", "fptq_graph.compat"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
+    from fptq_graph.runtime.w4a8_op import pack_weight   # noqa: F401  (where they are)
 
 
 def test_a_later_analysis_refines_classify_only_through_a_recorded_step():

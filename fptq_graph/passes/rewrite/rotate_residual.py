@@ -20,8 +20,10 @@ a random orthogonal one; the seed is Config.rotate_seed, recorded in the report 
 Where the stream cannot be rotated exactly (patterns/residual_stream.py says why: LayerNorm, a norm with
 a bias, the stream as an output, an op reading it directly), nothing is rotated and the reason is reported.
 
-Resident: Q, and one weight being rotated; each rotated weight is written to an unnamed temporary file as
-it is made and read back mapped (ir/mapped_files.SpillFile), so the rotated model is never held twice.
+Resident: Q, and one weight being rotated (an embedding table is the largest: LLaMA-7B's 32000 x 4096 is
+250 MiB in fp16); each rotated weight is written to an unnamed temporary file as it is made and read back
+mapped (ir/mapped_files.SpillFile), so the rotated model is never held twice. The check runs the original
+and the rotated float model on one sample, one session at a time, their weights mapped.
 """
 from __future__ import annotations
 
@@ -322,12 +324,15 @@ def _check_same_function(state, stream: ResidualStream, rotated, online: dict) -
     if feeds is None:
         return None
     order = {node.outputs[0].name: i for i, node in enumerate(state.graph.nodes) if node.outputs}
+    scope = _check_scope(state, source)
+    norms = stream.norms if scope is None else sorted(stream.norms, key=lambda n: order.get(n.output.name, 0))[:scope]
+    stream = replace(stream, norms=norms)
     # what must not change: readers' outputs (but a product factor's, which carries the online rotation's
     # signs), down projections that do not write the stream, the model outputs
     writers, signed = {id(w) for w in stream.writers}, {id(r.source) for r, _ in online.values() if r.source is not None}
     names = ([r.outputs[0].name for norm in stream.norms for r in norm.readers if id(r) not in signed]
-             + [r.node.outputs[0].name for r, _ in online.values() if id(r.node) not in writers]
-             + [o.name for o in source.proto.graph.output])
+             + [r.node.outputs[0].name for r, _ in online.values() if id(r.node) not in writers and scope is None]
+             + ([o.name for o in source.proto.graph.output] if scope is None else []))
     names = sorted(dict.fromkeys(names), key=lambda n: order.get(n, len(order)))
     activations = [norm.output.name for norm in stream.norms]   # the same name in both models
     fetch = names + [n for n in dict.fromkeys(activations) if n not in names]
@@ -354,7 +359,27 @@ def _check_same_function(state, stream: ResidualStream, rotated, online: dict) -
     state.rotation["ranges"] = {
         reader.name: {"before": _range(got["original"][norm.output.name]), "after": _range(got["rotated"][norm.output.name])}
         for norm in stream.norms for reader in norm.readers}
-    return {"tensors": len(names), "max_relative_error": worst, "tolerance": tolerance}
+    return {"tensors": len(names), "max_relative_error": worst, "tolerance": tolerance,
+            "scope": "the whole model" if scope is None else
+                     f"the linears reading the first {scope} norms (the model is over the memory budget for two "
+                     "whole-model sessions, or the run is block by block)"}
+
+
+PARTIAL_NORMS = 4   # a block-by-block run checks the readers of this many norms (two layers of a decoder)
+
+
+def _check_scope(state, source) -> int | None:
+    """None: check the whole model. Else how many norms' readers to check: for a run asked to go block by
+    block, or a model whose float sessions (fp16 weights cast to float32 by ONNX Runtime's CPU kernels:
+    twice their bytes) would not fit the memory budget. The rewrite is the same code for every layer, so
+    the first layers check it; the prefix of the graph they need is all those sessions load."""
+    from fptq_graph.ir.residency import memory_budget
+
+    cfg = state.config
+    budget = cfg.memory_budget_mib * 2**20 if cfg.memory_budget_mib is not None else memory_budget(0.6)
+    if cfg.sequential is True or (budget is not None and 2 * source.payload_bytes > budget):
+        return PARTIAL_NORMS
+    return None
 
 
 def _range(x) -> dict:
