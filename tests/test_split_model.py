@@ -49,16 +49,21 @@ def values(model: onnx.ModelProto, base_dir=None) -> dict:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
 
+def save_inline_or_external(model: onnx.ModelProto, path, external: bool):
+    """onnx's own writer: every tensor inline, or every one in `<name>.data` beside it."""
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
 @pytest.mark.parametrize("external", [False, True])
 def test_open_split_maps_weights_read_only(tmp_path, external):
     model = model_with_weights(np.random.default_rng(0))
     expected = values(model)
-    path = tmp_path / "m.onnx"
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="m.onnx.data", size_threshold=0)
-    else:
-        onnx.save_model(model, str(path))
+    path = save_inline_or_external(model, tmp_path / "m.onnx", external)
     split = open_split(path)
     # Inline, the 192-byte bias stays in the proto; external data is mapped whatever its size.
     assert set(split.arrays) == {"w0", "w1", "table", "index"} | ({"bias"} if external else set())
@@ -205,12 +210,7 @@ def test_thousands_of_tensors_open_twice_under_a_low_descriptor_limit(tmp_path, 
     expected = np.ones((1, 16), np.float32)
     for init in model.graph.initializer:
         expected = expected @ numpy_helper.to_array(init)
-    path = tmp_path / "chain.onnx"
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="chain.onnx.data", size_threshold=0)
-    else:
-        onnx.save_model(model, str(path))
+    path = save_inline_or_external(model, tmp_path / "chain.onnx", external)
     np.save(tmp_path / "expected.npy", expected)
     _run_low_limit(tmp_path, f"""
 first, second = open_split({str(path)!r}), open_split({str(path)!r})   # quantize's float and output models
