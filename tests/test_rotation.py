@@ -52,7 +52,7 @@ def test_rotation_is_orthogonal_seeded_and_says_how(n, kind):
 
 # -- a small pre-norm decoder in each norm form --------------------------------------------------------
 def stream_model(norm: str, dtype=np.float32, tied: bool = False, seed: int = 0, outliers: bool = False,
-                 ffn: int = FFN) -> onnx.ModelProto:
+                 ffn: int = FFN, embed_scale: float | None = None) -> onnx.ModelProto:
     """Gather(E) -> per layer: h += Wo(silu(n Wg) * (n Wu)) with n = norm(h), then logits = norm(h) @ head.
 
     norm: "decomposed" (x * Reciprocal(Sqrt(mean(x^2) + eps)) * g), "decomposed-div-casts" (float32 statistics
@@ -113,6 +113,10 @@ def stream_model(norm: str, dtype=np.float32, tied: bool = False, seed: int = 0,
 
     nodes.append(helper.make_node("Gather", ["E", "input_ids"], ["h0"]))
     stream, pending = "h0", None
+    if embed_scale is not None:   # Gemma scales the looked-up rows by sqrt(hidden)
+        inits["embed_scale"] = np.array(embed_scale, dtype)
+        nodes.append(helper.make_node("Mul", ["h0", "embed_scale"], ["h0s"]))
+        stream = "h0s"
     for layer in range(LAYERS):
         n, stream = add_norm(stream, layer, pending)
         for name, shape in (("Wg", (HIDDEN, ffn)), ("Wu", (HIDDEN, ffn)), ("Wo", (ffn, HIDDEN))):
@@ -236,6 +240,29 @@ def test_online_ffn_rotation_is_kept_float_and_needs_a_rotation(tmp_path):
         Config(recipe="fptq", rotate_ffn=True).validate()
 
 
+def test_a_scaled_embedding_rotates_too():
+    """A scalar Mul on the stream (Gemma's sqrt(hidden) on the embedding) commutes with the rotation."""
+    model = stream_model("decomposed", embed_scale=float(np.sqrt(HIDDEN)))
+    rotated, info, _ = rotate(model)
+    assert info["rotated"], info.get("reason")
+    feeds = ids(3)
+    want = session(model).run(None, feeds)[0].astype(np.float64)
+    got = session(rotated).run(None, feeds)[0].astype(np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-4
+
+
+def _post_norm_model() -> onnx.ModelProto:
+    """Gemma-2's norm after a sub-block: the down projection's output normalized before the residual Add."""
+    model = stream_model("simplified")
+    graph = model.graph
+    add = next(n for n in graph.node if n.op_type == "Add" and "out0" in n.input)
+    graph.initializer.append(numpy_helper.from_array(np.ones(HIDDEN, np.float32), "post_gain"))
+    graph.node.insert(list(graph.node).index(add), helper.make_node("SimplifiedLayerNormalization", ["out0", "post_gain"],
+                                                                    ["out0_normed"], axis=-1, epsilon=1e-5, name="post_norm"))
+    add.input[list(add.input).index("out0")] = "out0_normed"
+    return model
+
+
 def test_the_rotation_spreads_outlier_channels():
     """What the linears read: the max/median ratio of the per-channel maxima drops (recorded per linear)."""
     _, info, _ = rotate(stream_model("decomposed", outliers=True))
@@ -269,6 +296,8 @@ def _direct_reader() -> onnx.ModelProto:
 
 @pytest.mark.parametrize("make,needle", [
     (_layer_norm_model, "LayerNormalization .* subtracts the channel mean"),
+    (_post_norm_model, "'out0_normed' \\(from SimplifiedLayerNormalization 'post_norm'\\) is added to the residual stream but is "
+                       "not a linear's output"),
     (_stream_as_output, "'r1' is a model output"),
     (_direct_reader, "Relu 'odd_reader' reads the residual stream 'r1' directly"),
 ])

@@ -9,7 +9,7 @@ only be read by
   - an RMS norm over the last axis: decomposed (x * 1/sqrt(mean(x^2) + eps) or x / sqrt(..), then * gain, float Casts
     allowed, as our exports and optimum's write it), SimplifiedLayerNormalization, RMSNormalization or
     SkipSimplifiedLayerNormalization; the norm's output may only be read by linears;
-  - a float Cast, an Identity or a Reshape that keeps the last axis.
+  - a float Cast, an Identity, a Reshape that keeps the last axis, or a Mul by a scalar constant.
 Anything else (a LayerNorm, which subtracts the channel mean; a norm with a bias; the stream as a model
 output; an op reading it directly) is a reason, naming the node, and nothing is rotated.
 """
@@ -130,6 +130,9 @@ class _Walk:
             return [node.outputs[0]]
         if self._is_square_statistic(node, tensor):
             return []
+        if node.op == "Mul" and len(node.inputs) == 2 and any(
+                t is not tensor and (constant_value(t) is not None and constant_value(t).size == 1) for t in node.inputs):
+            return [node.outputs[0]]   # a scalar scale (Gemma's sqrt(hidden) on the embedding) commutes with Q
         if (node.op == "Mul" and len(node.inputs) == 2) or (node.op == "Div" and node.inputs[0] is tensor):
             return self._decomposed_norm(node, tensor)
         if node.op in RMS_NORM_OPS and norm_inputs(node) is not None:
