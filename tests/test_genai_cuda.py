@@ -9,6 +9,7 @@ import pytest
 
 from fptq_graph import runtime
 from fptq_graph.cli import main
+from helpers import genai_generator
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -27,16 +28,7 @@ PROMPT = "def fibonacci(n):"
 
 
 def first_logits_and_tokens(folder, providers, count):
-    config = og.Config(str(folder))
-    if providers is not None:
-        config.clear_providers()
-        for provider in providers:
-            config.append_provider(provider)
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=64, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(og.Tokenizer(model).encode(PROMPT))
+    model, generator = genai_generator(folder, PROMPT, providers)
     generator.generate_next_token()
     logits = np.asarray(generator.get_output("logits"), np.float64).reshape(-1)[-model_vocab(folder):]
     tokens = [int(generator.get_next_tokens()[0])]

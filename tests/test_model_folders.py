@@ -15,6 +15,7 @@ import pytest
 
 from fptq_graph.cli import main
 from fptq_graph.ir.folder import TOKENIZER_FILES
+from helpers import genai_generator
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test dependency (scripts/setup.sh)")
 
@@ -24,18 +25,7 @@ LAYERS = 2
 
 def genai_tokens(folder, count: int = 20, providers: list[str] | None = None) -> list[int]:
     """Greedy tokens in onnxruntime-genai; providers: replace the folder's (None: as configured; []: CPU)."""
-    if providers is None:
-        model = og.Model(str(folder))
-    else:
-        config = og.Config(str(folder))
-        config.clear_providers()
-        for provider in providers:
-            config.append_provider(provider)
-        model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=64, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(og.Tokenizer(model).encode(PROMPT))
+    _, generator = genai_generator(folder, PROMPT, providers)
     out = []
     while not generator.is_done() and len(out) < count:
         generator.generate_next_token()

@@ -36,7 +36,15 @@ class MappedFiles:
         if mapped is None:
             with open(path, "rb") as f:
                 mapped = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return view(mapped, offset, dtype, shape)
+
+
+def view(mapped: mmap.mmap, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """`shape` elements of `dtype` at byte `offset` of a mapping, read-only (a zero-size one: zeros)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 class SpillFile:
@@ -73,9 +81,4 @@ class SpillFile:
             return [np.zeros(shape, dtype) for _, dtype, shape in self._layout]
         mapped = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         self._file.close()   # the mapping keeps the data (and the file) alive
-        out = []
-        for offset, dtype, shape in self._layout:
-            count = int(np.prod(shape, dtype=np.int64))
-            out.append(np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape) if count
-                       else np.zeros(shape, dtype))
-        return out
+        return [view(mapped, offset, dtype, shape) for offset, dtype, shape in self._layout]

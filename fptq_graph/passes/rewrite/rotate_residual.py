@@ -112,10 +112,10 @@ def _rewrite(graph: gs.Graph, stream: ResidualStream, q: np.ndarray, online: dic
     head_gain = 0
     # The online rotations' random signs go into the columns of the linear making one factor of the product
     # (up_proj: the product's channel j is scaled by the sign exactly when that column is), else a Mul.
-    column_signs = {id(r.source): rot.signs for r, rot in online.values() if r.source is not None}
+    column_signs = {id(r.source): (r.source, rot.signs) for r, rot in online.values() if r.source is not None}
 
     def signed(node: gs.Node, weight: np.ndarray) -> np.ndarray:
-        signs = column_signs.pop(id(node), None)
+        _, signs = column_signs.pop(id(node), (None, None))
         return weight if signs is None else weight * signs[None, :]
     for norm in stream.norms:
         gain = (constant_value(norm.gain_node.inputs[norm.gain_index]) if norm.gain_node is not None
@@ -155,12 +155,10 @@ def _rewrite(graph: gs.Graph, stream: ResidualStream, q: np.ndarray, online: dic
             weight, _ = resolve_weight(reader.node)
             put(reader.node, 1, f"{reader.node.name}.rotated_weight", rot.rotate_rows(weight.astype(compute)), weight.dtype)
             _direct_weight(reader.node)
-    for node_id, signs in list(column_signs.items()):   # a factor's linear the stream rotation did not rewrite
-        source = next(r.source for r, _ in online.values() if r.source is not None and id(r.source) == node_id)
+    for source, signs in column_signs.values():   # a factor's linear the stream rotation did not rewrite
         weight, _ = resolve_weight(source)
         put(source, 1, f"{source.name}.signed_weight", weight.astype(compute) * signs[None, :], weight.dtype)
         _direct_weight(source)
-        column_signs.pop(node_id)
     for reader, rot in online.values():
         _insert_online(graph, reader, rot, taken)
     for node, index in stream.vectors:
