@@ -8,12 +8,12 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {"Config": "fptq_graph.config", "quantize": "fptq_graph.api", "calibrate": "fptq_graph.api",
-            "quantize_encoder_decoder": "fptq_graph.api", "QuantizeResult": "fptq_graph.api", "FptqError": "fptq_graph.errors", "ModelLoadError": "fptq_graph.errors",
+            "quantize_encoder_decoder": "fptq_graph.api", "quantize_to": "fptq_graph.quantize_to", "QuantizeResult": "fptq_graph.api", "FptqError": "fptq_graph.errors", "ModelLoadError": "fptq_graph.errors",
             "NoQuantizableLinearError": "fptq_graph.errors", "CalibrationError": "fptq_graph.errors",
             "ExportError": "fptq_graph.errors"}
 _SUBPACKAGES = ("runtime", "ir", "passes", "plan", "quant", "patterns", "report", "exporters", "cli")
 
-__all__ = ["Config", "quantize", "quantize_encoder_decoder", "calibrate", "runtime", "QuantizeResult", "FptqError", "ModelLoadError",
+__all__ = ["Config", "quantize", "quantize_to", "quantize_encoder_decoder", "calibrate", "runtime", "QuantizeResult", "FptqError", "ModelLoadError",
            "NoQuantizableLinearError", "CalibrationError", "ExportError", "__version__"]
 
 

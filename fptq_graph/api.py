@@ -28,8 +28,8 @@ from fptq_graph.passes.base import PassRecord
 from fptq_graph.passes.pipeline import calibration_pipeline, default_pipeline
 from fptq_graph.report.layers import REPORT_KEY, format_table, json_numbers, layer_rows, to_json
 from fptq_graph.passes.state import State
-from fptq_graph.sequential.block_by_block import run_block_by_block
 from fptq_graph.sequential.mode import choose_mode
+from fptq_graph.sequential.run import run_scopes
 
 
 @dataclass
@@ -123,28 +123,21 @@ def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: An
     The input model is never modified (a path is read, its weights mapped read-only; a ModelProto is
     copied). One float copy of the weights lives through the run (see split_model).
 
-    Large models go block by block (sequential/: Config.sequential, memory_budget_mib); `work_dir` is
-    then the folder of finished blocks (default: a temporary one) and `resume` continues an earlier
-    run's from it; `workers` (a local Ray cluster of N processes) or `ray_address` (an existing one)
-    spread each block's calibration (sequential/ray_workers.py). result.run says which way the run went
-    and why; result.discard_work() removes the folder once the output is written (save() does).
+    Every run goes through one driver (sequential/run.py): the whole graph as one block, or block by
+    block for large models (Config.sequential, memory_budget_mib). `work_dir` is the folder of finished
+    blocks (default: a temporary one) and `resume` continues an earlier run's from it; `workers` (a
+    local Ray cluster of N processes) or `ray_address` (an existing one) spread each block's calibration
+    and weight tasks (sequential/ray_workers.py), whole graph or not. result.run says which way the run
+    went and why; result.discard_work() removes the folder once the output is written (save() does).
+    quantize_to (quantize_to.py) is the same with files and folders in and out, as the CLI runs it.
     """
     config = block_run_options(config or Config(), resume=resume, workers=workers, ray_address=ray_address)
     state, source = _prepare(model_or_path, calibration, config, tokenizer)
     pipeline = default_pipeline(state.config.format)
     records = pipeline.until("linears").run(state, log=log)
-    mode = choose_mode(state)
-    work = None
-    if mode.sequential:
-        state.sequential = True
-        more, run, work = run_block_by_block(state, mode, source, log=log, work_dir=work_dir, resume=resume,
-                                             workers=workers, ray_address=ray_address)
-        records += more
-    else:
-        if log:
-            log(f"[mode] whole graph: {mode.why}")
-        records += pipeline.after("linears").run(state, log=log)
-        run = mode.to_dict()
+    more, run, work = run_scopes(state, pipeline.after("linears"), choose_mode(state), source, log=log,
+                                 work_dir=work_dir, resume=resume, workers=workers, ray_address=ray_address)
+    records += more
     out = finish_split(state.graph, state.source_model.proto)
     result = QuantizeResult(split=out, layers=layer_rows(state), passes=records, config=state.config, source=source,
                             calibration=state.calibration.source, kept_float=list(state.kept_float.values()), embeddings=state.embeddings,
@@ -219,21 +212,14 @@ def calibrate(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: A
 
 def block_run_options(config: Config, *, resume: bool = False, workers: int | None = None, ray_address: str | None = None,
                       names: dict[str, str] | None = None) -> Config:
-    """The block-by-block options checked before any work, the same for the API and the CLI (`names`: how
-    the caller calls them, e.g. "--workers"), and what they imply: resume, workers or a Ray address make
-    an undecided run (Config.sequential None) block by block; they only mean something there (the whole-
-    graph run would have ignored them)."""
-    names = {"resume": "resume", "workers": "workers", "ray_address": "ray_address", "sequential": "sequential=False",
-             **(names or {})}
-    asked = [key for key, value in (("resume", resume), ("workers", workers), ("ray_address", ray_address)) if value]
-    if config.sequential is False and asked:
-        raise FptqError(f"{names[asked[0]]} is for the block-by-block run, which {names['sequential']} refuses")
+    """The run's options checked before any work, the same for the API and the CLI (`names`: how the
+    caller calls them, e.g. "--workers"). Resume, workers and a Ray address work for every run, whole
+    graph (one block) or block by block: they do not choose the scope size."""
+    names = {"workers": "workers", "ray_address": "ray_address", **(names or {})}
     if workers is not None and workers < 1:
         raise FptqError(f"{names['workers']} must be >= 1, got {workers}")
     if workers and ray_address:
         raise FptqError(f"{names['workers']} starts a local Ray cluster and {names['ray_address']} joins one: give one of them")
-    if config.sequential is None and asked:
-        config = replace(config, sequential=True)
     return config
 
 

@@ -303,24 +303,90 @@ def test_ray_workers_give_the_same_model_and_survive_a_killed_worker(models, tmp
     assert result.run["weight_tasks"] == 36
 
 
-@pytest.mark.parametrize("kwargs,config,match", [
-    ({"workers": 0}, {}, r"workers must be >= 1, got 0"),
-    ({"workers": 2, "ray_address": "auto"}, {}, r"workers starts a local Ray cluster and ray_address joins one"),
-    ({"resume": True}, {"sequential": False}, r"resume is for the block-by-block run, which sequential=False refuses"),
+def test_ray_workers_run_a_whole_graph_run_too(models):
+    """Issue 33: workers are not a block-by-block option; the whole graph's one block spreads its batches
+    and its weight tasks over them, and the model is the one-process model."""
+    pytest.importorskip("ray", reason="ray is a test dependency (scripts/setup.sh installs fptq-graph[distributed])")
+    c = case("minilm")
+    cfg = {k: v for k, v in c.items() if k != "model"}
+    result = quantize(models["minilm"], str(F.CALIB_TEXT), Config(**cfg, **SMALL, sequential=False), workers=2)
+    assert result.run["mode"] == "whole graph" and result.run["workers"] == 2 and result.run["weight_tasks"] == 36
+    assert F.graph_fingerprint(result.model) == whole_graph(models, c)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"workers": 0}, r"workers must be >= 1, got 0"),
+    ({"workers": 2, "ray_address": "auto"}, r"workers starts a local Ray cluster and ray_address joins one"),
 ])
-def test_api_checks_block_options_as_the_cli_does(kwargs, config, match):
-    """quantize() refuses what the CLI refuses, before any work (issue 33: workers=0 went through the API,
-    and resume or workers were ignored when the run went whole graph)."""
+def test_api_checks_block_options_as_the_cli_does(kwargs, match):
+    """quantize() refuses what the CLI refuses, before any work (issue 33: workers=0 went through the API)."""
     from fptq_graph import Config, FptqError, quantize
 
     with pytest.raises(FptqError, match=match):
-        quantize("/nonexistent.onnx", 2, Config(progress=False, **config), **kwargs)
+        quantize("/nonexistent.onnx", 2, Config(progress=False), **kwargs)
 
 
-def test_api_block_options_make_an_undecided_run_block_by_block():
+def test_resume_and_workers_do_not_choose_the_scope():
+    """Issue 33: resume and workers work for every run (the whole graph is one block); only --sequential
+    and the memory budget choose block by block."""
     from fptq_graph import Config
     from fptq_graph.api import block_run_options
 
-    assert block_run_options(Config(), resume=True).sequential is True
-    assert block_run_options(Config(), workers=2).sequential is True
-    assert block_run_options(Config()).sequential is None
+    assert block_run_options(Config(), resume=True).sequential is None
+    assert block_run_options(Config(), workers=2).sequential is None
+    assert block_run_options(Config(sequential=False), resume=True).sequential is False
+
+
+def test_a_whole_graph_run_resumes_from_its_one_block(models, tmp_path):
+    """Killed right after its one block is saved, a whole-graph run resumes from lowering (the block's
+    codes and plan from the work folder, the fold replayed) and writes the uninterrupted run's model."""
+    args = ["quantize", str(models["minilm"]), "--calib", str(F.CALIB_TEXT), "--calib-samples", "2", "--seq-len", "64",
+            "--batch-size", "2", "--sqnr-samples", "0", "--no-sequential"]
+    out, work = tmp_path / "m.onnx", tmp_path / "work"
+    killed = _cli(args + ["-o", str(out), "--work-dir", str(work)], {"FPTQ_TEST_KILL_AFTER_BLOCK": "0"})
+    assert killed.returncode == -9
+    assert [p.name for p in work.glob("block-*")] == ["block-00000"] and not out.exists()
+    resumed = _cli(args + ["-o", str(out), "--work-dir", str(work), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 of 1 blocks finished earlier" in resumed.stderr and not work.exists()
+    whole = _cli(args + ["-o", str(tmp_path / "whole.onnx")])
+    assert whole.returncode == 0, whole.stderr
+    assert F.graph_fingerprint(onnx.load(out)) == F.graph_fingerprint(onnx.load(tmp_path / "whole.onnx"))
+    report = json.loads(next(p.value for p in onnx.load(out, load_external_data=False).metadata_props
+                             if p.key == "fptq_graph.report"))
+    assert report["run"]["mode"] == "whole graph" and report["run"]["resumed_blocks"] == 1
+
+
+def test_a_pass_added_once_runs_in_both_runs(models, monkeypatch):
+    """Issue 33's one driver: a pass put into the default pipeline once runs over every scope, the whole
+    graph's one and each block of a block-by-block run, and sees each linear's statistics exactly once."""
+    from fptq_graph import api
+    from fptq_graph.passes.base import Pass, PassResult, Pipeline
+    from fptq_graph.passes.pipeline import default_pipeline
+
+    seen: list[list[str]] = []
+
+    class CountLinears(Pass):
+        name = "count_linears"
+        kind = "analysis"
+        requires = frozenset({"statistics"})
+
+        def run(self, state):
+            assert all(linear.activation.name in state.stats for linear in state.linears.values())
+            seen.append(sorted(state.linears))
+            return PassResult(f"{len(state.linears)} linears", stats={"linears": len(state.linears)})
+
+    def with_toy(form="qdq"):
+        passes = list(default_pipeline(form))
+        at = next(i for i, p in enumerate(passes) if p.name == "classify")
+        return Pipeline(passes[:at] + [CountLinears()] + passes[at:])
+
+    monkeypatch.setattr(api, "default_pipeline", with_toy)
+    c = {k: v for k, v in case("minilm").items() if k != "model"}
+    for sequential, scopes in ((False, 1), (True, 6)):   # 7 blocks, the embedding's without linears
+        seen.clear()
+        r = quantize(models["minilm"], str(F.CALIB_TEXT), Config(**c, **SMALL, sequential=sequential))
+        assert len(seen) == scopes
+        assert sorted(n for names in seen for n in names) == sorted(row["name"] for row in r.layers)
+        assert r.stats("count_linears")["linears"] == 36
+        assert F.graph_fingerprint(r.model) == whole_graph(models, case("minilm"))

@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 from fptq_graph.errors import FptqError
-from fptq_graph.files.run_outputs import RunOutputs, Terminated, model_files, signals
+from fptq_graph.files.run_outputs import RunOutputs, Terminated, mib_on_disk, model_files, outputs_reading, signals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,12 +177,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="block by block: calibrate each block on the float model's activations, or on what the "
                           "already quantized blocks before it give (default %(default)s)")
     big.add_argument("--resume", action="store_true",
-                     help="continue a stopped block-by-block run from its work folder (same arguments)")
+                     help="continue a stopped run from its work folder (same arguments): block by block from the first "
+                          "unfinished block; a whole-graph run (one block) from lowering if its block was saved")
     big.add_argument("--work-dir", metavar="DIR", default=None,
-                     help="the block-by-block run's work folder of finished blocks (default: .<output name>.fptq-work "
-                          "beside the output; removed once the output is written)")
+                     help="the run's work folder of finished blocks (default: .<output name>.fptq-work beside the output; "
+                          "removed once the output is written)")
     big.add_argument("--workers", type=int, metavar="N", default=None,
-                     help="calibrate each block on N Ray worker processes (a local Ray cluster for the run; needs "
+                     help="calibrate each block (the whole graph: its one block) on N Ray worker processes (a local Ray "
+                          "cluster for the run; needs "
                           "pip install fptq-graph[distributed])")
     big.add_argument("--ray-address", metavar="ADDR", default=None,
                      help="calibrate on an existing Ray cluster (ray start --head; 'auto' finds the local one)")
@@ -246,7 +245,7 @@ def _cmd_export(args) -> int:
                                         log=lambda line: print(line, file=sys.stderr))
         else:
             model = export_hf(source, out.staged, fx=args.fx, kv_cache=args.kv_cache)
-    print(f"wrote {args.output} ({_mib(model_files(args.output)):.1f} MiB, "
+    print(f"wrote {args.output} ({mib_on_disk(model_files(args.output)):.1f} MiB, "
           f"{len(model.graph.node)} nodes, opset {model.opset_import[0].version})")
     if args.fx:
         print(f"wrote {target.with_suffix('.fx.txt')}")
@@ -254,8 +253,9 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from fptq_graph.api import block_run_options, quantize
+    """Arguments to Config, then the one quantize flow (quantize_to.py); prints what it wrote."""
     from fptq_graph.config import Config
+    from fptq_graph.quantize_to import quantize_to
 
     if args.quantize_lm_head and args.lm_head not in (None, "int4"):
         raise FptqError(f"--quantize-lm-head (the older switch for --lm-head int4) contradicts --lm-head {args.lm_head}; "
@@ -263,182 +263,22 @@ def _cmd_quantize(args) -> int:
     config = Config(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
                     group_size=args.group_size, symmetric=not args.asymmetric, format=args.format,
                     compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
-                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, rotate=args.rotate, rotate_seed=args.rotate_seed, rotate_ffn=args.rotate_ffn, act_order=args.act_order, ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head or Config().lm_head, quantize_lm_head=args.quantize_lm_head, embedding=args.embedding, sqnr_samples=args.sqnr_samples,
-                    calib_batch_size=args.batch_size,
-                    calib_seq_len=args.seq_len, calib_samples=args.calib_samples, progress=not args.quiet,
-                    sequential=args.sequential, memory_budget_mib=args.memory_budget, block_inputs=args.block_inputs)
-    config.validate()   # every argument checked before any work
-    config = block_run_options(config, resume=args.resume, workers=args.workers, ray_address=args.ray_address,
-                               names={"resume": "--resume", "workers": "--workers", "ray_address": "--ray-address",
-                                      "sequential": "--no-sequential"})
-    blocks = _block_options(args)
-    if Path(args.input).is_dir():
-        return _quantize_folder(args, config, blocks)
-    outputs = _outputs_reading(args.input, args.calib, args.tokenizer)
-    model_out = outputs.add(args.output, "-o", companions=(Path(args.output).name + ".data",))
-    report_out = outputs.add(args.report, "--report") if args.report is not None else None
-    calibration = args.calib if args.calib is not None else args.calib_random
+                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, rotate=args.rotate,
+                    rotate_seed=args.rotate_seed, rotate_ffn=args.rotate_ffn, act_order=args.act_order,
+                    ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head or Config().lm_head,
+                    quantize_lm_head=args.quantize_lm_head, embedding=args.embedding, sqnr_samples=args.sqnr_samples,
+                    calib_batch_size=args.batch_size, calib_seq_len=args.seq_len, calib_samples=args.calib_samples,
+                    progress=not args.quiet, sequential=args.sequential, memory_budget_mib=args.memory_budget,
+                    block_inputs=args.block_inputs)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
-    with outputs, _keeping_work(blocks["work_dir"]):
-        result = quantize(args.input, calibration, config, tokenizer=args.tokenizer, log=log, **blocks)
-        if args.tokenizer:
-            _record_tokenizer(result, args.tokenizer)
-        result.write(model_out, report_out)
-    result.discard_work()
+    written = quantize_to(args.input, args.output, args.calib if args.calib is not None else args.calib_random, config,
+                          tokenizer=args.tokenizer, report=args.report, log=log, work_dir=args.work_dir,
+                          resume=args.resume, workers=args.workers, ray_address=args.ray_address)
     if not args.quiet:
-        print(result.table())
-    size_in, size_out = _mib(model_files(args.input)), _mib(model_files(args.output))
-    print(f"wrote {args.output}: {size_out:.1f} MiB (input {size_in:.1f} MiB)"
-          + (f"; report {args.report}" if args.report else ""))
+        for name, result in written.results.items():
+            print(f"{name}:\n{result.table()}" if len(written.results) > 1 else result.table())
+    print(written.line)
     return 0
-
-
-def _record_tokenizer(result, tokenizer: str) -> None:
-    """The tokenizer given with --tokenizer is the one calibration used: recorded in the output (made
-    relative to it when written), so eval and generate on the output find it."""
-    from fptq_graph.ir.metadata import TOKENIZER_KEY, set_metadata
-
-    set_metadata(result.split.proto, TOKENIZER_KEY, str(Path(tokenizer).resolve()))
-
-
-def _block_options(args) -> dict:
-    """quantize's block-by-block arguments: the work folder (beside the output unless given), resume,
-    and the Ray workers."""
-    output = Path(args.output)
-    work = Path(args.work_dir) if args.work_dir else output.resolve().parent / f".{output.name}.fptq-work"
-    return {"work_dir": work, "resume": args.resume, "workers": args.workers, "ray_address": args.ray_address}
-
-
-@contextlib.contextmanager
-def _keeping_work(work_dir: Path):
-    """On a failed or stopped run, says where its finished blocks are and how to go on from them."""
-    try:
-        yield
-    except BaseException:
-        finished = sum(1 for e in work_dir.glob("block-*") if ".tmp-" not in e.name) if work_dir.is_dir() else 0
-        if finished:
-            print(f"fptq-graph: {finished} finished block(s) kept in {work_dir}: run the same command with --resume "
-                  "to go on from there", file=sys.stderr)
-        raise
-
-
-def _quantize_folder(args, config, blocks: dict) -> int:
-    """quantize MODEL_DIR -o OUT_DIR: a GenAI, optimum or Hugging Face folder in, the same folder with the
-    model quantized out (model_folder.py says what changes)."""
-    from fptq_graph.api import quantize
-    from fptq_graph.ir.folder import TOKENIZER_FILES, FolderWarning, copy_companions, open_folder, update_genai_config
-    from fptq_graph.ir.metadata import TOKENIZER_KEY, set_metadata
-    from fptq_graph.files.run_outputs import Output
-
-    folder = open_folder(args.input)
-    pair = folder.encoder_decoder()
-    if pair is not None:
-        return _quantize_encoder_decoder_folder(args, config, blocks, folder, pair)
-    outputs = _outputs_reading(str(folder.model) if folder.model else None, args.calib, args.tokenizer)
-    outputs.add_input(folder.path)
-    out = outputs.add(args.output, "-o", is_folder=True)
-    report_out = outputs.add(args.report, "--report") if args.report is not None else None
-    calibration = args.calib if args.calib is not None else args.calib_random
-    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
-    name = folder.model.name if folder.model else "model.onnx"
-    with outputs, tempfile.TemporaryDirectory(prefix=".fptq-export-", dir=out.staged.parent) as scratch:
-        model_path = folder.model
-        if folder.kind == "huggingface":   # export first, with the KV cache for a causal LM
-            from fptq_graph.exporters import export_hf
-
-            model_path = Path(scratch) / name
-            export_hf(folder.path, model_path, kv_cache=_is_causal(folder.path))
-            for item in folder.path.iterdir():   # the tokenizer and configs, not the float weights
-                if item.name in TOKENIZER_FILES + ("config.json", "generation_config.json", "special_tokens_map.json"):
-                    shutil.copy2(item, out.staged / item.name)
-        else:
-            copy_companions(folder, set(model_files(folder.model)), out.staged)
-            for other in folder.other_models():
-                warnings.warn(FolderWarning(
-                    f"{other.name}: copied float, not quantized: only {name} is (fptq-graph quantizes one model "
-                    "per folder; an encoder-decoder's encoder, or a decoder's with-past twin, stays float: "
-                    "quantize it on its own with its own calibration feeds)"), stacklevel=2)
-        with _keeping_work(blocks["work_dir"]):
-            result = quantize(model_path, calibration, config, tokenizer=args.tokenizer or folder.tokenizer, log=log,
-                              **blocks)
-        if folder.tokenizer or folder.kind == "huggingface":   # the tokenizer travels in the folder
-            set_metadata(result.split.proto, TOKENIZER_KEY, str(out.final.resolve()))
-        elif args.tokenizer:
-            _record_tokenizer(result, args.tokenizer)
-        result.write(Output("-o", out.final / name, out.staged / name), report_out)
-        if folder.kind == "genai":
-            library = None
-            if config.format == "w4a8":
-                from fptq_graph.runtime.sessions import library_path
-
-                library = library_path()
-            update_genai_config(out.staged, name, config.format, library)
-    result.discard_work()
-    if not args.quiet:
-        print(result.table())
-    size_in = _mib(model_files(folder.model)) if folder.model else 0.0
-    floats = [p.name for p in folder.other_models()] if folder.kind != "huggingface" else []
-    print(f"wrote {args.output}/ ({folder.kind} folder): {name} quantized, {_mib(model_files(out.final / name)):.1f} MiB "
-          f"(input {size_in:.1f} MiB)" + (f"; copied float: {', '.join(floats)}" if floats else "")
-          + (f"; report {args.report}" if args.report else ""))
-    return 0
-
-
-def _quantize_encoder_decoder_folder(args, config, blocks: dict, folder, pair) -> int:
-    """quantize DIR -o OUT on optimum's seq2seq layout: the encoder quantized on the calibration text, each
-    decoder text calibration can feed quantized on the float encoder's outputs for that text
-    (api.quantize_encoder_decoder); a decoder that cannot be is copied float with a warning saying why, and
-    the last line names every model and what was done to it."""
-    from fptq_graph.api import quantize_encoder_decoder
-    from fptq_graph.ir.folder import FolderWarning, copy_companions
-    from fptq_graph.ir.metadata import TOKENIZER_KEY, set_metadata
-    from fptq_graph.files.run_outputs import Output
-
-    if blocks.get("resume") or blocks.get("workers") or blocks.get("ray_address"):
-        raise FptqError("--resume, --workers and --ray-address are for one model; an encoder-decoder folder is "
-                        "quantized whole-graph, one model after the other")
-    outputs = _outputs_reading(str(pair.encoder), args.calib, args.tokenizer)
-    outputs.add_input(folder.path)
-    out = outputs.add(args.output, "-o", is_folder=True)
-    report_out = outputs.add(args.report, "--report") if args.report is not None else None
-    calibration = args.calib if args.calib is not None else args.calib_random
-    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
-    tokenizer = args.tokenizer or folder.tokenizer
-    with outputs:
-        encoder, decoded = quantize_encoder_decoder(pair.encoder, pair.decoders, calibration, config,
-                                                    tokenizer=tokenizer, start_token=pair.start_token, log=log)
-        quantized = {pair.encoder.name: encoder, **{Path(k).name: v for k, v in decoded.items() if not isinstance(v, str)}}
-        kept = {Path(k).name: v for k, v in decoded.items() if isinstance(v, str)}
-        written = {folder.path / name for name in quantized}
-        copy_companions(folder, {f for path in written for f in model_files(path)}, out.staged)
-        main = next(iter(list(quantized)[1:]), pair.encoder.name)   # the report: the first decoder quantized, else the encoder
-        for name, result in quantized.items():
-            if folder.tokenizer:
-                set_metadata(result.split.proto, TOKENIZER_KEY, str(out.final.resolve()))
-            elif args.tokenizer:
-                _record_tokenizer(result, args.tokenizer)
-            result.write(Output("-o", out.final / name, out.staged / name), report_out if name == main else None)
-        for name, why in kept.items():
-            warnings.warn(FolderWarning(f"{name}: copied float, not quantized: {why}"), stacklevel=2)
-    for result in quantized.values():
-        result.discard_work()
-    if not args.quiet:
-        for name, result in quantized.items():
-            print(f"{name}:\n{result.table()}")
-    parts = [f"{name} quantized, {_mib(model_files(out.final / name)):.1f} MiB (input {_mib(model_files(folder.path / name)):.1f})"
-             for name in quantized]
-    parts += [f"{name} copied float" for name in kept]
-    print(f"wrote {args.output}/ (optimum encoder-decoder folder): " + "; ".join(parts)
-          + (f"; report {args.report} ({main})" if args.report else ""))
-    return 0
-
-
-def _is_causal(folder: Path) -> bool:
-    try:
-        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    except ValueError:
-        return False
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
 def _model_of_folder(args) -> None:
@@ -468,7 +308,7 @@ def _cmd_eval(args) -> int:
     if args.max_tokens is not None and args.max_tokens < args.seq_len:
         raise FptqError(f"--max-tokens must be at least one window (--seq-len {args.seq_len}), got {args.max_tokens}")
     _model_of_folder(args)
-    outputs = _outputs_reading(args.model, args.text, args.tokenizer)
+    outputs = outputs_reading(args.model, args.text, args.tokenizer)
     json_out = outputs.add(args.json, "--json") if args.json is not None else None
     with outputs:
         # The structure only (weights stay mapped in the file, as generate does): a whole loaded 7B
@@ -540,7 +380,7 @@ def _cmd_inspect(args) -> int:
     from fptq_graph.report.rotation import rotation_lines
 
     _model_of_folder(args)
-    outputs = _outputs_reading(args.model)
+    outputs = outputs_reading(args.model)
     planned = {flag: outputs.add(path, flag) for flag, path in
                (("--report", args.report), ("--html", args.html), ("--plot", args.plot)) if path is not None}
     with outputs:
@@ -592,23 +432,6 @@ def _write_inspect_files(report: dict, planned: dict, model_path: str) -> None:
         from fptq_graph.report.html import report_html
 
         write_atomic(planned["--html"].staged, report_html(report, Path(model_path).name))
-
-
-def _outputs_reading(model: str | None, *others: str | None) -> RunOutputs:
-    """The run's outputs, guarded against every file it reads: the model with its external data files,
-    and the text and tokenizer given on the command line."""
-    outputs = RunOutputs()
-    if model is not None:
-        for path in model_files(model):
-            outputs.add_input(path)
-    for path in others:
-        outputs.add_input(path)
-    return outputs
-
-
-def _mib(files: list[Path]) -> float:
-    """Size of a model on disk, its external data included."""
-    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
 
 
 def _inspect_float(model, args) -> int:

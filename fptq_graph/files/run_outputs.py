@@ -389,3 +389,20 @@ def model_files(path: str | os.PathLike) -> list[Path]:
             seen.add(os.path.realpath(name))
             files.append(Path(name))
     return files
+
+
+def outputs_reading(model: str | os.PathLike | None, *others: str | os.PathLike | None) -> RunOutputs:
+    """A run's outputs, guarded against every file it reads: the model with its external data files,
+    and the others (a text, a tokenizer) the caller gave."""
+    outputs = RunOutputs()
+    if model is not None:
+        for path in model_files(model):
+            outputs.add_input(path)
+    for path in others:
+        outputs.add_input(path)
+    return outputs
+
+
+def mib_on_disk(files: list[Path]) -> float:
+    """Size of a model on disk (model_files: its external data included)."""
+    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20

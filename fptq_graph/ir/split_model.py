@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from fptq_graph.ir.bodies import gs_graphs
+from fptq_graph.ir.bodies import gs_graphs, needed_nodes
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from fptq_graph.ir.mapped_files import MappedFiles
@@ -308,3 +308,24 @@ def proto_payload_bytes(model: onnx.ModelProto) -> int:
             len(init.float_data), len(init.int32_data), len(init.int64_data) * 2
         )
     return total
+
+
+def with_outputs(model: SplitModel, names: list[str]) -> SplitModel:
+    """`model` with `names` as its outputs (types left to the runtime; the model's own outputs that those
+    nodes compute stay too) and only the nodes they need: a copy of the structure, the same arrays. The pruning matters: these sessions run with graph
+    optimizations off, so a kept-float LM head would still compute its logits ([tokens, vocab]: with
+    a 262k vocabulary, more than the model's weights) for nothing."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model.proto)
+    del out.graph.output[:]
+    out.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    kept = [out.graph.node[i] for i in needed_nodes(out.graph.node, names)]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    # The model's own outputs that the kept nodes compute anyway stay outputs: a GenAI builder's CUDA graph
+    # (GroupQueryAttention over a past/present buffer) whose present KV is no longer a graph output has ORT
+    # plan present into the past input's buffer (the op may work in place), which fails at run time with
+    # a past of another length ("Shape mismatch attempting to re-use buffer {1,2,0,64} != {1,2,32,64}").
+    produced = {name for node in kept for name in node.output}
+    out.graph.output.extend(v for v in model.proto.graph.output if v.name not in names and v.name in produced)
+    return SplitModel(out, model.arrays)

@@ -80,6 +80,9 @@ class Pass:
     kind: str = "analysis"
     requires: frozenset[str] = frozenset()
     ensures: frozenset[str] = frozenset()
+    # A rewrite whose effect lives only in the graph, not in what a finished block stores in the work
+    # folder: a resumed block runs it again from its stored plan (it must be deterministic in the plan).
+    replay_on_resume: bool = False
 
     def run(self, state) -> PassResult:   # pragma: no cover - the contract
         raise NotImplementedError
@@ -125,6 +128,16 @@ class Pipeline:
             if fact in have:
                 return Pipeline(self.passes[: index + 1], self.given)
         raise PassContractError(f"no pass of this pipeline ensures {fact!r}")
+
+    def before_kind(self, kind: str) -> "Pipeline":
+        """The passes before the first pass of `kind` (the scope passes: before "lower")."""
+        index = next((i for i, p in enumerate(self.passes) if p.kind == kind), len(self.passes))
+        return Pipeline(self.passes[:index], self.given)
+
+    def from_kind(self, kind: str) -> "Pipeline":
+        """The passes from the first pass of `kind` on, starting from what the passes before ensure."""
+        head = self.before_kind(kind)
+        return Pipeline(self.passes[len(head):], head.ensures)
 
     def after(self, fact: str) -> "Pipeline":
         """The passes after until(fact): the rest of the pipeline, starting from what that prefix ensures."""

@@ -1,24 +1,23 @@
 """Refuse a quantized model that computes NaN or Inf where the float model does not (a check).
 
-One calibration sample runs through the float and the lowered model; if an output of the quantized
-one is non-finite where the float one's is finite, the linears' outputs are fetched (a chunk at a
-time, as measure_output_sqnr does) to name the first linear, in graph order, whose output went
-non-finite, and the run fails with that name: nothing is written. What it guards against is a
-quantized weight or scale outside the activation type's range (float16), a static activation scale
-that saturates, or a runtime kernel that overflows — anything that slipped past the passes' own checks.
+One calibration sample runs through the float and the lowered model, block after block of the run's
+scopes (sequential/block_chain.py; the whole graph is one block); if what a block hands on or a model
+output it makes is non-finite in the quantized chain where the float one is finite, that block's linear
+outputs are fetched (a chunk at a time, as measure_output_sqnr does) to name the first linear, in graph
+order, whose output went non-finite, and the run fails with that name: nothing is written. What it
+guards against is a quantized weight or scale outside the activation type's range (float16), a static
+activation scale that saturates, or a runtime kernel that overflows — anything that slipped past the
+passes' own checks.
 
-Resident: two sessions over the models' arrays in place (no copies) and one sample's outputs.
+Resident: one block of each model as a session (its arrays in place, no copies) and one sample's cut tensors.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from fptq_graph.errors import FptqError
-from fptq_graph.ir.save import finish_split
 from fptq_graph.passes.base import Pass, PassResult
-from fptq_graph.passes.measure_output_sqnr import MAX_CHUNK, MIN_CHUNK, output_chunks, with_outputs
-from fptq_graph.runtime import ort_errors
-from fptq_graph.runtime.sessions import session
+from fptq_graph.sequential.block_chain import BlockChain
 
 
 class NonFiniteOutputError(FptqError):
@@ -34,46 +33,34 @@ class CheckOutputsFinite(Pass):
     def run(self, state) -> PassResult:
         if state.calibration is None or state.source_model is None:
             return PassResult("skipped (no calibration sample)", stats={"checked": 0})
-        source = state.source_model
-        feeds = next(iter(state.calibration.sample_feeds(source.proto.graph.input, 1)), None)
-        if feeds is None:
+        chain = BlockChain(state, 1)
+        if not chain.samples:
             return PassResult("skipped (no calibration sample)", stats={"checked": 0})
-        quantized = finish_split(state.graph, source.proto)
-        outputs = [o.name for o in source.proto.graph.output]
-        bad = first_new_non_finite(source, quantized, outputs, feeds)
-        if bad is None:
-            return PassResult(f"{len(outputs)} outputs finite on one calibration sample", stats={"checked": len(outputs)})
-        where = first_non_finite_linear(state, source, quantized, feeds)
-        raise NonFiniteOutputError(
-            f"the quantized model computes NaN or Inf in output '{bad}' on calibration sample 0, where the float "
-            f"model does not" + (f"; the first linear whose output went non-finite: '{where}'" if where else "")
-            + "; nothing written")
+        checked = []
+        for pair in chain:
+            got = pair.run(0, pair.exits)
+            bad = next((name for name, ref, out in zip(pair.exits, got["float"], got["quantized"])
+                        if newly_non_finite(ref, out)), None)
+            del got
+            if bad is None:
+                checked += [name for name in pair.exits if name in pair.block.model_outputs]
+                continue
+            where = next((name for chunk in chain.chunks(pair.linears, 0) for name in _first_bad(pair, chunk)), None)
+            linear = next((l.name for l in pair.linears if l.output == where), None)
+            what = f"output '{bad}'" if bad in pair.block.model_outputs else \
+                f"'{bad}' (what block {pair.block.index}, {pair.block.label}, hands on)"
+            raise NonFiniteOutputError(
+                f"the quantized model computes NaN or Inf in {what} on calibration sample 0, where the float "
+                f"model does not" + (f"; the first linear whose output went non-finite: '{linear}'" if linear else "")
+                + "; nothing written")
+        blocks = f", block by block ({len(chain.blocks)} blocks)" if len(chain.blocks) > 1 else ""
+        return PassResult(f"{len(checked)} outputs finite on one calibration sample{blocks}", stats={"checked": len(checked)})
 
 
-def first_new_non_finite(reference, candidate, names: list[str], feeds: dict) -> str | None:
-    """The first of `names` that holds NaN/Inf in `candidate`'s output where `reference`'s is finite."""
-    got = {}
-    for kind, model in (("float", reference), ("quantized", candidate)):
-        sess = session(with_outputs(model, names), arena=False)
-        got[kind] = ort_errors.run(sess, names, feeds, f"the {kind} model on calibration sample 0")
-        del sess
-    for name, ref, out in zip(names, got["float"], got["quantized"]):
-        if newly_non_finite(ref, out):
-            return name
-    return None
-
-
-def first_non_finite_linear(state, source, quantized, feeds: dict) -> str | None:
-    """The first linear (graph order) whose quantized output is non-finite where the float's is not."""
-    linears = list(state.linears.values())
-    by_output = {linear.output: linear.name for linear in linears}
-    tokens = int(np.prod(next(iter(feeds.values())).shape))
-    budget = min(MAX_CHUNK, max(MIN_CHUNK, source.payload_bytes // 8))
-    for chunk in output_chunks(linears, 4 * tokens, budget):
-        name = first_new_non_finite(source, quantized, chunk, feeds)
-        if name is not None:
-            return by_output[name]
-    return None
+def _first_bad(pair, chunk: list[str]) -> list[str]:
+    """The first of `chunk` (as a list of at most one) non-finite in the quantized block only."""
+    got = pair.run(0, chunk)
+    return [name for name, ref, out in zip(chunk, got["float"], got["quantized"]) if newly_non_finite(ref, out)][:1]
 
 
 def newly_non_finite(reference: np.ndarray, candidate: np.ndarray) -> bool:

@@ -10,6 +10,7 @@ Who writes what (each field has one writer; passes/base.py's FACTS name them):
   plan                             freeze_plan (read-only after)
   quantized, weight_notes, weight_sqnr   quantize_weights
   output_sqnr                      measure_output_sqnr
+  scope, blocks                    the driver (sequential/run.py), never a pass
 """
 from __future__ import annotations
 
@@ -80,6 +81,9 @@ class State:
     # else map_tasks(fn, jobs) -> results in jobs' order (sequential/ray_workers.py: Ray tasks)
     map_tasks: Any = None
     rotation: dict = field(default_factory=dict)                        # what rotate_residual did, or why not (the report)
+    # The scope the scope passes run over (sequential/scope.py: one block and how to run it); None: the whole graph
+    scope: Any = None
+    blocks: list = field(default_factory=list)                          # the run's blocks (sequential/blocks.py); [] : the whole graph
     facts: set[str] = field(default_factory=set)                        # what the passes run so far ensured (passes/base.py)
 
     def act_max(self, linear: Linear) -> np.ndarray:

@@ -46,7 +46,8 @@ class Block:
     outputs: list[str] = field(default_factory=list)  # its observer outputs, then what later blocks read
     observers: list[str] = field(default_factory=list)  # the activations whose statistics it computes
     hand_over: list[str] = field(default_factory=list)  # the outputs later blocks read
-    kind: str = "layer"                               # "embedding", "layer" or "head"
+    kind: str = "layer"                               # "embedding", "layer", "head", or "graph" (the whole graph)
+    model_outputs: list[str] = field(default_factory=list)  # the model's own outputs made in this block
 
     @property
     def label(self) -> str:
@@ -131,7 +132,21 @@ def find_blocks(model: onnx.ModelProto, observed_model: onnx.ModelProto, linear_
         blocks[-1].kind = "head"
     _place_nodes(blocks, list(observed_model.graph.node), block_of_tensor, observed, readers)
     _wire(blocks, list(observed_model.graph.node), observed_model)
+    for block in blocks:   # by the structure: the observed model lacks the nodes no observer needs (a float head's logits)
+        block.model_outputs = [o.name for o in model.graph.output if block_of_tensor.get(o.name) == block.index]
     return [b for b in blocks if b.nodes or b.linears]
+
+
+def whole_graph_block(observed_model: onnx.ModelProto, linear_names: list[str], observers: list[str],
+                      model_outputs: list[str]) -> Block:
+    """The whole graph as one block (the one-block scope): every node of the observed model, every linear
+    and observer, nothing handed over. What a run that does not go block by block runs its passes on."""
+    nodes = list(observed_model.graph.node)
+    block = Block(index=0, nodes=list(range(len(nodes))), linears=list(linear_names), observers=list(observers),
+                  kind="graph")
+    _wire([block], nodes, observed_model)
+    block.model_outputs = list(model_outputs)
+    return block
 
 
 def _linear_shapes(model: onnx.ModelProto, linear_names: list[str]) -> dict[str, tuple]:

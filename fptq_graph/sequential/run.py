@@ -22,26 +22,27 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
+import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from fptq_graph.errors import FptqError
 from fptq_graph.ir.bodies import needed_nodes
 from fptq_graph.ir.split_model import export_split
 from fptq_graph.ir.residency import is_spent, release_pages, reset_peak, resident_bytes, spent, trim_heap
-from fptq_graph.passes.analysis.calibrate import StatisticsSum, observer_outputs
 from fptq_graph.passes.base import PassRecord, PassResult, Pipeline
-from fptq_graph.passes.pipeline import default_pipeline
 from fptq_graph.plan.plan import HeadPlan, Plan, PlanDraft
-from fptq_graph.quant.finite import check_weights_finite
-from fptq_graph.sequential.runners import LocalRunner
 from fptq_graph.sequential.block_model import block_model
-from fptq_graph.sequential.blocks import Block, find_blocks
+from fptq_graph.sequential.blocks import Block, BlockCutError, find_blocks
 from fptq_graph.sequential.cut_store import CutStore
-from fptq_graph.sequential.work_folder import BlockResult, WorkFolder
+from fptq_graph.sequential.runners import LocalRunner, make_runner
+from fptq_graph.sequential.scope import Scope, graph_block
+from fptq_graph.sequential.work_folder import BlockResult, WorkFolder, run_fingerprint
 
 MIB = 2**20
 # Cut activations held in memory before they go to files of the work folder.
@@ -80,6 +81,7 @@ def observer_tensors(state) -> dict[str, str]:
 
 
 def plan_blocks(state) -> list[Block]:
+    """The blocks of the observed model, cut on its residual stream (blocks.py; BlockCutError if none)."""
     readers: dict[str, list[str]] = {}
     for linear in state.linears.values():
         readers.setdefault(linear.activation.name, []).append(linear.name)
@@ -87,26 +89,95 @@ def plan_blocks(state) -> list[Block]:
     return find_blocks(structure, state.observed_model.proto, list(state.linears), observer_tensors(state), readers)
 
 
-def block_pipeline(form: str, given) -> Pipeline:
-    """The default pipeline's planning and rewriting passes (after calibrate, before the emitter)."""
-    passes = list(default_pipeline(form))
-    start = next(i for i, p in enumerate(passes) if p.name == "calibrate") + 1
-    end = next(i for i, p in enumerate(passes) if p.kind == "lower")
-    return Pipeline(passes[start:end], given=given)
+def run_scopes(state, pipeline: Pipeline, mode, source: str, log=None, work_dir: str | os.PathLike | None = None,
+               resume: bool = False, workers: int | None = None,
+               ray_address: str | None = None) -> tuple[list[PassRecord], dict, WorkFolder]:
+    """The one driver: runs `pipeline` (the passes after find_linears) over `state`, the whole graph as
+    one scope or block by block as `mode` (sequential/mode.py) says.
+
+        structure (whole graph, once)   the passes up to the observed model (plan_statistics,
+                                        canonicalize_weights, insert_observers)
+        scopes (each block in turn)     the passes before the first "lower" one (calibrate ... quantize
+                                        weights), over a view holding one block; saved to the work folder
+        lowering and measurement        the rest, once, over the whole graph (the measurement passes walk
+                                        the blocks: sequential/block_chain.py)
+
+    Returns the pass records, the report's "run" section and the work folder, which the caller removes
+    once the output is written (a temporary one also goes when the folder object is dropped)."""
+    records = pipeline.until("observed_model").run(state, log=log)
+    rest = pipeline.after("observed_model")
+    per_scope, after = rest.before_kind("lower"), rest.from_kind("lower")
+    report = mode.to_dict()
+    if mode.sequential:
+        try:
+            blocks = plan_blocks(state)
+        except BlockCutError as exc:
+            if mode.budget_bytes is not None and mode.estimate_bytes > mode.budget_bytes:
+                raise FptqError(f"{source}: cannot go block by block ({exc}), and the whole graph would not fit "
+                                f"({mode.estimate_bytes / MIB:.0f} MiB, over {mode.budget_bytes / MIB:.0f} MiB)") from None
+            if log:
+                log(f"[blocks] {exc}: quantizing the whole graph instead")
+            blocks, report = [], {**report, "mode": "whole graph", "why": f"no block structure ({exc}); the whole graph fits"}
+    else:
+        blocks = []
+    if blocks:
+        state.sequential = True
+        if log:
+            kinds = [b.kind for b in blocks]
+            log(f"[blocks] {len(blocks)} blocks ({kinds.count('embedding')} embedding, {kinds.count('layer')} layer, "
+                f"{kinds.count('head')} head), cut on the residual stream; {mode.why}")
+    else:
+        blocks = [graph_block(state)]
+        if log and report["mode"] == "whole graph" and "no block structure" not in report["why"]:
+            log(f"[mode] whole graph: {mode.why}")
+    state.blocks = blocks
+    folder = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="fptq-blocks-"))
+    work = WorkFolder(folder, run_fingerprint(state, source, blocks), len(blocks))
+    work.open(resume, log=log)
+    run = BlockRun(why=mode.why)
+    try:
+        records += _run_in(work, run, state, per_scope, after, blocks, workers, ray_address, log)
+    except BaseException:
+        if work_dir is None:   # a temporary folder no one can resume from
+            work.remove()
+        raise
+    if work_dir is None:
+        work.remove_when_dropped()
+    run_dict = run.to_dict()
+    if len(blocks) > 1:
+        return records, {**report, **run_dict}, work
+    # one scope: the whole graph's report, with what a block-by-block run would say of its one block
+    return records, {**report, **{k: v for k, v in run_dict.items() if k not in ("mode", "why")}}, work
 
 
-def quantize_blocks(state, form: str, blocks: list[Block], work: WorkFolder, run: BlockRun,
+def _run_in(work: WorkFolder, run: BlockRun, state, per_scope: Pipeline, after: Pipeline, blocks: list[Block],
+            workers, ray_address, log) -> list[PassRecord]:
+    """The scopes one after another, then lowering and measurement (`run` collects what the report says)."""
+    runner = make_runner(workers, ray_address, log=log)
+    try:
+        records = quantize_blocks(state, per_scope, blocks, work, run, runner=runner, log=log)
+    finally:
+        runner.close()
+    run.workers, run.weight_tasks = runner.workers, runner.tasks
+    records += Pipeline(after, given=state.facts).run(state, log=log)
+    left = [t.name for t in state.graph.tensors().values() if isinstance(t, gs.Constant) and is_spent(t._values)]
+    if left:   # a spent weight still in the graph would be written as zeros: never
+        raise FptqError(f"internal error: the lowered graph still reads released float weights ({', '.join(left[:3])})")
+    return records
+
+
+def quantize_blocks(state, per_scope: Pipeline, blocks: list[Block], work: WorkFolder, run: BlockRun,
                     runner=None, log=None) -> list[PassRecord]:
-    """Calibrates, plans and quantizes `blocks` one after another (after the structural prefix has run
-    on `state`); leaves state.plan, state.quantized, weight notes and SQNRs for all linears, the graph
-    folded, and returns the block passes' records, summed over the blocks."""
+    """Runs the scope passes (`per_scope`: calibrate ... quantize weights) over `blocks` one after
+    another (after the structural prefix has run on `state`), each block as a scope; leaves state.plan,
+    state.quantized, weight notes and SQNRs for all linears, the graph folded, and returns the scope
+    passes' records (as they are for one block, summed over several)."""
     cfg = state.config
     calib = state.calibration
     observed = state.observed_model
     runner = runner or LocalRunner()
-    per_block = block_pipeline(form, given=state.facts | {"statistics"})
+    one = len(blocks) == 1
     graph_inputs = list(observed.proto.graph.input)
-    graph_input_names = {v.name for v in graph_inputs}
     last_reader = {}
     for block in blocks:
         for name in block.inputs:
@@ -119,59 +190,40 @@ def quantize_blocks(state, form: str, blocks: list[Block], work: WorkFolder, run
     plans, quantized, notes, sqnr, folds = {}, {}, {}, {}, []
     head = HeadPlan(cfg.lm_head_mode)
     records: dict[str, list[PassRecord]] = {}
-    calibrate_seconds = 0.0
     todo = [b for b in blocks if not work.finished(b.index)]
     last_needed = max((b.index for b in todo), default=-1)   # blocks after it need no hand-over
     node_by_output = {node.outputs[0].name: node for node in state.graph.nodes if node.outputs}
-    bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not cfg.progress)
+    bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not cfg.progress or one)
     started = time.perf_counter()
     try:
         for block in blocks:
             t0 = time.perf_counter()
             reset_peak()
-            names = [name for name in block.inputs if name not in graph_input_names]
             finished = work.finished(block.index)
             view_linears = {n: state.linears[n] for n in block.linears}
+            scope = Scope(block, blocks=len(blocks), runner=runner, store=store, key=work.fingerprint[:16],
+                          keep_hand_over=cfg.block_inputs == "float", carried=stats_pending)
             if finished:
                 result = work.load(block.index, node_by_output)
                 run.resumed += 1
                 if block.index < last_needed:
-                    _forward(runner, work.fingerprint[:16], observed, block, store, calib, graph_inputs, names, result, cfg, view_linears)
+                    _forward(runner, observed, scope, calib, graph_inputs, result, cfg, view_linears)
             else:
-                check_weights_finite(view_linears.values())
-                model = block_model(observed, block, store.dtypes())
-                observers = {a: state.observers[a] for a in block.observers}
-                fetch = observer_outputs(observers)
-                hand_over = list(block.hand_over)
-                accumulate = StatisticsSum(observers, view_linears)
-                for index, values in runner.run_block(f"{work.fingerprint[:16]}/calibrate/{block.index}", model,
-                                                      fetch + hand_over, _batches(calib, graph_inputs, block, store, names),
-                                                      f"block {block.index} ({block.label})", early_reductions=True):
-                    observed_values, handed = dict(zip(fetch, values[:len(fetch)])), values[len(fetch):]
-                    del values   # StatisticsSum frees each output once summed: no other reference
-                    accumulate(observed_values, index)
-                    if cfg.block_inputs == "float":
-                        for name, value in zip(hand_over, handed):
-                            store.put(index, name, value)
-                    del observed_values, handed
-                calibrate_seconds += time.perf_counter() - t0
-                stats_pending.update(accumulate.result())
-                del accumulate   # else this block's X^T X would live on into the next block's calibration
-                result = _plan_and_quantize(state, block, view_linears, stats_pending, per_block, runner)
+                result = _plan_and_quantize(state, scope, view_linears, per_scope, runner, None if not one else log)
+                stats_pending.update(scope.observed)
                 work.save(block.index, result)
                 _maybe_stop(block.index)
                 # the codes from here on are the saved ones, mapped: a finished block holds no memory
                 result = replace(work.load(block.index, node_by_output), records=result.records,
                                  gram_bytes=result.gram_bytes)
                 if cfg.block_inputs == "quantized" and block.index < last_needed:
-                    _forward(runner, work.fingerprint[:16], observed, block, store, calib, graph_inputs, names, result, cfg, view_linears)
-                release_pages(model.arrays.values())
+                    _forward(runner, observed, scope, calib, graph_inputs, result, cfg, view_linears)
             for linear in view_linears.values():
                 readers_left[linear.activation.name] -= 1
                 if readers_left[linear.activation.name] == 0:
                     stats_pending.pop(linear.activation.name, None)
             if finished:
-                _refold(state, view_linears, result, per_block)
+                _replay(state, view_linears, result, per_scope)
             _spend(view_linears.values())
             plans.update(result.plans)
             quantized.update(result.quantized)
@@ -196,7 +248,7 @@ def quantize_blocks(state, form: str, blocks: list[Block], work: WorkFolder, run
             done = len(run.blocks)
             rate = (time.perf_counter() - started) / done
             bar.set_postfix_str(f"{seconds:.1f} s/block, peak {peak / 2**30:.2f} GiB")
-            if log and not cfg.progress:
+            if log and not cfg.progress and not one:
                 log(f"[block {block.index + 1}/{len(blocks)}] {block.label}: {len(block.linears)} linears, "
                     f"{seconds:.1f} s{' (resumed)' if finished else ''}, peak RSS {peak / MIB:.0f} MiB, "
                     f"about {rate * (len(blocks) - done):.0f} s left")
@@ -207,12 +259,16 @@ def quantize_blocks(state, form: str, blocks: list[Block], work: WorkFolder, run
     state.stats = {}
     state.plan = Plan(plans, head, state.recipe, state.statistics_note, tuple(folds))
     state.quantized, state.weight_notes, state.weight_sqnr = quantized, notes, sqnr
-    state.facts |= per_block.ensures | {"statistics"}
-    summed = [PassRecord("calibrate", "analysis", PassResult(
-        f"{calib.num_samples} samples in {len(calib)} batches from {calib.source}, block by block "
-        f"({len(blocks)} blocks, {cfg.block_inputs} inputs)", stats={"samples": calib.num_samples, "batches": len(calib),
-                                                                     "blocks": len(blocks)}), calibrate_seconds)]
-    return summed + [_sum_records(name, recs, len(blocks)) for name, recs in records.items()]
+    state.facts |= per_scope.ensures
+    if one:
+        return records_of_one(per_scope, records)
+    passes = {p.name: p for p in per_scope}
+    return [_sum_records(passes[name], recs, len(blocks), f"{cfg.block_inputs} inputs") for name, recs in records.items()]
+
+
+def records_of_one(per_scope: Pipeline, records: dict[str, list[PassRecord]]) -> list[PassRecord]:
+    """The records of a one-block run, in pass order (a resumed block's are those it stored)."""
+    return [recs[0] for name in per_scope.names for recs in [records.get(name)] if recs]
 
 
 # Fault injection for the tests: the run kills itself (SIGKILL, nothing cleaned up) right after saving
@@ -225,17 +281,17 @@ def _maybe_stop(index: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _plan_and_quantize(state, block: Block, linears: dict, stats: dict, per_block: Pipeline, runner) -> BlockResult:
-    """The planning and rewriting passes over a view of `state` that holds only this block; the weight
+def _plan_and_quantize(state, scope: Scope, linears: dict, per_scope: Pipeline, runner, log) -> BlockResult:
+    """The scope passes over a view of `state` that holds only this block (`scope`); the weight
     quantizer's calls go to the runner's tasks where it has them (Ray workers)."""
-    names = set(linears)
-    view = replace(state, linears=linears,
-                   producers=_block_producers(state, names),
-                   stats={a: s for a, s in stats.items() if any(l.activation.name == a for l in linears.values())},
+    view = replace(state, linears=linears, producers=_block_producers(state, set(linears)), stats={},
                    draft=PlanDraft(), plan=None, quantized={}, weight_notes={}, weight_sqnr={}, output_sqnr={},
-                   facts=set(state.facts) | {"statistics"}, map_tasks=getattr(runner, "map_tasks", None))
-    gram_bytes = sum(s.gram.nbytes for s in view.stats.values() if s.gram is not None)
-    records = per_block.run(view) if linears else []
+                   facts=set(state.facts), map_tasks=getattr(runner, "map_tasks", None), scope=scope)
+    if linears:
+        records = per_scope.run(view, log=log)
+    else:   # a block without linears (the embedding) only calibrates what it hands on
+        records = Pipeline([p for p in per_scope if "statistics" in p.ensures], given=state.facts).run(view)
+    gram_bytes = scope.gram_bytes   # counted before the passes: the last reader of an X^T X may overwrite it
     plan = view.plan
     return BlockResult(plans=dict(plan) if plan is not None else {}, head=plan.head if plan is not None else None,
                        product_folds=tuple(plan.product_folds) if plan is not None else (),
@@ -248,17 +304,18 @@ def _block_producers(state, linears) -> dict:
     return {k: p for k, p in state.producers.items() if p.linears and p.linears[0] in linears}
 
 
-def _refold(state, linears: dict, result: BlockResult, per_block: Pipeline) -> None:
-    """A resumed block's equalization folded into the graph again, from its stored plan (the fold is
-    deterministic: the same scales give the same weights and norms)."""
+def _replay(state, linears: dict, result: BlockResult, per_scope: Pipeline) -> None:
+    """A resumed block's rewrites that live only in the graph (replay_on_resume: the equalization fold)
+    run again from its stored plan (deterministic: the same scales give the same weights and norms)."""
     if not linears:
         return
-    fold = next(p for p in per_block if p.name == "fold_equalization")
     view = replace(state, linears=linears,
                    producers=_block_producers(state, linears),
                    plan=Plan(result.plans, result.head or HeadPlan(state.config.lm_head_mode), state.recipe,
                              state.statistics_note, result.product_folds))
-    fold.run(view)
+    for p in per_scope:
+        if p.replay_on_resume:
+            p.run(view)
 
 
 def _spend(linears) -> None:
@@ -272,29 +329,21 @@ def _spend(linears) -> None:
             weight.values = spent(values)
 
 
-def _forward(runner, key: str, observed, block: Block, store: CutStore, calib, graph_inputs, names: list[str],
-             result: BlockResult, cfg, linears: dict) -> None:
+def _forward(runner, observed, scope: Scope, calib, graph_inputs, result: BlockResult, cfg, linears: dict) -> None:
     """Runs a block only for what it hands over (resumed blocks; and, with quantized block inputs, a
     quantized block again with its weights dequantized)."""
+    block = scope.block
     hand_over = list(block.hand_over)
     overrides = {}
     if cfg.block_inputs == "quantized":
         overrides = _dequantized_weights(observed, linears, result)
     pruned = replace(block, outputs=hand_over, nodes=needed_nodes(observed.proto.graph.node, hand_over, among=block.nodes))
-    model = block_model(observed, pruned, store.dtypes(), overrides)
-    for index, values in runner.run_block(f"{key}/forward/{block.index}", model, hand_over,
-                                          _batches(calib, graph_inputs, pruned, store, names),
-                                          f"block {block.index} ({block.label})"):
+    model = block_model(observed, pruned, scope.input_dtypes(), overrides)
+    for index, values in runner.run_block(f"{scope.key}/forward/{block.index}", model, hand_over,
+                                          replace(scope, block=pruned).batches(calib, graph_inputs), scope.label):
         for name, value in zip(hand_over, values):
-            store.put(index, name, value)
+            scope.store.put(index, name, value)
     release_pages(model.arrays.values())
-
-
-def _batches(calib, graph_inputs, block: Block, store: CutStore, names: list[str]):
-    """(index, feeds) of every calibration batch for `block`: the model inputs it reads and the cut
-    tensors earlier blocks handed over."""
-    for index, feeds in enumerate(calib.feed_batches(graph_inputs)):
-        yield index, {n: feeds[n] for n in block.inputs if n in feeds} | store.feeds(index, names)
 
 
 def _dequantized_weights(observed, linears: dict, result: BlockResult) -> dict[str, np.ndarray]:
@@ -321,9 +370,13 @@ def _dequantized_weights(observed, linears: dict, result: BlockResult) -> dict[s
     return out
 
 
-def _sum_records(name: str, records: list[PassRecord], blocks: int) -> PassRecord:
-    """One record for a pass run once per block: times and counts summed, "lowest" values the least,
-    and the summary of the block that holds the least (else of the last block)."""
+def _sum_records(pass_, records: list[PassRecord], blocks: int, scope: str) -> PassRecord:
+    """One record for a pass run once per block: the pass's own summary where it has one
+    (summarize_blocks), else times and counts summed, "lowest" values the least, and the summary of
+    the block that holds the least (else of the last block)."""
+    name = pass_.name
+    if hasattr(pass_, "summarize_blocks"):
+        return PassRecord(name, pass_.kind, pass_.summarize_blocks(records, blocks, scope), sum(r.seconds for r in records))
     stats: dict = {}
     for record in records:
         for key, value in record.stats.items():

@@ -17,6 +17,7 @@ Resident: nothing but the manifest; a loaded block's codes are mapped files.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -27,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fptq_graph import __version__
 from fptq_graph.errors import FptqError
+from fptq_graph.files.run_outputs import model_files
 from fptq_graph.ir.mapped_files import MappedFiles
 from fptq_graph.quant.int4 import QuantizedWeight
 
@@ -180,3 +183,28 @@ class WorkFolder:
         directory. The codes mapped from it stay readable (an unlinked file's mapping lives on). Not for
         a named folder, nor a failed run's, which the error message names for --resume."""
         weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+
+def run_fingerprint(state, source: str, blocks) -> str:
+    """What makes a finished block reusable: this version, the input's files, the calibration data, the
+    settings (not the progress display) and the block cut."""
+    digest = hashlib.sha256()
+    # how the run goes (progress display, the mode decision) does not change what a block decides
+    config = {k: v for k, v in state.config.to_dict().items() if k not in ("progress", "sequential", "memory_budget_mib")}
+    files = []
+    if Path(source).is_file():
+        for path in model_files(source):
+            st = path.stat()
+            files.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    digest.update(json.dumps({"version": __version__, "config": config, "files": files, "source": source,
+                              "blocks": [[b.kind, b.linears] for b in blocks]}, sort_keys=True, default=str).encode())
+    calib = state.calibration
+    if hasattr(calib, "tokens"):
+        digest.update(np.ascontiguousarray(calib.tokens).tobytes())
+        digest.update(str(calib.batch_size).encode())
+    else:
+        for feeds in getattr(calib, "feeds", []):
+            for name in sorted(feeds):
+                digest.update(name.encode())
+                digest.update(np.ascontiguousarray(feeds[name]).tobytes())
+    return digest.hexdigest()

@@ -1,6 +1,10 @@
 """Run the observed model over the calibration set: the running per-channel max|X| and the summed
 statistics of every observed activation (plan/statistics.py's ActivationStats).
 
+It runs over the state's scope (sequential/scope.py): the scope's block of the observed model (the whole
+graph, or one block of a block-by-block run fed what the blocks before it handed over), through the
+scope's runner (this process, or Ray workers), keeping what the block hands on when the scope asks.
+
 Resident: one batch's observer outputs and the running statistics (K floats an activation, K^2 float64
 where X^T X is recorded).
 """
@@ -9,12 +13,13 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from fptq_graph.runtime import ort_errors
 from fptq_graph.errors import CalibrationError
-from fptq_graph.runtime.sessions import session
+from fptq_graph.ir.residency import release_pages
 from fptq_graph.passes.base import Pass, PassResult
 from fptq_graph.plan.statistics import ActivationStats
 from fptq_graph.quant.finite import check_weights_finite
+from fptq_graph.sequential.block_model import block_model
+from fptq_graph.sequential.scope import scope_of
 
 
 class Calibrate(Pass):
@@ -27,19 +32,45 @@ class Calibrate(Pass):
         if state.calibration is None:
             raise CalibrationError("no calibration set given")
         check_weights_finite(state.linears.values())
-        model = state.observed_model
-        sess = session(model, early_reductions=True)   # each observer runs as soon as its input exists
-        names = observer_outputs(state.observers)
-        accumulate = StatisticsSum(state.observers, state.linears)
-        bar = tqdm(state.calibration.feed_batches(model.proto.graph.input), total=len(state.calibration),
-                   desc="calibrating", unit="batch", disable=not state.config.progress)
-        for index, feeds in enumerate(bar):
-            accumulate(dict(zip(names, ort_errors.run(sess, names, feeds, f"calibration batch {index}"))), index)
-        stats = accumulate.result()
-        state.stats = stats
-        calib = state.calibration
+        scope = scope_of(state)
+        block, calib = scope.block, state.calibration
+        graph_inputs = list(state.observed_model.proto.graph.input)
+        model = block_model(state.observed_model, block, scope.input_dtypes())
+        observers = {a: state.observers[a] for a in block.observers}
+        fetch = observer_outputs(observers)
+        hand_over = list(block.hand_over) if scope.keep_hand_over else []
+        accumulate = StatisticsSum(observers, state.linears)
+        batches = scope.batches(calib, graph_inputs)
+        # block by block, the driver shows the blocks instead of the batches
+        bar = tqdm(total=len(calib), desc="calibrating", unit="batch", disable=not state.config.progress or scope.blocks > 1)
+        # each observer runs as soon as its input exists (early reductions); a block with nothing to
+        # observe or hand on (the embedding, with quantized block inputs) is not run at all
+        runs = scope.runner.run_block(f"{scope.key}/calibrate/{block.index}", model, fetch + hand_over, batches,
+                                      scope.label, early_reductions=True) if fetch or hand_over else ()
+        try:
+            for index, values in runs:
+                observed, handed = dict(zip(fetch, values[:len(fetch)])), values[len(fetch):]
+                del values   # StatisticsSum frees each output once summed: no other reference
+                accumulate(observed, index)
+                for name, value in zip(hand_over, handed):
+                    scope.store.put(index, name, value)
+                del observed, handed
+                bar.update(1)
+        finally:
+            bar.close()   # before any error is printed: the error stays the last line
+        scope.observed = accumulate.result()
+        read = {linear.activation.name for linear in state.linears.values()}
+        state.stats = {a: s for a, s in (scope.carried | scope.observed).items() if a in read}
+        scope.gram_bytes = sum(s.gram.nbytes for s in state.stats.values() if s.gram is not None)
+        release_pages(model.arrays.values())
         return PassResult(f"{calib.num_samples} samples in {len(calib)} batches from {calib.source}",
-                          stats={"samples": calib.num_samples, "batches": len(calib)})
+                          stats={"samples": calib.num_samples, "batches": len(calib), "blocks": 1})
+
+    def summarize_blocks(self, records: list, blocks: int, scope: str) -> PassResult:
+        """One result for the run's calibration, which ran once per block."""
+        first = records[0].result
+        return PassResult(f"{first.summary}, block by block ({blocks} blocks, {scope})",
+                          stats={**first.stats, "blocks": len(records)})
 
 
 def observer_outputs(observers: dict) -> list[str]:

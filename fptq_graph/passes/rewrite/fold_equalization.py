@@ -26,6 +26,7 @@ class FoldEqualizationScales(Pass):
     kind = "rewrite"
     requires = frozenset({"plan", "canonical_weights"})
     ensures = frozenset({"equalization_folded"})
+    replay_on_resume = True   # the folded norms live in the graph; a finished block stores only its plan
 
     def run(self, state) -> PassResult:
         plan = state.plan

@@ -311,7 +311,7 @@ def _check_same_function(state, stream: ResidualStream, rotated, online: dict) -
     """Runs one calibration sample through the original and the rotated float models and compares what
     must not change (each reader's output, each model output) in graph order; raises on the first one off.
     Also records, per norm, the range of what its readers multiply before and after (state.rotation["ranges"])."""
-    from fptq_graph.passes.measure_output_sqnr import with_outputs
+    from fptq_graph.ir.split_model import with_outputs
     from fptq_graph.runtime import ort_errors
     from fptq_graph.runtime.sessions import session
 
