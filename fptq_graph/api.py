@@ -164,7 +164,6 @@ def quantize_encoder_decoder(encoder: str | os.PathLike, decoders, calibration: 
     from fptq_graph.runtime import session
 
     config = config or Config()
-    config.validate()
     decoders = [decoders] if isinstance(decoders, (str, os.PathLike)) else list(decoders)
     encoder_header = _load(encoder)[0].proto
     calib = _calibration_set(calibration, encoder_header, config, tokenizer, str(encoder))
@@ -225,7 +224,6 @@ def block_run_options(config: Config, *, resume: bool = False, workers: int | No
 
 def _prepare(model_or_path, calibration, config: Config | None, tokenizer) -> tuple[State, str]:
     config = config or Config()
-    config.validate()
     config = config.with_recipe_options()
     split, source = _load(model_or_path)
     calib = _calibration_set(calibration, split.proto, config, tokenizer, source)

@@ -1,6 +1,7 @@
 """User-facing configuration of one quantization run."""
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, fields, replace
 
 from fptq_graph.recipes import RECIPES, ROTATIONS, WEIGHT_QUANTIZERS, RecipeError, recipe_row  # noqa: F401  (RECIPES: the built-in names)
@@ -12,9 +13,15 @@ ORT_BLOCK_SIZES = (16, 32, 64, 128, 256)
 LM_HEAD_MODES = ("float", "int8", "int4")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """What `quantize` does. Defaults follow FPTQ (arXiv 2308.15987) as described in docs/FPTQ.md.
+
+    Validated, frozen data: an invalid combination is refused when the Config is made (one FptqError
+    line, the same from the API and the CLI), and nothing changes it after. It remembers which fields the
+    caller gave (`given`): a TOML recipe's [options] fill in only the others, so a value the caller set
+    wins even where it equals the default. `config.evolve(field=value)` is a changed copy with those
+    fields given too (dataclasses.replace would count every field as given).
 
     recipe:          a built-in recipe's name (recipes.RECIPES), the path of a TOML recipe, or a recipes.Recipe;
                      "fptq" classifies each linear by its activation max; "naive-w4a8" makes every
@@ -115,6 +122,18 @@ class Config:
     seed: int = 0
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def given(self) -> frozenset[str]:
+        """The fields the caller set (by name or position), whatever their values."""
+        return self.__dict__.get("_given", frozenset(f.name for f in fields(self)))
+
+    def evolve(self, **changes) -> "Config":
+        """A copy with `changes`, which count as given."""
+        return _made(self, changes, self.given | set(changes))
+
     def validate(self) -> None:
         from fptq_graph.errors import FptqError
 
@@ -211,12 +230,32 @@ class Config:
         return recipe_row(self.recipe).weight_bits
 
     def with_recipe_options(self) -> "Config":
-        """This config with the recipe's [options] put in where a field still holds its default (a value
-        the user set wins over the recipe's); built-in recipes have none."""
-        defaults = {f.name: f.default for f in fields(Config)}
+        """This config with the recipe's [options] put in where the caller gave no value (a value the
+        caller set wins over the recipe's, even the default's own); built-in recipes have none."""
         row = recipe_row(self.recipe)
-        changes = {k: v for k, v in row.options if getattr(self, k) == defaults[k]}
-        return replace(self, **changes) if changes else self
+        changes = {k: v for k, v in row.options if k not in self.given}
+        return _made(self, changes, self.given) if changes else self
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _made(config: Config, changes: dict, given) -> Config:
+    made = replace(config, **changes)
+    object.__setattr__(made, "_given", frozenset(given))
+    return made
+
+
+def _recording_given(init):
+    """Config's generated __init__, recording which fields the call named (the recipe's options fill in
+    the rest: with_recipe_options)."""
+    names = [f.name for f in fields(Config)]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        object.__setattr__(self, "_given", frozenset(names[:len(args)]) | frozenset(kwargs))
+    return __init__
+
+
+Config.__init__ = _recording_given(Config.__init__)

@@ -58,8 +58,7 @@ def quantize_to(source: str | os.PathLike, output: str | os.PathLike, calibratio
     blocks (default: .<output name>.fptq-work beside the output); resume goes on from it."""
     from fptq_graph.api import block_run_options
 
-    config = config or Config()
-    config.validate()   # every option checked before any work
+    config = config or Config()   # checked when made (Config.__post_init__)
     config = block_run_options(config, resume=resume, workers=workers, ray_address=ray_address)
     # `output` goes to RunOutputs as given (it refuses an empty one by that name); Path("") would be "."
     path = Path(output)

@@ -138,6 +138,39 @@ def test_a_toml_recipe_changes_what_it_says(tmp_path):
     assert {p.scheme for p in explicit.plan.values()} == {"static"}               # the user's value wins
 
 
+def test_an_explicit_default_wins_over_the_recipe_options(tmp_path, capsys):
+    """Issue 33: a TOML recipe's [options] fill in only what the caller did not give; a value the caller
+    set wins even where it is the default (before, the recipe's won wherever the value equalled it)."""
+    path = tmp_path / "mine.toml"
+    path.write_text('classifier = "bands"\nequalizer = "lae"\nawq = false\nweights = "rtn"\nweight_bits = 4\n'
+                    '[options]\nstatic_bound = 0.0\nsmooth_alpha = 0.25\n')
+    assert Config(recipe=str(path)).with_recipe_options().static_bound == 0.0
+    mine = Config(recipe=str(path), static_bound=15.0).with_recipe_options()
+    assert mine.static_bound == 15.0 == Config().static_bound and mine.smooth_alpha == 0.25
+    assert Config(recipe=str(path)).evolve(smooth_alpha=0.5).with_recipe_options().smooth_alpha == 0.5
+    model = tmp_path / "m.onnx"
+    C.save(C.ln_block(1.0, np.random.default_rng(0))[0], model)
+    for extra, bound in (([], 0.0), (["--static-bound", "15"], 15.0)):   # the command line: what it was given
+        out = tmp_path / f"q{len(extra)}.onnx"
+        assert main(["quantize", str(model), "-o", str(out), "--calib-random", "2", "--seq-len", "8", "--group-size", "8",
+                     "--recipe", str(path), "--report", str(out) + ".json", "-q", *extra]) == 0
+        assert json.loads(Path(str(out) + ".json").read_text())["config"]["static_bound"] == bound
+
+
+def test_a_config_is_checked_when_made_and_frozen():
+    """Issue 33: an invalid combination is refused on construction (API and CLI alike), and a Config never changes."""
+    import dataclasses
+
+    with pytest.raises(FptqError, match="format 'w4a8' needs symmetric int4 weights"):
+        Config(format="w4a8", symmetric=False)
+    config = Config(group_size=32)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.group_size = 64
+    assert config.evolve(format="w4a8").given == {"group_size", "format"}
+    with pytest.raises(FptqError, match="group_size must be an even number"):
+        config.evolve(group_size=7)
+
+
 @pytest.mark.parametrize("text,problem", [
     ('classifier = "bands"\nequalizer = "lae"\nawq = false\nweights = "rtn"\nweight_bits = 4\ncolour = 3\n', "unknown key 'colour'"),
     ('classifier = "bands"\nequalizer = "lae"\nawq = false\nweights = "rtn"\n', "missing key 'weight_bits'"),

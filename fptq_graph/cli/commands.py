@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         return _show_recipe(argv[argv.index("--recipe") + 2])
     parser = _parser()
     args = parser.parse_args(argv)
+    args.typed = _typed(argv)
     args.debug = args.debug or args.debug_before_command
     try:
         with signals(), warnings.catch_warnings():
@@ -252,6 +253,25 @@ def _cmd_export(args) -> int:
     return 0
 
 
+# Config fields whose flag's argparse name is another (the others are named alike).
+CONFIG_FLAGS = {"symmetric": "asymmetric", "compensate_residual": "no_residual_compensation", "calib_batch_size": "batch_size",
+                "calib_seq_len": "seq_len", "memory_budget_mib": "memory_budget", "progress": "quiet"}
+
+
+def _typed(argv: list[str]) -> set[str]:
+    """The argparse names of the options `argv` gives (parsed again with every default suppressed)."""
+    parser = _parser()
+    parsers = [parser]
+    while parsers:
+        p = parsers.pop()
+        p.set_defaults(**{key: argparse.SUPPRESS for key in p._defaults})
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    return set(vars(parser.parse_args(argv)))
+
+
 def _cmd_quantize(args) -> int:
     """Arguments to Config, then the one quantize flow (quantize_to.py); prints what it wrote."""
     from fptq_graph.config import Config
@@ -260,16 +280,18 @@ def _cmd_quantize(args) -> int:
     if args.quantize_lm_head and args.lm_head not in (None, "int4"):
         raise FptqError(f"--quantize-lm-head (the older switch for --lm-head int4) contradicts --lm-head {args.lm_head}; "
                         "give one of them")
-    config = Config(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
-                    group_size=args.group_size, symmetric=not args.asymmetric, format=args.format,
-                    compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
-                    gptq=args.gptq, weight_quantizer=args.weight_quantizer, rotate=args.rotate,
-                    rotate_seed=args.rotate_seed, rotate_ffn=args.rotate_ffn, act_order=args.act_order,
-                    ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head or Config().lm_head,
-                    quantize_lm_head=args.quantize_lm_head, embedding=args.embedding, sqnr_samples=args.sqnr_samples,
-                    calib_batch_size=args.batch_size, calib_seq_len=args.seq_len, calib_samples=args.calib_samples,
-                    progress=not args.quiet, sequential=args.sequential, memory_budget_mib=args.memory_budget,
-                    block_inputs=args.block_inputs)
+    values = dict(recipe=args.recipe, static_bound=args.static_bound, dynamic_bound=args.dynamic_bound,
+                  group_size=args.group_size, symmetric=not args.asymmetric, format=args.format,
+                  compensate_residual=not args.no_residual_compensation, smooth_alpha=args.smooth_alpha,
+                  gptq=args.gptq, weight_quantizer=args.weight_quantizer, rotate=args.rotate,
+                  rotate_seed=args.rotate_seed, rotate_ffn=args.rotate_ffn, act_order=args.act_order,
+                  ort_accuracy_level=args.ort_accuracy_level, lm_head=args.lm_head,
+                  quantize_lm_head=args.quantize_lm_head, embedding=args.embedding, sqnr_samples=args.sqnr_samples,
+                  calib_batch_size=args.batch_size, calib_seq_len=args.seq_len, calib_samples=args.calib_samples,
+                  progress=not args.quiet, sequential=args.sequential, memory_budget_mib=args.memory_budget,
+                  block_inputs=args.block_inputs)
+    # Only what the command line says: a TOML recipe's [options] fill in the rest (Config.given).
+    config = Config(**{field: value for field, value in values.items() if CONFIG_FLAGS.get(field, field) in args.typed})
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
     written = quantize_to(args.input, args.output, args.calib if args.calib is not None else args.calib_random, config,
                           tokenizer=args.tokenizer, report=args.report, log=log, work_dir=args.work_dir,
