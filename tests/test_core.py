@@ -223,3 +223,40 @@ def test_a_later_analysis_refines_classify_only_through_a_recorded_step():
     draft.refine_activation("lm_head", "dynamic", "v=40: tied embedding table", by="plan_lm_head")
     assert draft.scheme("lm_head") == "dynamic"
     assert draft.notes["lm_head"] == ["plan_lm_head refined classify's lae to dynamic"]
+
+
+def test_a_plan_piece_round_trips_as_json_and_names_only_plan_types(tmp_path):
+    """Issue 33: a finished block's plan piece is JSON plus arrays (no pickle: loading one runs no code);
+    numbers keep their numpy type, arrays come back as read-only views, and a piece naming anything but
+    the plan's own types is refused."""
+    from fptq_graph.passes.base import PassRecord
+    from fptq_graph.plan.plan import ActivationSpec, EqualizationSpec, HeadPlan, LinearPlan, WeightSpec
+    from fptq_graph.sequential.plan_piece import PieceError, decode, encode
+
+    arrays = []
+
+    def write(array):
+        arrays.append(np.array(array))
+        return [len(arrays) - 1, array.dtype.str, list(array.shape)]
+
+    def read(index, dtype, shape):
+        view = arrays[index].view()
+        view.flags.writeable = False
+        return view
+
+    scale = np.array([0.5, 2.0, 3.25], np.float32)
+    plan = LinearPlan("q", ActivationSpec("lae", np.float32(0.0123), "why"), EqualizationSpec(scale, None),
+                      WeightSpec(4, 128, True, "gptq-clip"), "reason", float("nan"), 1e-45)
+    piece = {"plans": {"q": plan}, "head": HeadPlan("int8", "lm_head"), "folds": (("up", ("down",)),),
+             "records": [PassRecord("classify", "analysis", PassResult("s", False, {"lowest_db": np.float64(-np.inf)}), 0.5)]}
+    back = decode(json.loads(json.dumps(encode(piece, write))), read)
+    got = back["plans"]["q"]
+    assert type(got.activation.scale) is np.float32 and got.activation.scale == plan.activation.scale
+    assert np.array_equal(got.equalization.scale, scale) and not got.equalization.scale.flags.writeable
+    assert np.isnan(got.v) and got.v_after == 1e-45 and got.weight == plan.weight
+    assert back["head"] == piece["head"] and back["folds"] == piece["folds"]
+    assert back["records"][0].stats["lowest_db"] == -np.inf and back["records"][0].seconds == 0.5
+    with pytest.raises(PieceError, match="unknown type 'Popen'"):
+        decode({"type": "Popen", "fields": {"args": "rm -rf /"}}, read)
+    with pytest.raises(PieceError, match="cannot hold a set"):
+        encode({"x": {1, 2}}, write)

@@ -2,9 +2,10 @@
 run that is stopped (killed, out of disk, a power cut) resumes at the first unfinished block.
 
     <folder>/manifest.json          the run's fingerprint (input files, calibration, config, blocks)
-    <folder>/block-00007/           one finished block: result.pkl (its plans, notes, SQNRs, pass
-                                    records) and arrays.bin, every quantized array (codes, scales, zero
-                                    points) at a 64-byte aligned offset result.pkl records
+    <folder>/block-00007/           one finished block: result.json (its plan piece: plans, head, notes,
+                                    SQNRs, pass records; plan_piece.py, no pickle) and arrays.bin, every
+                                    array (codes, scales, zero points, equalization scales) at a 64-byte
+                                    aligned offset result.json records
     <folder>/activations/           spilled cut activations (cut_store.py; never resumed from)
 
 A block is written into block-00007.tmp-<pid> and renamed into place once complete, so a block folder
@@ -20,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import weakref
 from dataclasses import dataclass, field, replace
@@ -33,9 +33,11 @@ from fptq_graph.errors import FptqError
 from fptq_graph.files.run_outputs import model_files
 from fptq_graph.ir.mapped_files import MappedFiles
 from fptq_graph.quant.int4 import QuantizedWeight
+from fptq_graph.sequential.plan_piece import decode, encode
 
 MANIFEST = "manifest.json"
-FORMAT = 2          # 2: a block's arrays in one file (1: a .npy each)
+FORMAT = 3          # 3: the piece as JSON (2: a pickle; 1: a .npy an array)
+RESULT = "result.json"
 ALIGN = 64
 
 
@@ -95,7 +97,7 @@ class WorkFolder:
     def _finished_indices(self) -> list[int]:
         found = []
         for entry in self.path.glob("block-*"):
-            if entry.is_dir() and ".tmp-" not in entry.name and (entry / "result.pkl").is_file():
+            if entry.is_dir() and ".tmp-" not in entry.name and (entry / RESULT).is_file():
                 try:
                     found.append(int(entry.name.split("-")[1]))
                 except ValueError:
@@ -111,7 +113,7 @@ class WorkFolder:
         return self.path / f"block-{index:05d}"
 
     def finished(self, index: int) -> bool:
-        return (self.block_dir(index) / "result.pkl").is_file()
+        return (self.block_dir(index) / RESULT).is_file()
 
     def save(self, index: int, result: BlockResult) -> None:
         final = self.block_dir(index)
@@ -119,29 +121,24 @@ class WorkFolder:
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
         try:
-            stored, offset = {}, 0
             with open(staged / "arrays.bin", "wb") as data:
+                write = _ArrayWriter(data)
+                stored = {}
                 for name, qw in result.quantized.items():
-                    parts = {}
-                    for part in ("codes", "scale", "zero_point"):
-                        array = getattr(qw, part)
-                        if array is None:
-                            continue
-                        array = np.ascontiguousarray(array)
-                        pad = -offset % ALIGN
-                        data.write(b"\0" * pad)
-                        offset += pad
-                        parts[part] = (offset, array.dtype.str, array.shape)
-                        data.write(array.data)
-                        offset += array.nbytes
-                    stored[name] = (parts, qw.shape, qw.group_size, qw.bits)
+                    parts = {part: write(getattr(qw, part)) for part in ("codes", "scale", "zero_point")
+                             if getattr(qw, part) is not None}
+                    stored[name] = [parts, list(qw.shape), qw.group_size, qw.bits]
+                head = result.head
+                tied = [g.outputs[0].name for g in head.tied] if head is not None and head.tied else []
+                piece = {"plans": encode(result.plans, write),
+                         "head": encode(replace(head, tied=()) if head is not None else None, write), "tied": tied,
+                         "product_folds": encode(tuple(result.product_folds), write), "quantized": stored,
+                         "notes": encode(result.notes, write), "weight_sqnr": encode(result.weight_sqnr, write),
+                         "records": encode(list(result.records), write), "gram_bytes": int(result.gram_bytes)}
                 data.flush()
                 os.fsync(data.fileno())
-            head = result.head
-            tied = tuple(g.outputs[0].name for g in head.tied) if head is not None and head.tied else ()
-            meta = replace(result, quantized=stored, head=(replace(head, tied=()) if head is not None else None, tied))
-            with open(staged / "result.pkl", "wb") as f:
-                pickle.dump(meta, f, protocol=pickle.HIGHEST_PROTOCOL)
+            with open(staged / RESULT, "w") as f:
+                json.dump(piece, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(staged, final)
@@ -154,25 +151,29 @@ class WorkFolder:
         """A finished block, its codes mapped read-only; `node_by_output` resolves the tied lookups."""
         folder = self.block_dir(index)
         try:
-            with open(folder / "result.pkl", "rb") as f:
-                meta = pickle.load(f)
-            quantized, maps = {}, MappedFiles()
-            for name, (stored, shape, group_size, bits) in meta.quantized.items():
-                parts = {part: maps.view(folder / "arrays.bin", offset, np.dtype(dtype), tuple(dims), f"{name}.{part}")
-                         for part, (offset, dtype, dims) in stored.items()}
+            piece = json.loads((folder / RESULT).read_text())
+            maps = MappedFiles()
+
+            def read(offset, dtype, shape, what="a plan array"):
+                return maps.view(folder / "arrays.bin", offset, np.dtype(dtype), tuple(shape), what)
+
+            quantized = {}
+            for name, (stored, shape, group_size, bits) in piece["quantized"].items():
+                parts = {part: read(*where, f"{name}.{part}") for part, where in stored.items()}
                 quantized[name] = QuantizedWeight(codes=parts["codes"], shape=tuple(shape), scale=parts["scale"],
                                                   zero_point=parts.get("zero_point"), group_size=group_size, bits=bits)
-        except (OSError, ValueError, pickle.UnpicklingError, EOFError, AttributeError, KeyError) as exc:
+            result = BlockResult(plans=decode(piece["plans"], read), head=decode(piece["head"], read),
+                                 product_folds=decode(piece["product_folds"], read), quantized=quantized,
+                                 notes=decode(piece["notes"], read), weight_sqnr=decode(piece["weight_sqnr"], read),
+                                 records=decode(piece["records"], read), gram_bytes=piece["gram_bytes"])
+            tied = piece["tied"]
+        except (OSError, ValueError, TypeError, KeyError) as exc:
             raise WorkFolderError(f"{folder}: unreadable finished block ({exc}); remove the work folder "
                                   f"{self.path} and run again") from None
-        head, tied = meta.head
+        head = result.head
         if head is not None and tied:
             head = replace(head, tied=tuple(node_by_output[name] for name in tied))
-        for plan in meta.plans.values():
-            for array in (plan.equalization.scale, plan.equalization.column_scale):
-                if array is not None:
-                    array.flags.writeable = False
-        return replace(meta, quantized=quantized, head=head)
+        return replace(result, head=head)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -183,6 +184,23 @@ class WorkFolder:
         directory. The codes mapped from it stay readable (an unlinked file's mapping lives on). Not for
         a named folder, nor a failed run's, which the error message names for --resume."""
         weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+
+class _ArrayWriter:
+    """Appends arrays to an open file at 64-byte aligned offsets; returns where each went."""
+
+    def __init__(self, data):
+        self.data, self.offset = data, 0
+
+    def __call__(self, array: np.ndarray) -> list:
+        array = np.ascontiguousarray(array)
+        pad = -self.offset % ALIGN
+        self.data.write(b"\0" * pad)
+        self.offset += pad
+        where = [self.offset, array.dtype.str, list(array.shape)]
+        self.data.write(array.data)
+        self.offset += array.nbytes
+        return where
 
 
 def run_fingerprint(state, source: str, blocks) -> str:
