@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import onnx
@@ -19,6 +19,21 @@ from fptq_graph.errors import CalibrationError
 
 INT_TYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+
+
+class CalibrationSource(Protocol):
+    """What a run asks of its calibration data (the driver, calibrate, the measurements): both kinds below
+    are one. `digest` feeds what identifies the data to a hash (the work folder's fingerprint: a resumed
+    run must calibrate on the same data)."""
+
+    source: str
+
+    def __len__(self) -> int: ...
+    @property
+    def num_samples(self) -> int: ...
+    def feed_batches(self, model_inputs: Sequence[onnx.ValueInfoProto]) -> Iterator[dict]: ...
+    def sample_feeds(self, model_inputs: Sequence[onnx.ValueInfoProto], count: int) -> Iterator[dict]: ...
+    def digest(self, update: Callable[[bytes], None]) -> None: ...
 
 
 @dataclass
@@ -53,6 +68,10 @@ class CalibrationSet:
         """Feeds of the first `count` samples, one sample each."""
         for row in self.tokens[:count]:
             yield feeds_for(model_inputs, row[None])
+
+    def digest(self, update: Callable[[bytes], None]) -> None:
+        update(np.ascontiguousarray(self.tokens).tobytes())
+        update(str(self.batch_size).encode())
 
 
 @dataclass
@@ -89,6 +108,12 @@ class FeedsCalibration:
                     return
                 count -= 1
                 yield {k: v[row:row + 1] for k, v in feeds.items()}
+
+    def digest(self, update: Callable[[bytes], None]) -> None:
+        for feeds in self.feeds:
+            for name in sorted(feeds):
+                update(name.encode())
+                update(np.ascontiguousarray(feeds[name]).tobytes())
 
 
 def from_text(path: str | os.PathLike, tokenizer, seq_len: int, samples: int, batch_size: int) -> CalibrationSet:

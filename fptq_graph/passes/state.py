@@ -58,7 +58,7 @@ class Linear:
 class State:
     graph: gs.Graph
     config: Config
-    calibration: Any = None                   # calibration.CalibrationSet
+    calibration: Any = None                   # calibration.CalibrationSource (CalibrationSet, FeedsCalibration)
     source_model: Any = None                  # the float ir.split_model.SplitModel (read only), for output SQNR
     linears: dict[str, Linear] = field(default_factory=dict)
     kept_float: dict[str, dict] = field(default_factory=dict)          # linears left float on purpose -> row

@@ -216,13 +216,5 @@ def run_fingerprint(state, source: str, blocks) -> str:
             files.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
     digest.update(json.dumps({"version": __version__, "config": config, "files": files, "source": source,
                               "blocks": [[b.kind, b.linears] for b in blocks]}, sort_keys=True, default=str).encode())
-    calib = state.calibration
-    if hasattr(calib, "tokens"):
-        digest.update(np.ascontiguousarray(calib.tokens).tobytes())
-        digest.update(str(calib.batch_size).encode())
-    else:
-        for feeds in getattr(calib, "feeds", []):
-            for name in sorted(feeds):
-                digest.update(name.encode())
-                digest.update(np.ascontiguousarray(feeds[name]).tobytes())
+    state.calibration.digest(digest.update)   # calibration.CalibrationSource
     return digest.hexdigest()
