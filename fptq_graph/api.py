@@ -5,7 +5,7 @@ import functools
 import json
 import os
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,8 @@ def quantize(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: An
     went and why; result.discard_work() removes the folder once the output is written (save() does).
     quantize_to (quantize_to.py) is the same with files and folders in and out, as the CLI runs it.
     """
-    config = block_run_options(config or Config(), resume=resume, workers=workers, ray_address=ray_address)
+    check_run_options(workers, ray_address)
+    config = config or Config()
     state, source = _prepare(model_or_path, calibration, config, tokenizer)
     pipeline = default_pipeline(state.config.format)
     records = pipeline.until("linears").run(state, log=log)
@@ -209,17 +210,14 @@ def calibrate(model_or_path: onnx.ModelProto | str | os.PathLike, calibration: A
     return {activation: stats.max for activation, stats in state.stats.items()}
 
 
-def block_run_options(config: Config, *, resume: bool = False, workers: int | None = None, ray_address: str | None = None,
-                      names: dict[str, str] | None = None) -> Config:
-    """The run's options checked before any work, the same for the API and the CLI (`names`: how the
-    caller calls them, e.g. "--workers"). Resume, workers and a Ray address work for every run, whole
-    graph (one block) or block by block: they do not choose the scope size."""
-    names = {"workers": "workers", "ray_address": "ray_address", **(names or {})}
+def check_run_options(workers: int | None = None, ray_address: str | None = None) -> None:
+    """Who runs the blocks, checked before any work, the same for the API and the CLI. Resume, workers
+    and a Ray address work for every run, whole graph (one block) or block by block: they do not choose
+    how the model is cut."""
     if workers is not None and workers < 1:
-        raise FptqError(f"{names['workers']} must be >= 1, got {workers}")
+        raise FptqError(f"workers must be >= 1, got {workers}")
     if workers and ray_address:
-        raise FptqError(f"{names['workers']} starts a local Ray cluster and {names['ray_address']} joins one: give one of them")
-    return config
+        raise FptqError("workers starts a local Ray cluster and ray_address joins one: give one of them")
 
 
 def _prepare(model_or_path, calibration, config: Config | None, tokenizer) -> tuple[State, str]:

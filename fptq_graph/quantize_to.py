@@ -56,10 +56,10 @@ def quantize_to(source: str | os.PathLike, output: str | os.PathLike, calibratio
     folder), with the JSON report at `report` if given. calibration: as api.quantize takes it (a text
     path, an .npz of feeds, a count of random sequences, ...). work_dir: the run's folder of finished
     blocks (default: .<output name>.fptq-work beside the output); resume goes on from it."""
-    from fptq_graph.api import block_run_options
+    from fptq_graph.api import check_run_options
 
     config = config or Config()   # checked when made (Config.__post_init__)
-    config = block_run_options(config, resume=resume, workers=workers, ray_address=ray_address)
+    check_run_options(workers, ray_address)   # before a folder is copied or exported
     # `output` goes to RunOutputs as given (it refuses an empty one by that name); Path("") would be "."
     path = Path(output)
     runs = {"work_dir": Path(work_dir) if work_dir is not None else path.resolve().parent / f".{path.name}.fptq-work",

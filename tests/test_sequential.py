@@ -199,9 +199,13 @@ def test_the_run_says_which_way_it_went_and_why(models):
 def test_statistics_are_never_traded_for_memory_by_default(models, monkeypatch):
     """Where the whole-graph run would trade AWQ and GPTQ for the clipping search (X^T X over its budget),
     the default goes block by block and keeps them."""
+    from fptq_graph.passes.analysis import plan_statistics
     from fptq_graph.sequential import mode
 
-    monkeypatch.setattr(mode, "MIB", 2**10)   # the 1 GiB floor of the statistics budget becomes 1 MiB
+    # the 1 GiB floor of the statistics budget becomes 1 MiB, in the mode decision and in plan_statistics
+    # (which must know the run goes block by block before it decides: it runs before the blocks are cut)
+    monkeypatch.setattr(mode, "MIB", 2**10)
+    monkeypatch.setattr(plan_statistics, "MIB", 2**10)
     r = quantize(models["minilm"], str(F.CALIB_TEXT), Config(**SMALL))
     assert r.run["mode"] == "block by block" and "keeps AWQ and GPTQ" in r.run["why"]
     assert not r.plan.statistics_note and r.plan.recipe.weights == "gptq-clip" and r.plan.recipe.awq
@@ -326,15 +330,14 @@ def test_api_checks_block_options_as_the_cli_does(kwargs, match):
         quantize("/nonexistent.onnx", 2, Config(progress=False), **kwargs)
 
 
-def test_resume_and_workers_do_not_choose_the_scope():
-    """Issue 33: resume and workers work for every run (the whole graph is one block); only --sequential
-    and the memory budget choose block by block."""
-    from fptq_graph import Config
-    from fptq_graph.api import block_run_options
-
-    assert block_run_options(Config(), resume=True).sequential is None
-    assert block_run_options(Config(), workers=2).sequential is None
-    assert block_run_options(Config(sequential=False), resume=True).sequential is False
+def test_resume_does_not_choose_the_scope(models, tmp_path):
+    """Issue 33: resume works for every run (the whole graph is one block), so asking for it no longer
+    makes an undecided run block by block (it did: resume only meant something there)."""
+    c = {k: v for k, v in case("minilm").items() if k != "model"}
+    r = quantize(models["minilm"], str(F.CALIB_TEXT), Config(**c, **SMALL), resume=True, work_dir=tmp_path / "work")
+    assert r.run["mode"] == "whole graph" and len(r.run["blocks"]) == 1 and r.run["resumed_blocks"] == 0
+    r.discard_work()
+    assert not (tmp_path / "work").exists()
 
 
 def test_a_whole_graph_run_resumes_from_its_one_block(models, tmp_path):

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from fptq_graph.ir.bodies import needed_nodes, node_reads, proto_bodies, proto_nodes
+from fptq_graph.ir.bodies import needed_nodes, node_reads, proto_bodies
 from fptq_graph.ir.residency import release_pages
 from fptq_graph.ir.save import finish_split
 from fptq_graph.ir.split_model import SplitModel
@@ -77,7 +77,9 @@ class BlockPair:
         available = model_inputs | set(block.inputs)
         # the model's outputs whose nodes reach back only to what the block is fed (block by block, an
         # output that needs another block's tensors is that block's business)
-        own = [o for o in block.model_outputs if set(_free_reads(chain.source, [o], block.inputs)) <= available]
+        graph = chain.source.proto.graph
+        own = [o for o in block.model_outputs
+               if set(_free_reads(graph, needed_nodes(graph.node, [o], stop=block.inputs))) <= available]
         self.exits = _unique(list(block.hand_over) + own)
         wanted = _unique([linear.output for linear in self.linears] + self.exits)
         self.models = {kind: _model(model, block, wanted, chain.streams[kind][0] if chain.samples else {})
@@ -115,14 +117,12 @@ def _model(model: SplitModel, block: Block, wanted: list[str], cut: dict) -> Spl
     nodes = needed_nodes(graph.node, wanted, stop=block.inputs)
     made = {out for i in nodes for out in graph.node[i].output}
     outputs = wanted + [o.name for o in graph.output if o.name in made and o.name not in wanted]
-    sub = replace(block, nodes=nodes, inputs=_free_reads(model, wanted, block.inputs), outputs=outputs)
+    sub = replace(block, nodes=nodes, inputs=_free_reads(graph, nodes), outputs=outputs)
     return block_model(model, sub, {name: value.dtype for name, value in cut.items()})
 
 
-def _free_reads(model: SplitModel, wanted: list[str], stop) -> list[str]:
-    """What the nodes `wanted` need (back to `stop`) read that none of them makes, constants aside."""
-    graph = model.proto.graph
-    nodes = needed_nodes(graph.node, wanted, stop=stop)
+def _free_reads(graph, nodes: list[int]) -> list[str]:
+    """What `nodes` read that none of them (nor their bodies) makes, constants aside: the inputs they need."""
     made = {out for i in nodes for out in graph.node[i].output}
     made |= {name for i in nodes for name in _body_names(graph.node[i])}
     constants = {init.name for init in graph.initializer}
@@ -134,7 +134,7 @@ def _body_names(node) -> set[str]:
     names = set()
     for body in proto_bodies(node):
         names |= {init.name for init in body.initializer} | {v.name for v in body.input}
-        for inner in proto_nodes(body.node):
+        for inner in body.node:
             names.update(inner.output)
             names |= _body_names(inner)
     return names

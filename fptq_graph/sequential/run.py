@@ -1,6 +1,6 @@
-"""Quantize a model block by block: calibrate one block over every calibration batch, plan and
-quantize its linears, write what it decided to the work folder, free it, go on; then lower the whole
-graph once from the finished blocks.
+"""The one driver of every quantize run (run_scopes): the whole graph as one block, or the model block
+by block: calibrate one block over every calibration batch, plan and quantize its linears, write what it
+decided to the work folder, free it, go on; then lower the whole graph once from the finished blocks.
 
 The passes are the default pipeline's (passes/pipeline.py), in its order: the structural prefix
 (find linears, plan statistics, canonicalize weights, insert observers) runs once over the whole
@@ -104,10 +104,13 @@ def run_scopes(state, pipeline: Pipeline, mode, source: str, log=None, work_dir:
 
     Returns the pass records, the report's "run" section and the work folder, which the caller removes
     once the output is written (a temporary one also goes when the folder object is dropped)."""
+    # plan_statistics (a structural pass) decides what X^T X may cost from the way the run goes: say it first
+    state.sequential = mode.sequential
     records = pipeline.until("observed_model").run(state, log=log)
     rest = pipeline.after("observed_model")
     per_scope, after = rest.before_kind("lower"), rest.from_kind("lower")
     report = mode.to_dict()
+    blocks = []
     if mode.sequential:
         try:
             blocks = plan_blocks(state)
@@ -117,19 +120,15 @@ def run_scopes(state, pipeline: Pipeline, mode, source: str, log=None, work_dir:
                                 f"({mode.estimate_bytes / MIB:.0f} MiB, over {mode.budget_bytes / MIB:.0f} MiB)") from None
             if log:
                 log(f"[blocks] {exc}: quantizing the whole graph instead")
-            blocks, report = [], {**report, "mode": "whole graph", "why": f"no block structure ({exc}); the whole graph fits"}
-    else:
-        blocks = []
-    if blocks:
-        state.sequential = True
-        if log:
-            kinds = [b.kind for b in blocks]
-            log(f"[blocks] {len(blocks)} blocks ({kinds.count('embedding')} embedding, {kinds.count('layer')} layer, "
-                f"{kinds.count('head')} head), cut on the residual stream; {mode.why}")
-    else:
-        blocks = [graph_block(state)]
-        if log and report["mode"] == "whole graph" and "no block structure" not in report["why"]:
-            log(f"[mode] whole graph: {mode.why}")
+            report = {**report, "mode": "whole graph", "why": f"no block structure ({exc}); the whole graph fits"}
+        else:
+            if log:
+                kinds = [b.kind for b in blocks]
+                log(f"[blocks] {len(blocks)} blocks ({kinds.count('embedding')} embedding, {kinds.count('layer')} layer, "
+                    f"{kinds.count('head')} head), cut on the residual stream; {mode.why}")
+    elif log:
+        log(f"[mode] whole graph: {mode.why}")
+    blocks = blocks or [graph_block(state)]
     state.blocks = blocks
     folder = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="fptq-blocks-"))
     work = WorkFolder(folder, run_fingerprint(state, source, blocks), len(blocks))
@@ -207,7 +206,7 @@ def quantize_blocks(state, per_scope: Pipeline, blocks: list[Block], work: WorkF
                 result = work.load(block.index, node_by_output)
                 run.resumed += 1
                 if block.index < last_needed:
-                    _forward(runner, observed, scope, calib, graph_inputs, result, cfg, view_linears)
+                    _forward(observed, scope, calib, graph_inputs, result, cfg, view_linears)
             else:
                 result = _plan_and_quantize(state, scope, view_linears, per_scope, runner, None if not one else log)
                 stats_pending.update(scope.observed)
@@ -217,7 +216,7 @@ def quantize_blocks(state, per_scope: Pipeline, blocks: list[Block], work: WorkF
                 result = replace(work.load(block.index, node_by_output), records=result.records,
                                  gram_bytes=result.gram_bytes)
                 if cfg.block_inputs == "quantized" and block.index < last_needed:
-                    _forward(runner, observed, scope, calib, graph_inputs, result, cfg, view_linears)
+                    _forward(observed, scope, calib, graph_inputs, result, cfg, view_linears)
             for linear in view_linears.values():
                 readers_left[linear.activation.name] -= 1
                 if readers_left[linear.activation.name] == 0:
@@ -261,12 +260,12 @@ def quantize_blocks(state, per_scope: Pipeline, blocks: list[Block], work: WorkF
     state.quantized, state.weight_notes, state.weight_sqnr = quantized, notes, sqnr
     state.facts |= per_scope.ensures
     if one:
-        return records_of_one(per_scope, records)
+        return _records_of_one(per_scope, records)
     passes = {p.name: p for p in per_scope}
     return [_sum_records(passes[name], recs, len(blocks), f"{cfg.block_inputs} inputs") for name, recs in records.items()]
 
 
-def records_of_one(per_scope: Pipeline, records: dict[str, list[PassRecord]]) -> list[PassRecord]:
+def _records_of_one(per_scope: Pipeline, records: dict[str, list[PassRecord]]) -> list[PassRecord]:
     """The records of a one-block run, in pass order (a resumed block's are those it stored)."""
     return [recs[0] for name in per_scope.names for recs in [records.get(name)] if recs]
 
@@ -329,7 +328,7 @@ def _spend(linears) -> None:
             weight.values = spent(values)
 
 
-def _forward(runner, observed, scope: Scope, calib, graph_inputs, result: BlockResult, cfg, linears: dict) -> None:
+def _forward(observed, scope: Scope, calib, graph_inputs, result: BlockResult, cfg, linears: dict) -> None:
     """Runs a block only for what it hands over (resumed blocks; and, with quantized block inputs, a
     quantized block again with its weights dequantized)."""
     block = scope.block
@@ -339,7 +338,7 @@ def _forward(runner, observed, scope: Scope, calib, graph_inputs, result: BlockR
         overrides = _dequantized_weights(observed, linears, result)
     pruned = replace(block, outputs=hand_over, nodes=needed_nodes(observed.proto.graph.node, hand_over, among=block.nodes))
     model = block_model(observed, pruned, scope.input_dtypes(), overrides)
-    for index, values in runner.run_block(f"{scope.key}/forward/{block.index}", model, hand_over,
+    for index, values in scope.runner.run_block(f"{scope.key}/forward/{block.index}", model, hand_over,
                                           replace(scope, block=pruned).batches(calib, graph_inputs), scope.label):
         for name, value in zip(hand_over, values):
             scope.store.put(index, name, value)
