@@ -225,6 +225,28 @@ def test_a_later_analysis_refines_classify_only_through_a_recorded_step():
     assert draft.notes["lm_head"] == ["plan_lm_head refined classify's lae to dynamic"]
 
 
+def test_a_linear_plan_holds_quantization_and_equalization_as_separate_axes():
+    """Issue 33's plan discipline: how an input is quantized and what it is equalized by are two fields;
+    the scheme is only the name of an allowed pair, and a pair no scheme names (per token with an LAE
+    fold, a static input without its scale) is refused when the spec is made."""
+    from fptq_graph.plan.plan import SCHEMES, ActivationSpec, PlanDraft
+
+    lae = ActivationSpec.of("lae", 0.5, "v=40")
+    assert (lae.quantization, lae.equalization, lae.scheme, lae.equalized) == ("static", "lae", "lae", True)
+    dynamic = ActivationSpec.of("dynamic", None, "v=400")
+    assert (dynamic.quantization, dynamic.equalization, dynamic.equalized) == ("per_token", "none", False)
+    assert {ActivationSpec(*axes, 1.0 if axes[0] == "static" else None, "").scheme for axes in SCHEMES.values()} == set(SCHEMES)
+    with pytest.raises(ValueError, match="no activation scheme quantizes per_token with lae"):
+        ActivationSpec("per_token", "lae", None, "")
+    with pytest.raises(ValueError, match="a static activation needs static scale"):
+        ActivationSpec("static", "none", None, "")
+    with pytest.raises(ValueError, match="unknown scheme 'lae-dynamic'"):
+        ActivationSpec.of("lae-dynamic", None, "")
+    draft = PlanDraft()
+    draft.set_activation("q", "smooth", "why")
+    assert (draft.quantization("q"), draft.equalization("q")) == ("static", "smooth")
+
+
 def test_a_plan_piece_round_trips_as_json_and_names_only_plan_types(tmp_path):
     """Issue 33: a finished block's plan piece is JSON plus arrays (no pickle: loading one runs no code);
     numbers keep their numpy type, arrays come back as read-only views, and a piece naming anything but
@@ -245,7 +267,7 @@ def test_a_plan_piece_round_trips_as_json_and_names_only_plan_types(tmp_path):
         return view
 
     scale = np.array([0.5, 2.0, 3.25], np.float32)
-    plan = LinearPlan("q", ActivationSpec("lae", np.float32(0.0123), "why"), EqualizationSpec(scale, None),
+    plan = LinearPlan("q", ActivationSpec.of("lae", np.float32(0.0123), "why"), EqualizationSpec(scale, None),
                       WeightSpec(4, 128, True, "gptq-clip"), "reason", float("nan"), 1e-45)
     piece = {"plans": {"q": plan}, "head": HeadPlan("int8", "lm_head"), "folds": (("up", ("down",)),),
              "records": [PassRecord("classify", "analysis", PassResult("s", False, {"lowest_db": np.float64(-np.inf)}), 0.5)]}

@@ -19,10 +19,17 @@ import numpy as np
 
 from fptq_graph.errors import FptqError
 
-# Activation schemes: int8 per-tensor static, equalized then static (FPTQ's LAE, or SmoothQuant),
-# int8 per-token dynamic, or float (weights-only recipes).
-SCHEMES = ("static", "lae", "smooth", "dynamic", "float")
-EQUALIZED = ("lae", "smooth")
+# A linear's input is decided along two axes: how it is quantized (int8 with one static scale per tensor,
+# int8 with a scale per token computed at run time, or kept float: weights-only recipes) and what
+# equalization scale s it is divided by first (none, FPTQ's LAE, SmoothQuant). Only a static input takes
+# one: s flattens the outlier channels that would spoil one scale for the whole tensor, and a per-token or
+# float input has no such scale to spoil. A scheme is the name of one allowed pair, the word the
+# classifier, the recipes and the report use.
+QUANTIZATIONS = ("static", "per_token", "float")
+EQUALIZATIONS = ("none", "lae", "smooth")
+SCHEMES = {"static": ("static", "none"), "lae": ("static", "lae"), "smooth": ("static", "smooth"),
+           "dynamic": ("per_token", "none"), "float": ("float", "none")}
+_SCHEME_OF = {axes: name for name, axes in SCHEMES.items()}
 
 
 class PlanFrozenError(FptqError):
@@ -39,12 +46,34 @@ def _read_only(array: np.ndarray | None) -> np.ndarray | None:
 
 @dataclass(frozen=True)
 class ActivationSpec:
-    """How a linear's input is quantized: its scheme, the static int8 scale (None for per-token
-    dynamic and float), and why."""
+    """How a linear's input is quantized (QUANTIZATIONS) and equalized first (EQUALIZATIONS), the static
+    int8 scale (None unless static), and why. A pair no scheme names is refused."""
 
-    scheme: str
+    quantization: str
+    equalization: str
     scale: float | None
     reason: str
+
+    def __post_init__(self):
+        if (self.quantization, self.equalization) not in _SCHEME_OF:
+            raise ValueError(f"no activation scheme quantizes {self.quantization} with {self.equalization} equalization "
+                             f"(schemes: {', '.join(f'{n} = {q} + {e}' for n, (q, e) in SCHEMES.items())})")
+        if (self.scale is None) == (self.quantization == "static"):
+            raise ValueError(f"a {self.quantization} activation {'needs' if self.scale is None else 'takes no'} static scale")
+
+    @classmethod
+    def of(cls, scheme: str, scale: float | None, reason: str) -> "ActivationSpec":
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}")
+        return cls(*SCHEMES[scheme], scale, reason)
+
+    @property
+    def scheme(self) -> str:
+        return _SCHEME_OF[(self.quantization, self.equalization)]
+
+    @property
+    def equalized(self) -> bool:
+        return self.equalization != "none"
 
 
 @dataclass(frozen=True)
@@ -131,6 +160,14 @@ class PlanDraft:
     def scheme(self, name: str) -> str:
         return self.activation[name][0]
 
+    def quantization(self, name: str) -> str:
+        """The first axis of the scheme decided for `name` (QUANTIZATIONS)."""
+        return SCHEMES[self.scheme(name)][0]
+
+    def equalization(self, name: str) -> str:
+        """The second axis of the scheme decided for `name` (EQUALIZATIONS)."""
+        return SCHEMES[self.scheme(name)][1]
+
     def note(self, name: str, text: str) -> None:
         self.notes.setdefault(name, []).append(text)
 
@@ -165,9 +202,9 @@ def linear_plan(name: str, draft: PlanDraft, act_max: np.ndarray, weight: Weight
     s = draft.row_scale.get(name)
     v = float(act_max.max())
     v_after = v if s is None else float((act_max / s).max())
-    scale = None if scheme in ("dynamic", "float") else static_scale(v_after)
+    scale = static_scale(v_after) if draft.quantization(name) == "static" else None
     notes = draft.notes.get(name, [])
-    return LinearPlan(name=name, activation=ActivationSpec(scheme, scale, reason),
+    return LinearPlan(name=name, activation=ActivationSpec.of(scheme, scale, reason),
                       equalization=EqualizationSpec(_read_only(s), _read_only(draft.column_scale.get(name))),
                       weight=weight, reason="".join([reason] + [f"; {n}" for n in notes]), v=v, v_after=v_after)
 

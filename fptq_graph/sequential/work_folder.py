@@ -36,7 +36,7 @@ from fptq_graph.quant.int4 import QuantizedWeight
 from fptq_graph.sequential.plan_piece import decode, encode
 
 MANIFEST = "manifest.json"
-FORMAT = 3          # 3: the piece as JSON (2: a pickle; 1: a .npy an array)
+FORMAT = 4          # 4: ActivationSpec by its two axes (3: the piece as JSON with a scheme; 2: a pickle; 1: a .npy an array)
 RESULT = "result.json"
 ALIGN = 64
 

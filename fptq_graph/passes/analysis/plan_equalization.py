@@ -22,7 +22,6 @@ import onnx_graphsurgeon as gs
 from fptq_graph.passes.analysis.find_linears import foldable
 from fptq_graph.passes.base import Pass, PassResult
 from fptq_graph.patterns.graph_match import producer
-from fptq_graph.plan.plan import EQUALIZED
 from fptq_graph.quant.awq import AWQChoice, search_awq
 from fptq_graph.quant.equalization import divide_columns, lae_scale, smoothquant_scale
 
@@ -82,12 +81,12 @@ class PlanEqualization(Pass):
             linears = [state.linears[name] for name in norm.linears]
             last = max((i for i, g in enumerate(products) if any(g.source is l for l in linears)), default=-1)
             search_products(last)
-            schemes = {draft.scheme(l.name) for l in linears} & set(EQUALIZED)
+            equalizations = {draft.equalization(l.name) for l in linears} - {"none"}
             act_max = np.max([state.act_max(l) for l in linears], axis=0)
             s = None
-            if schemes == {"lae"}:
+            if equalizations == {"lae"}:
                 s = lae_scale(act_max)
-            elif schemes:
+            elif equalizations:
                 weight_max = np.max([np.abs(weight(l)).max(axis=1) for l in linears], axis=0)
                 s = smoothquant_scale(act_max, weight_max, cfg.smooth_alpha)
             if awq and all(l.name != head for l in linears) and not foldable(norm, outputs, cfg.compensate_residual):
@@ -118,7 +117,7 @@ class PlanEqualization(Pass):
         hessian, tokens = stats.gram, stats.tokens
         if hessian is None or tokens is None:
             return None
-        static = state.draft.scheme(linears[0].name) in ("static", "lae", "smooth")
+        static = state.draft.quantization(linears[0].name) == "static"
         choice = search_awq([weight(l) for l in linears], hessian, tokens, base, cfg.group_size,
                             cfg.symmetric, act_max if static else None)
         gain = 100 * (1 - choice.error / choice.base_error) if choice.base_error > 0 else 0.0

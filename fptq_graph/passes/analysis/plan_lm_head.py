@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from fptq_graph.passes.base import Pass, PassResult
 from fptq_graph.patterns.lm_head import LOGITS, find_lm_head, tied_gathers
-from fptq_graph.plan.plan import EQUALIZED, HeadPlan
+from fptq_graph.plan.plan import HeadPlan
 
 
 class PlanLMHead(Pass):
@@ -65,7 +65,7 @@ class PlanLMHead(Pass):
         if gathers:
             names = ", ".join(g.name or g.op for g in gathers)
             note += f"; table shared with embedding {names}"
-            if draft.scheme(head.name) in EQUALIZED:
+            if draft.equalization(head.name) != "none":
                 fallback = "static" if state.recipe.equalizer == "smoothquant" else "dynamic"
                 v = float(state.act_max(head).max())
                 draft.refine_activation(head.name, fallback, f"v={v:.3g}: tied embedding table (an equalization fold "

@@ -73,7 +73,7 @@ class EmitORT(EmitQDQ):
         # Config.validate has refused int8 weights (but an int8 LM head's) and groups MatMulNBits cannot take.
         graph, qw = state.graph, state.quantized[linear.name]
         if qw.bits == 8:
-            codes, scale, _, nbytes = nbits8_head(graph, linear, qw, state.plan[linear.name].scheme)
+            codes, scale, _, nbytes = nbits8_head(graph, linear, qw, state.plan[linear.name].activation.quantization)
             self._head_tables = (codes, scale)
             return nbytes
         node = linear.node
@@ -103,7 +103,7 @@ def nbits_block(k: int) -> int:
     return next((b for b in NBITS_BLOCKS if k % b == 0), 32)
 
 
-def nbits8_head(graph: gs.Graph, linear, qw, scheme: str) -> tuple[gs.Constant, gs.Constant, int, int]:
+def nbits8_head(graph: gs.Graph, linear, qw, quantization: str) -> tuple[gs.Constant, gs.Constant, int, int]:
     """The ort form's int8 head: com.microsoft.MatMulNBits(bits=8), accuracy_level 4 when its activations
     are int8 (see the module docstring), 0 for float ones. Returns the codes [N, K/b, b] and scales
     [N, K/b] constants, the block and the codes' bytes."""
@@ -116,7 +116,7 @@ def nbits8_head(graph: gs.Graph, linear, qw, scheme: str) -> tuple[gs.Constant, 
     codes_c = gs.Constant(f"{linear.name}.weight_nbits8", codes.reshape(n, blocks, b))
     per_channel = qw.scale.reshape(n).astype(activation_dtype(linear))
     scale_c = gs.Constant(f"{linear.name}.weight_scale", np.ascontiguousarray(np.repeat(per_channel[:, None], blocks, axis=1)))
-    level = 0 if scheme == "float" else 4
+    level = 0 if quantization == "float" else 4
     bias = gemm_bias(node)
     replace_linear(graph, linear, gs.Node(op="MatMulNBits", domain="com.microsoft", inputs=[node.inputs[0], codes_c, scale_c],
                                           attrs={"K": k, "N": n, "bits": 8, "block_size": b, "accuracy_level": level}),

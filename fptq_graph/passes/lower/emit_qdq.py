@@ -48,15 +48,15 @@ class EmitQDQ(Pass):
         self._integer_head = None
         for linear in state.linears.values():
             spec = plan[linear.name].activation
-            if linear.name == head and spec.scheme != "float" and self.integer_int8_head:
+            if linear.name == head and spec.quantization != "float" and self.integer_int8_head:
                 self._integer_head = integer_head(graph, linear, state.quantized[linear.name], spec.scale)
                 weight_bytes += self._integer_head[0].values.nbytes
                 continue
-            if spec.scheme != "float" and self.quantizes_input(linear):
+            if spec.quantization != "float" and self.quantizes_input(linear):
                 # Siblings read the same tensor with the same scheme (and, under LAE, the same s): one QDQ.
                 key = (linear.activation.name, spec.scheme)
                 if key not in shared:
-                    shared[key] = (per_token_qdq(graph, linear) if spec.scheme == "dynamic"
+                    shared[key] = (per_token_qdq(graph, linear) if spec.quantization == "per_token"
                                    else per_tensor_qdq(graph, linear, spec.scale))
                 linear.node.inputs[0] = shared[key]
             weight_bytes += self.emit_weight(state, linear)

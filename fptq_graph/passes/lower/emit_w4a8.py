@@ -48,7 +48,7 @@ class EmitW4A8(Pass):
         for linear in state.linears.values():
             spec, qw = plan[linear.name].activation, state.quantized[linear.name]
             if linear is head:   # int8 weights: W8A8MatMul (or qdq weights when weights-only)
-                if spec.scheme == "float":
+                if spec.quantization == "float":
                     dq_out, int8_bytes = dequantized_weight(graph, linear, qw)
                     linear.node.inputs[1] = dq_out
                     dq = dq_out.inputs[0]
@@ -61,7 +61,7 @@ class EmitW4A8(Pass):
                     if tied:
                         tie_to_rows(graph, linear, tied, rows, scale)
                 continue
-            if spec.scheme == "float":
+            if spec.quantization == "float":
                 linear.node.inputs[1], nbytes = dequantized_weight(graph, linear, qw)
                 weights_only += 1
             else:
@@ -74,7 +74,7 @@ class EmitW4A8(Pass):
         summary = f"{fused} linears to {DOMAIN}::{OP_TYPE}; INT4 weights {int4_bytes / 2**20:.2f} MiB packed"
         if head is not None:
             summary += (f"; int8 LM head '{head.name}' through {DOMAIN}::{OP_TYPE_INT8} "
-                        f"({int8_bytes / 2**20:.2f} MiB)") if plan[head.name].scheme != "float" else \
+                        f"({int8_bytes / 2**20:.2f} MiB)") if plan[head.name].activation.quantization != "float" else \
                 f"; int8 LM head '{head.name}' as qdq weights ({int8_bytes / 2**20:.2f} MiB)"
             summary += f", its table shared by {len(tied)} embedding lookup(s)" if tied else ""
         summary += f"; {weights_only} weights-only layers kept as qdq weights" if weights_only else ""
