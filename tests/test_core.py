@@ -232,13 +232,13 @@ def test_a_linear_plan_holds_quantization_and_equalization_as_separate_axes():
     from fptq_graph.plan.plan import SCHEMES, ActivationSpec, PlanDraft
 
     lae = ActivationSpec.of("lae", 0.5, "v=40")
-    assert (lae.quantization, lae.equalization, lae.scheme, lae.equalized) == ("static", "lae", "lae", True)
+    assert (lae.quantization, lae.equalization, lae.scheme) == ("static", "lae", "lae")
     dynamic = ActivationSpec.of("dynamic", None, "v=400")
-    assert (dynamic.quantization, dynamic.equalization, dynamic.equalized) == ("per_token", "none", False)
+    assert (dynamic.quantization, dynamic.equalization, dynamic.scheme) == ("per_token", "none", "dynamic")
     assert {ActivationSpec(*axes, 1.0 if axes[0] == "static" else None, "").scheme for axes in SCHEMES.values()} == set(SCHEMES)
     with pytest.raises(ValueError, match="no activation scheme quantizes per_token with lae"):
         ActivationSpec("per_token", "lae", None, "")
-    with pytest.raises(ValueError, match="a static activation needs static scale"):
+    with pytest.raises(ValueError, match="a static activation needs a static scale"):
         ActivationSpec("static", "none", None, "")
     with pytest.raises(ValueError, match="unknown scheme 'lae-dynamic'"):
         ActivationSpec.of("lae-dynamic", None, "")

@@ -59,7 +59,7 @@ class ActivationSpec:
             raise ValueError(f"no activation scheme quantizes {self.quantization} with {self.equalization} equalization "
                              f"(schemes: {', '.join(f'{n} = {q} + {e}' for n, (q, e) in SCHEMES.items())})")
         if (self.scale is None) == (self.quantization == "static"):
-            raise ValueError(f"a {self.quantization} activation {'needs' if self.scale is None else 'takes no'} static scale")
+            raise ValueError(f"a {self.quantization} activation {'needs a' if self.scale is None else 'takes no'} static scale")
 
     @classmethod
     def of(cls, scheme: str, scale: float | None, reason: str) -> "ActivationSpec":
@@ -70,10 +70,6 @@ class ActivationSpec:
     @property
     def scheme(self) -> str:
         return _SCHEME_OF[(self.quantization, self.equalization)]
-
-    @property
-    def equalized(self) -> bool:
-        return self.equalization != "none"
 
 
 @dataclass(frozen=True)
