@@ -65,7 +65,7 @@ RECIPES = {
     "fptq, int4 embedding tables": {"recipe": "fptq", "embedding": "int4"},
     "fptq, ort form, accuracy_level 4": {"recipe": "fptq", "format": "ort", "ort_accuracy_level": 4},
     "awq-w4a16 (AWQ + clip)": {"recipe": "awq-w4a16"},
-    # block by block with float inputs is the default row to the byte (tests/test_sequential.py); this one
+    # block by block with float inputs is the default row to the byte (tests/sequential/test_sequential.py); this one
     # feeds each block what the quantized blocks before it give (GPTQ's and llm-compressor's sequential)
     "fptq, block by block, quantized inputs": {"recipe": "fptq", "sequential": True, "block_inputs": "quantized"},
     "fptq-paper, gptq act-order": {"recipe": "fptq-paper", "weight_quantizer": "gptq", "act_order": True, "groups": (128,)},

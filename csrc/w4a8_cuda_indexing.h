@@ -4,7 +4,7 @@
 // element of the MMA operands, where each accumulator element goes, and how each K-group's scale is
 // applied. The kernels call exactly these functions; tests/cuda_emulation/emulate.cc runs them lane by
 // lane on the CPU, with the warp-wide instructions (mma.sync, shuffles) emulated from the PTX ISA's
-// documented layouts, and compares with the float64 reference (tests/test_cuda_emulation.py).
+// documented layouts, and compares with the float64 reference (tests/runtime/test_cuda_emulation.py).
 //
 // Under nvcc's device pass the intrinsics (__vsub4, __byte_perm, __dp4a, __fdiv_rn, __ldg, 16-byte
 // vector loads) are used; elsewhere the same names go to fptq::cuda::emu, declared here and defined

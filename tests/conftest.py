@@ -18,6 +18,11 @@ def sample_text(name: str) -> Path:
 CALIB_TEXT = sample_text("python-docstrings.calib.txt")
 HELDOUT_TEXT = sample_text("python-docstrings.heldout.txt")
 sys.path.insert(0, str(Path(__file__).parent))
+# The tests live in one folder per package (tests/quant/, tests/runtime/, ...). A few modules share builders
+# by basename across folders (tests/runtime/test_messages.py imports tests/quant/test_degenerate_statistics.py,
+# tests/runtime/test_kernel_audit.py tests/passes/test_lm_head.py): every folder is on the path, so any one
+# file or folder runs alone. Basenames are unique across folders (pytest imports them without packages).
+sys.path[1:1] = [str(d) for d in sorted(Path(__file__).parent.iterdir()) if d.is_dir() and any(d.glob("test_*.py"))]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

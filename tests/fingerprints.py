@@ -1,6 +1,6 @@
 """Fingerprints of what the compiler writes: one SHA-256 over a quantized graph's nodes and initializers.
 
-`tests/test_fingerprints.py` holds `tests/data/fingerprints.json` against them, so a change in what the
+`tests/models/test_fingerprints.py` holds `tests/data/fingerprints.json` against them, so a change in what the
 compiler writes is deliberate: regenerate with `python tests/fingerprints.py --write` and say why in the
 commit. The calibration is fixed (the first windows of the sample text) and small, so the sweep fits CI.
 

@@ -5,7 +5,7 @@
 # `bash .ortgpu2/install.sh && bash scripts/gpu/runbook.sh --steps build`), this call:
 #   1. installs the carried wheels (.whl: onnxruntime-genai-cuda, onnx-graphsurgeon, ...) into /tmp/site;
 #   2. builds the op library with CUDA into fptq_graph/ unless call 2 left it there;
-#   3. tests/test_genai_cuda.py: the w4a8 and ort folders give the CPU's tokens in genai on CUDA;
+#   3. tests/models/test_genai_cuda.py: the w4a8 and ort folders give the CPU's tokens in genai on CUDA;
 #   4. benchmarks/genai_gpu.py: the 1.1B LLaMA, builder fp16/int4 beside fptq w4a8/ort, JSON in $OUT.
 # Each step under its own time limit (FPTQ_GPU_BUDGET_S, default 570 for the whole); logs and JSON in
 # $OUT, one line a step in $OUT/summary.txt. Carry [".whl", "build/ort-headers", "out/genai-tokenizer"]:
@@ -68,7 +68,7 @@ step() {   # step NAME LIMIT_S LOG command...
 if [ "$DRY" != 1 ] && ! "$PY" -c "import json, sys; sys.exit(not json.load(open('fptq_graph/fptq_ops_build.json'))['cuda'])" 2>/dev/null; then
   step build 300 build.log bash scripts/gpu/runbook.sh --steps build
 fi
-step genai-test 200 genai-test.log "$PY" -m pytest -q -rs -s -p no:cacheprovider tests/test_genai_cuda.py
+step genai-test 200 genai-test.log "$PY" -m pytest -q -rs -s -p no:cacheprovider tests/models/test_genai_cuda.py
 step genai-bench 540 genai-bench.log "$PY" benchmarks/genai_gpu.py "${BENCH[@]}" --json "$OUT/genai-gpu.json"
 echo "== summary ($(($(date +%s) - START)) s)"
 cat "$OUT/summary.txt"

@@ -2,7 +2,7 @@
 # Every GPU check and benchmark of the W4A8 op in one device call (DEVELOPERS.md, "GPU checks"):
 #   1. build the op library with CUDA (sm_80, sm_90) and put it into the package folder
 #   2. what the compiler tells (ptxas table, SASS) and the CPU emulation of the kernels
-#   3. the CUDA kernel against the CPU kernel and float64 (tests/test_w4a8_op.py)
+#   3. the CUDA kernel against the CPU kernel and float64 (tests/runtime/test_w4a8_op.py)
 #   4. compute-sanitizer memcheck and racecheck on scripts/gpu/sanitize_cases.py
 #   5. benchmarks/op_bench.py --provider cuda: K=4096, N 4096 11008, M 1 16 128 1024 4096, each CUDA path
 #   6. benchmarks/e2e_gpu.py --provider cuda --size 1b (the end-to-end decoder benchmark)
@@ -131,10 +131,10 @@ export ROOT BUILD PY
 step build 300 build.log bash -c build
 
 # 2. ptxas / SASS and the CPU emulation: the same answers as on a machine without a GPU (a cross-check of the toolchain).
-step compiler 120 compiler.log "$PY" -m pytest -q -s -p no:cacheprovider tests/test_cuda_build.py tests/test_cuda_emulation.py
+step compiler 120 compiler.log "$PY" -m pytest -q -s -p no:cacheprovider tests/runtime/test_cuda_build.py tests/runtime/test_cuda_emulation.py
 
 # 3. CUDA against CPU and float64 (in a dry run: the CPU kernel's tests; the CUDA test says why it skips).
-step pytest 240 pytest.log "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_w4a8_op.py -k "cuda or cpu_kernel"
+step pytest 240 pytest.log "$PY" -m pytest -q -rs -p no:cacheprovider tests/runtime/test_w4a8_op.py -k "cuda or cpu_kernel"
 
 # 4. compute-sanitizer (a dry run runs the cases on the CPU provider, without the sanitizer).
 if [ "$DRY" = 1 ]; then

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+TESTS = Path(__file__).resolve().parents[2] / "tests"
+sys.path[:0] = [str(TESTS / "runtime"), str(TESTS)]   # the op tests (tests/runtime/) and the shared helpers
 from test_w4a8_op import op_model, rel_err  # noqa: E402
 from test_w8a8_op import op_model as int8_model  # noqa: E402
 

@@ -99,7 +99,7 @@ def test_builder_folder_block_by_block_equals_the_whole_graph(builder_folder):
 def test_float16_model_block_by_block_equals_the_whole_graph(form, tmp_path):
     """A float16 LLaMA (how the 7B exports: exporters/streaming), every form. The w4a8 form once failed
     at the end of a block-by-block run: its output-SQNR block models declare cut inputs without a shape,
-    and the W4A8 op then declared its outputs float32 (tests/test_w4a8_op.py holds the op's side).
+    and the W4A8 op then declared its outputs float32 (tests/runtime/test_w4a8_op.py holds the op's side).
 
     Not byte for byte: the whole-graph session runs the fp16 graph through ONNX Runtime's inserted float32
     Casts, some of which it fuses away across what is a block's edge here, where the residual stream is

@@ -26,7 +26,7 @@ TOLERANCE = 1e-5
 
 def ref_int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Codes [K, N] int8 and scales [N] float32 of symmetric per-output-channel int8 (codes rounded against the
-    float64 scale, which is then stored as float32: the w8a8 recipe's definition, tests/test_weight_quantizers.py)."""
+    float64 scale, which is then stored as float32: the w8a8 recipe's definition, tests/quant/test_weight_quantizers.py)."""
     scale = np.abs(w.astype(np.float64)).max(axis=0) / 127.0
     scale[scale == 0] = 1.0
     q = np.clip(np.round(w.astype(np.float64) / scale), -127, 127).astype(np.int8)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "fptq_graph"
+PACKAGE = Path(__file__).resolve().parents[2] / "fptq_graph"
 
 
 def module_imports() -> dict[str, set[str]]:

@@ -2,7 +2,7 @@
 and shared memory per kernel for sm_80 and sm_90, and the SASS: the tensor-core GEMM's K loop issues
 IMMA (mma.sync m16n8k32 s8), the decode kernels stream weights 16 bytes a lane into dp4a, and no
 kernel touches local memory (LDL/STL). docs/w4a8_op.md records the
-table: `python tests/test_cuda_build.py` prints it."""
+table: `python tests/runtime/test_cuda_build.py` prints it."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCHS = ("80", "90")
 # The flags CMakeLists.txt gives w4a8_cuda.cu (Release: -O3), one architecture at a time.
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc'}", "-Xptxas", "-v"]

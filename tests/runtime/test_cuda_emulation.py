@@ -15,7 +15,7 @@ from fptq_graph import runtime
 from fptq_graph.runtime.w4a8_op import pack_weight_int8, reference, reference_int8
 from test_w4a8_op import op_model, rel_err
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "tests" / "cuda_emulation" / "emulate.cc"
 FLAGS = ["-std=c++17", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off",
          "-fsanitize=address,undefined", "-fno-sanitize-recover=all", f"-I{ROOT / 'csrc'}"]

@@ -259,7 +259,7 @@ def test_missing_library_is_a_clear_error(monkeypatch, tmp_path):
 def test_library_exports_only_its_entry_points_and_says_how_it_was_built():
     info = runtime.library_info()
     assert set(info) == {"cuda", "cuda_architectures", "cuda_kernels", "cuda_kernel", "cpu_isas_built", "cpu_isas", "cpu_isa"}
-    assert info["cpu_isa"] in info["cpu_isas"] and info["cpu_isas"][-1] == "generic"   # tests/test_w4a8_isa.py: each
+    assert info["cpu_isa"] in info["cpu_isas"] and info["cpu_isas"][-1] == "generic"   # tests/runtime/test_w4a8_isa.py: each
     if info["cuda"]:
         assert {"80", "90"} <= set(info["cuda_architectures"].split(","))
         assert info["cuda_kernels"] == ["decode", "reference"] and info["cuda_kernel"] == "auto"

@@ -2,7 +2,7 @@
 package unedited and gives the tokens it gives on the CPU. Skips, saying why, where onnxruntime-genai has
 no CUDA, our op library was built without CUDA kernels, or onnxruntime has no CUDA provider (every machine
 but the GPU one: scripts/gpu/genai_gpu.sh runs it there). The CPU side of the same plumbing is
-tests/test_model_folders.py::test_builder_cuda_folder_keeps_its_gpu_settings_and_runs_on_the_cpu."""
+tests/models/test_model_folders.py::test_builder_cuda_folder_keeps_its_gpu_settings_and_runs_on_the_cpu."""
 import numpy as np
 import onnxruntime as ort
 import pytest

@@ -186,7 +186,7 @@ print("ok")
 
 def _run_low_limit(tmp_path, body: str, imports: str = "") -> None:
     script = tmp_path / "low_limit.py"
-    script.write_text(_LOW_LIMIT.format(tests=str(Path(__file__).parent), imports=imports, body=body))
+    script.write_text(_LOW_LIMIT.format(tests=str(Path(__file__).parents[1]), imports=imports, body=body))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
