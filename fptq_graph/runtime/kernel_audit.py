@@ -14,7 +14,7 @@ The known cases (onnxruntime 1.31.1, MLAS, x86; measured in benchmarks/decode_cp
   dequantized every Run (the qdq form's statically quantized INT4 linears: ORT 1.31 has no kernel for int8
   activations x int4 weights, so it fuses nothing there; that form is for exchange, `ort`/`w4a8` for speed).
 
-audit_cpu_kernels(model) returns one Finding per such node; tests/test_kernel_audit.py holds every form's
+audit_cpu_kernels(model) returns one Finding per such node; tests/runtime/test_kernel_audit.py holds every form's
 lowering to none on its linears (the qdq form: none on its LM head).
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ONNX Runtime's default optimizations fuse an INT4 DequantizeLinear -> MatMul into MatMulNBits with
 `accuracy_level=4`, which re-quantizes the activations per block of K and so changes the result
-(tests/test_runtime.py, onnxruntime 1.31.1: relative error 6.5e-3 against onnx's ReferenceEvaluator,
+(tests/runtime/test_runtime.py, onnxruntime 1.31.1: relative error 6.5e-3 against onnx's ReferenceEvaluator,
 0 with level 0). Our sessions ask for accuracy level 0 so the qdq form computes its reference numerics.
 
 The `w4a8` form's fptq::W4A8MatMul and fptq::W8A8MatMul live in libfptq_ops.so inside this package (built by the

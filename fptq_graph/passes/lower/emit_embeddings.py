@@ -16,7 +16,7 @@ tables qualify and why others stay float).
              minus 8 -> Mul(the row's group scales) -> the row's [D]. A table dequantized whole before
              the Gather would cost the float table's memory and time on every run.
 
-Every path dequantizes q * s in the table's type, the products numpy computes (tests/test_embeddings.py).
+Every path dequantizes q * s in the table's type, the products numpy computes (tests/passes/test_embeddings.py).
 Resident: one table's int8 codes and its packed copy (at most 2 bytes a value), plus the quantizer's
 slab (quant/embedding_table.py).
 """
