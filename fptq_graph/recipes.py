@@ -21,6 +21,8 @@ equalizer   the activation-side scale the equalized linears get (passes/analysis
 awq         weight-side activation-aware scales on top (awq.py): per sibling group, s = rms_j^alpha with
             alpha searched on AWQ_ALPHAS to minimise the group's W4A8 output error; folded like LAE (into
             norm gains, or into the columns of the linear producing a SwiGLU product's `up` factor)
+            Not for a linear whose input the rotation reached (plan_equalization notes why: measured worse
+            with GPTQ there); the others, and a model the rotation falls back on, keep it
 weights     the weight quantizer: rtn (round to nearest, max-abs scales), clip (each group's clipping
             ratio searched against diag(H)-weighted error), gptq (GPTQ error feedback through X^T X),
             gptq-clip (GPTQ whose group scales come from the clipping search);
@@ -80,7 +82,7 @@ class Recipe:
 _ROWS = [
     # name                 classifier   equalizer      awq    weights  bits
     Recipe("fptq",             "bands",    "lae",         True,  "gptq-clip", 4, "FPTQ bands, AWQ scales on top of LAE, GPTQ on clipped INT4 scales (the most accurate measured; docs/accuracy.md)"),
-    Recipe("fptq-rot",         "bands",    "lae",         True,  "gptq-clip", 4, "fptq on a rotated residual stream (randomized Hadamard folded into the weights; pre-norm decoders)", rotate="hadamard"),
+    Recipe("fptq-rot",         "bands",    "lae",         True,  "gptq-clip", 4, "fptq on a rotated residual stream (randomized Hadamard folded into the weights; pre-norm decoders); no AWQ on rotated inputs", rotate="hadamard"),
     Recipe("fptq-paper",       "bands",    "lae",         False, "rtn",  4, "FPTQ as the paper states it: activations by range band, round-to-nearest INT4"),
     Recipe("fptq-awq",         "bands",    "lae",         True,  "clip", 4, "FPTQ bands, AWQ weight scales on top of LAE, clipped INT4 scales"),
     Recipe("fptq-measured",    "measured", "lae",         False, "clip", 4, "each layer's activation scheme from its measured output error, clipped INT4 scales"),

@@ -2,6 +2,7 @@
 bands must beat naive and SmoothQuant W4A8 and match per-token W4A8."""
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -48,7 +49,8 @@ def test_statistics_over_the_budget_trade_awq_and_gptq_for_clipping():
     feeds = C.feeds(np.random.default_rng(1), 2)
     small = Config(group_size=16, sqnr_samples=0, progress=False, statistics_budget_mib=0)
     state, _ = run_until(model, feeds, small, "calibrate")
-    assert state.recipe.weights == "clip" and not state.recipe.awq and state.statistics_note
+    assert state.recipe.weights == "clip" and not state.recipe.awq
+    assert state.statistics_note.endswith("AWQ and GPTQ traded for the clipping search")
     assert all(set(o.sums) == {"diag"} for o in state.observers.values())   # no full X^T X
     assert all(s.gram is None and s.diag is not None for s in state.stats.values())
     state, _ = run_until(model, feeds, Config(group_size=16, sqnr_samples=0, progress=False), "calibrate")
@@ -57,6 +59,11 @@ def test_statistics_over_the_budget_trade_awq_and_gptq_for_clipping():
                    weight_quantizer="gptq")
     state, _ = run_until(model, feeds, asked, "calibrate")
     assert state.recipe.weights == "gptq" and state.stats["y"].gram is not None
+    # a row with GPTQ and no AWQ: the note names only what was traded
+    no_awq = replace(recipe_row("fptq"), name="gptq-only", awq=False)
+    state, _ = run_until(model, feeds, Config(group_size=16, sqnr_samples=0, progress=False, statistics_budget_mib=0,
+                                              recipe=no_awq), "calibrate")
+    assert state.recipe.weights == "clip" and state.statistics_note.endswith(": GPTQ traded for the clipping search")
 
 
 def test_cli_lists_the_recipes():

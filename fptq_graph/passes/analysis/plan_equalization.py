@@ -9,6 +9,13 @@ product a * b, where b is another linear's output read by nothing else, takes AW
 column scale scales their scales and costs the up projection nothing). fold_equalization folds what
 this pass decides, in the same order, so the searches here see exactly the weights the fold makes.
 
+No AWQ for a group whose input rotate_residual rotated (state.rotation["rotated_inputs"]: the readers of
+the rotated stream's norms, and with --rotate-ffn the down projections): the rotation spread every
+channel's energy over all of them, and AWQ's per-channel scales, searched against round-to-nearest INT4,
+put channel scale back where GPTQ (which sees X^T X) then does better without it. Measured on SmolLM2 at
+group 128 with --rotate-ffn (docs/accuracy.md, "Rotation"): 24.35 perplexity with AWQ on the rotated
+inputs, 24.00 without. Inputs the rotation does not reach (a down projection without --rotate-ffn) keep it.
+
 Resident: the scales ([K] float32 a group) and, while its own group is searched, the column-scaled
 copy of one product's up projection.
 """
@@ -43,6 +50,8 @@ class PlanEqualization(Pass):
     def run(self, state) -> PassResult:
         cfg, draft = state.config, state.draft
         awq = state.recipe.awq and cfg.weight_bits == 4
+        rotated = set(state.rotation.get("rotated_inputs", ()))
+        skipped = 0                      # AWQ groups left out because their input is rotated
         searched: list[float] = []      # AWQ: the alpha chosen per group
         column_divided: dict[str, np.ndarray] = {}   # a product source's weight with 1/s in its columns
         products = product_groups(state) if awq else []
@@ -54,12 +63,21 @@ class PlanEqualization(Pass):
         def weight(linear) -> np.ndarray:
             return column_divided.get(linear.name, linear.node.inputs[1].values)
 
+        def skip(linears) -> None:
+            nonlocal skipped
+            skipped += 1
+            for linear in linears:
+                draft.note(linear.name, "no AWQ: its input is rotated")
+
         def search_products(until: int) -> None:
             """The product groups (in graph order) up to index `until`, before any group reads their source."""
             nonlocal equalized, searched_products
             while searched_products < len(products) and searched_products <= until:
                 group = products[searched_products]
                 searched_products += 1
+                if any(l.name in rotated for l in group.readers):
+                    skip(group.readers)
+                    continue
                 choice = self._search(state, group.readers, None, np.max([state.act_max(l) for l in group.readers], axis=0),
                                       weight)
                 if choice is None:
@@ -89,7 +107,9 @@ class PlanEqualization(Pass):
             elif equalizations:
                 weight_max = np.max([np.abs(weight(l)).max(axis=1) for l in linears], axis=0)
                 s = smoothquant_scale(act_max, weight_max, cfg.smooth_alpha)
-            if awq and all(l.name != head for l in linears) and not foldable(norm, outputs, cfg.compensate_residual):
+            if awq and any(l.name in rotated for l in linears):
+                skip(linears)
+            elif awq and all(l.name != head for l in linears) and not foldable(norm, outputs, cfg.compensate_residual):
                 choice = self._search(state, linears, s, act_max, weight)
                 if choice is not None:
                     searched.append(choice.alpha)
@@ -102,11 +122,13 @@ class PlanEqualization(Pass):
                 draft.row_scale[linear.name] = s
                 equalized += 1
         search_products(len(products))
-        stats = {"equalized": equalized, "awq_groups": len(searched), "awq_moved": sum(1 for a in searched if a > 0)}
+        stats = {"equalized": equalized, "awq_groups": len(searched), "awq_moved": sum(1 for a in searched if a > 0),
+                 "awq_skipped_rotated": skipped}
         awq_note = ""
         if awq:
             awq_note = (f"; AWQ searched {len(searched)} groups, {stats['awq_moved']} with alpha > 0"
-                        + (f" (mean alpha {np.mean(searched):.2f})" if searched else ""))
+                        + (f" (mean alpha {np.mean(searched):.2f})" if searched else "")
+                        + (f"; {skipped} groups reading a rotated input left without AWQ" if skipped else ""))
         return PassResult(f"equalization scales for {equalized} linears{awq_note}", stats=stats)
 
     @staticmethod

@@ -50,7 +50,8 @@ class PlanStatistics(Pass):
             return PassResult(chosen + f"; X^T X for {len(inputs)} inputs: {gram_bytes / MIB:.0f} MiB (over the budget "
                               f"{budget / MIB:.0f} MiB, but the weight quantizer was asked for)", stats=stats)
         state.recipe = replace(row, awq=False, weights=row.weights if asked else "clip")
-        state.statistics_note = (f"X^T X for {len(inputs)} inputs would take {gram_bytes / MIB:.0f} MiB, over the "
-                                 f"budget {budget / MIB:.0f} MiB (Config.statistics_budget_mib): "
-                                 f"{'AWQ and GPTQ' if row.awq and not asked else 'AWQ'} traded for the clipping search")
+        traded = " and ".join(name for name, gone in (("AWQ", row.awq), ("GPTQ", not asked and row.weights.startswith("gptq")))
+                              if gone)
+        state.statistics_note = (f"X^T X for {len(inputs)} inputs would take {gram_bytes / MIB:.0f} MiB, over the budget "
+                                 f"{budget / MIB:.0f} MiB (Config.statistics_budget_mib): {traded} traded for the clipping search")
         return PassResult(chosen + f"; {state.statistics_note}", stats={**stats, "traded": True})

@@ -76,8 +76,13 @@ class RotateResidual(Pass):
         checked = _check_same_function(state, stream, rotated_source, online)
         if rotated_source is not None:
             state.source_model = rotated_source   # the float reference from here on (see the docstring)
+        # the linears whose input is now rotated (plan_equalization gives them no AWQ scale: the rotation spread
+        # the channel energy AWQ's per-channel scales would put back)
+        rotated_inputs = sorted(({reader.name for norm in stream.norms for reader in norm.readers
+                                  if not any(reader is t for t in stream.tied_readers)} |
+                                 {reader.node.name for reader, _ in online.values()}) - {""})
         state.rotation.update(rotated=True, hidden=stream.hidden, kind=q.kind, construction=q.construction, seed=q.seed,
-                              checked=checked, **counts)
+                              checked=checked, rotated_inputs=rotated_inputs, **counts)
         summary = (f"residual stream ({stream.hidden} channels) rotated by a {q.kind} matrix ({q.construction}, seed "
                    f"{q.seed}): {counts['readers']} reading linears, {counts['writers']} writing, {counts['tables']} "
                    f"table(s), {counts['norms']} norm gains folded"
