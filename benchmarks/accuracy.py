@@ -44,8 +44,14 @@ HELDOUT = TEXT / "python-docstrings.heldout.txt"
 # "groups": the group sizes a row runs at when not all of --groups (None: group-free, run once).
 RECIPES = {
     "fptq (default: AWQ + gptq-clip)": {"recipe": "fptq"},
-    "fptq-rot (Hadamard + fptq)": {"recipe": "fptq-rot"},
+    "fptq-rot (Hadamard + fptq, no AWQ on rotated inputs)": {"recipe": "fptq-rot"},
     "fptq-rot, online FFN rotation (--rotate-ffn)": {"recipe": "fptq-rot", "rotate_ffn": True},
+    # what fptq-rot --rotate-ffn stands on: the same rotations and GPTQ with activations float (the weights'
+    # floor), then per-token int8 everywhere (the activations' best case)
+    "w4a16 gptq-clip, rotated + --rotate-ffn": {"recipe": "rtn-w4a16", "rotate": "hadamard", "rotate_ffn": True,
+                                                "weight_quantizer": "gptq-clip"},
+    "dynamic-w4a8 gptq-clip, rotated + --rotate-ffn": {"recipe": "dynamic-w4a8", "rotate": "hadamard", "rotate_ffn": True,
+                                                       "weight_quantizer": "gptq-clip"},
     "fptq-paper (RTN)": {"recipe": "fptq-paper"},
     "fptq-paper, rotated (RTN)": {"recipe": "fptq-paper", "rotate": "hadamard"},
     "dynamic-w4a8 (per token, RTN)": {"recipe": "dynamic-w4a8"},
@@ -182,8 +188,9 @@ def run_model(name: str, result: dict, args, out: Path, save) -> None:
             schemes = {}
             for layer in quantized.layers:
                 schemes[layer["scheme"]] = schemes.get(layer["scheme"], 0) + 1
+            # each row its own date: the file's top-level date is the last run's, and rows are kept across runs
             table[label] = {**metric(path, ours=True), "schemes": schemes, "quantize_seconds": round(seconds, 1),
-                            "bytes": model_bytes(path)}
+                            "bytes": model_bytes(path), "date": time.strftime("%Y-%m-%d")}
             print(f"{name} {label} {key}: {fmt(table[label])} ({seconds:.0f} s to quantize)", flush=True)
             save()
 
