@@ -1,6 +1,4 @@
 """`python -m fptq_graph.cli`: the fptq-graph command."""
-import sys
+from fptq_graph.cli import command
 
-from fptq_graph.cli import main
-
-sys.exit(main())
+command()

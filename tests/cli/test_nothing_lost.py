@@ -346,6 +346,27 @@ def test_terminated_run_leaves_nothing(signum, tmp_path):
         assert listing(tmp_path) == before
 
 
+def test_the_process_ignores_a_stop_signal_once_its_command_returned(capsys):
+    """What makes test_terminated_run_leaves_nothing exact at its end: a SIGTERM after the command returned
+    (the interpreter tearing down torch and ONNX Runtime) is ignored by the process's command, instead of
+    the default action killing it over committed outputs (seen in CI: -15 after every pass had run); an
+    in-process caller gets its own handlers back."""
+    from fptq_graph.cli import main
+
+    ours, hangup = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    try:
+        assert main(["quantize", "--recipe", "show", "fptq"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is ours
+        assert main(["quantize", "--recipe", "show", "fptq"], keep_handlers=True) == 0
+        kept = signal.getsignal(signal.SIGTERM)
+        assert callable(kept) and kept is not ours
+        assert kept(signal.SIGTERM, None) is None   # no SystemExit: the command is done, the signal ignored
+    finally:
+        signal.signal(signal.SIGTERM, ours)
+        signal.signal(signal.SIGHUP, hangup)
+    capsys.readouterr()
+
+
 def test_failed_export_leaves_no_tokenizer_folder(tmp_path, capsys, monkeypatch):
     """export saves the tokenizer before torch.export runs; a failure after that leaves nothing."""
     import fptq_graph.exporters.huggingface as hf
