@@ -47,7 +47,7 @@ RECIPES = {
     "fptq-rot (Hadamard + fptq, no AWQ on rotated inputs)": {"recipe": "fptq-rot"},
     "fptq-rot, online FFN rotation (--rotate-ffn)": {"recipe": "fptq-rot", "rotate_ffn": True},
     # what fptq-rot --rotate-ffn stands on: the same rotations and GPTQ with activations float (the weights'
-    # floor), then per-token int8 everywhere (the activations' best case)
+    # floor), then per-token int8 on every linear (what the activations cost with a scale per token)
     "w4a16 gptq-clip, rotated + --rotate-ffn": {"recipe": "rtn-w4a16", "rotate": "hadamard", "rotate_ffn": True,
                                                 "weight_quantizer": "gptq-clip"},
     "dynamic-w4a8 gptq-clip, rotated + --rotate-ffn": {"recipe": "dynamic-w4a8", "rotate": "hadamard", "rotate_ffn": True,
