@@ -34,8 +34,14 @@ def block_model(observed: SplitModel, block: Block, input_dtypes: dict[str, np.d
     outputs = [declared[name] if name in declared and declared[name].type.HasField("tensor_type")
                else onnx.ValueInfoProto(name=name) for name in block.outputs]
     initializers = [init for init in graph.initializer if init.name in reads]
+    # The types and shapes the model declares for the block's inner tensors go with it: without them ONNX
+    # Runtime infers every one while it creates the session, 3.5x the time (SmolLM2's whole graph:
+    # 0.28 s instead of 0.08; its lowered graph 0.8 s instead of 0.14), paid by every block model.
+    ends = {v.name for v in inputs} | set(block.outputs)
+    made = {name for node in nodes for name in node.output}
+    value_info = [v for v in graph.value_info if v.name in made and v.name not in ends]
     model = onnx.helper.make_model(
-        onnx.helper.make_graph(nodes, f"block_{block.index}", inputs, outputs, initializers),
+        onnx.helper.make_graph(nodes, f"block_{block.index}", inputs, outputs, initializers, value_info=value_info),
         opset_imports=list(source.opset_import), ir_version=source.ir_version)
     overrides = overrides or {}
     arrays = {init.name: overrides.get(init.name, observed.arrays[init.name])
