@@ -46,6 +46,11 @@ RECIPES = {
     "fptq (default: AWQ + gptq-clip)": {"recipe": "fptq"},
     "fptq-rot (Hadamard + fptq, no AWQ on rotated inputs)": {"recipe": "fptq-rot"},
     "fptq-rot, online FFN rotation (--rotate-ffn)": {"recipe": "fptq-rot", "rotate_ffn": True},
+    # the measured classifier on the rotated stream (fptq where the rotation falls back)
+    "fptq-rot-measured (fptq-rot, measured classifier)": {"recipe": "fptq-rot-measured"},
+    "fptq-rot-measured, online FFN rotation (--rotate-ffn)": {"recipe": "fptq-rot-measured", "rotate_ffn": True},
+    # what that classifier does on the stream unrotated (why the row falls back to the bands there)
+    "measured classifier + AWQ + gptq-clip, unrotated": {"recipe": str(ROOT / "benchmarks" / "recipes" / "measured-awq.toml")},
     # what fptq-rot --rotate-ffn stands on: the same rotations and GPTQ with activations float (the weights'
     # floor), then per-token int8 on every linear (what the activations cost with a scale per token)
     "w4a16 gptq-clip, rotated + --rotate-ffn": {"recipe": "rtn-w4a16", "rotate": "hadamard", "rotate_ffn": True,

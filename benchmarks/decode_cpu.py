@@ -420,15 +420,17 @@ def main(argv=None) -> int:
                                                                    calib_samples=32, calib_seq_len=256, sqnr_samples=0,
                                                                    progress=False)).save(path)
             variants.append((label, path))
-    # The rotated recipe in the fast form: folded (no run-time cost expected), and with the online FFN rotation
-    # (an explicit op before each down projection: its cost)
-    for tag, extra in (("fptq-rot", {}), ("fptq-rot-ffn", {"rotate_ffn": True})):
+    # The rotated recipes in the fast form: folded (no run-time cost expected), with the online FFN rotation
+    # (an explicit op before each down projection: its cost), and with the measured classifier (more linears
+    # per token: a reduction per token at run time)
+    for recipe, extra in (("fptq-rot", {}), ("fptq-rot", {"rotate_ffn": True}), ("fptq-rot-measured", {})):
+        tag = recipe + ("-ffn" if extra else "")
         path = work / f"smollm2.w4a8.{tag}.head-int8.onnx"
-        if not path.is_file() and _wanted(args, f"ours --format w4a8 --recipe {tag}"):
-            fq.quantize(float_path, str(CALIB_TEXT), fq.Config(recipe="fptq-rot", format="w4a8", lm_head="int8",
+        label = f"ours --format w4a8 --recipe {recipe}" + (" --rotate-ffn" if extra else "") + ", head int8"
+        if not path.is_file() and _wanted(args, label):
+            fq.quantize(float_path, str(CALIB_TEXT), fq.Config(recipe=recipe, format="w4a8", lm_head="int8",
                                                                calib_samples=32, calib_seq_len=256, sqnr_samples=0,
                                                                progress=False, **extra)).save(path)
-        label = "ours --format w4a8 --recipe fptq-rot" + (" --rotate-ffn" if extra else "") + ", head int8"
         variants.append((label, path))
     for block, head_bits in ((32, None), (128, None), (32, 8)):
         path = work / f"smollm2.ort-nbits-b{block}{'-head8' if head_bits else ''}.onnx"

@@ -31,6 +31,11 @@ weight_bits 4 (INT4 group-wise) or 8 (int8 per output channel)
 rotate      "hadamard": rotate the residual stream first (passes/rewrite/rotate_residual.py: an orthogonal Q
             folded into the weights, the same function in float, outlier channels spread over all);
             "none". Config.rotate (--rotate) overrides it
+unrotated_classifier
+            the classifier where the stream ends up not rotated (the rotation fell back on the model, or
+            --rotate none); empty: `classifier` everywhere. fptq-rot-measured's measured classifier beat the
+            bands on the rotated SmolLM2 and lost to them unrotated (docs/accuracy.md), so where its rotation
+            falls back it is fptq
 options     Config defaults the recipe changes (RECIPE_OPTIONS: bounds, alphas, damping): applied where the
             user's Config still holds the default (Config.with_recipe_options)
 
@@ -42,6 +47,7 @@ A TOML recipe (`--recipe my.toml`; `fptq-graph quantize --recipe show fptq` prin
     weights = "gptq-clip"       # WEIGHT_QUANTIZERS
     weight_bits = 4
     rotate = "none"             # ROTATIONS (optional)
+    unrotated_classifier = ""   # CLASSIFIERS or "" (optional)
     summary = "..."
     [options]
     static_bound = 10.0
@@ -77,12 +83,18 @@ class Recipe:
     summary: str
     options: tuple[tuple[str, Any], ...] = ()   # (Config field, value) pairs, RECIPE_OPTIONS
     rotate: str = "none"                        # ROTATIONS: the residual stream's rotation, before observing
+    unrotated_classifier: str = ""              # CLASSIFIERS or "": the classifier where the stream is not rotated
+
+    def classifier_for(self, rotated: bool) -> str:
+        """The classifier of a run whose residual stream is (not) rotated."""
+        return self.classifier if rotated or not self.unrotated_classifier else self.unrotated_classifier
 
 
 _ROWS = [
     # name                 classifier   equalizer      awq    weights  bits
     Recipe("fptq",             "bands",    "lae",         True,  "gptq-clip", 4, "FPTQ bands, AWQ scales on top of LAE, GPTQ on clipped INT4 scales (the most accurate measured; docs/accuracy.md)"),
     Recipe("fptq-rot",         "bands",    "lae",         True,  "gptq-clip", 4, "fptq on a rotated residual stream (randomized Hadamard folded into the weights; pre-norm decoders); no AWQ on rotated inputs", rotate="hadamard"),
+    Recipe("fptq-rot-measured", "measured", "lae",        True,  "gptq-clip", 4, "fptq-rot whose activation schemes come from their estimated output error (per token where static costs more than the tolerance); fptq where the rotation falls back", rotate="hadamard", unrotated_classifier="bands"),
     Recipe("fptq-paper",       "bands",    "lae",         False, "rtn",  4, "FPTQ as the paper states it: activations by range band, round-to-nearest INT4"),
     Recipe("fptq-awq",         "bands",    "lae",         True,  "clip", 4, "FPTQ bands, AWQ weight scales on top of LAE, clipped INT4 scales"),
     Recipe("fptq-measured",    "measured", "lae",         False, "clip", 4, "each layer's activation scheme from its measured output error, clipped INT4 scales"),
@@ -147,15 +159,16 @@ def observers_needed(row: Recipe) -> set[str]:
 
 
 _TYPES = {"name": str, "classifier": str, "equalizer": str, "awq": bool, "weights": str, "weight_bits": int,
-          "rotate": str, "summary": str, "options": dict}
+          "rotate": str, "unrotated_classifier": str, "summary": str, "options": dict}
 _CHOICES = {"classifier": CLASSIFIERS, "equalizer": EQUALIZERS, "weights": WEIGHT_QUANTIZERS, "weight_bits": (4, 8),
-            "rotate": ROTATIONS}
+            "rotate": ROTATIONS, "unrotated_classifier": ("",) + CLASSIFIERS}
 
 
 def check_row(row: Recipe, where: str) -> Recipe:
     for key, choices in _CHOICES.items():
         if getattr(row, key) not in choices:
-            raise RecipeError(f"{where}: {key} = {getattr(row, key)!r} is not one of {', '.join(map(str, choices))}")
+            raise RecipeError(f"{where}: {key} = {getattr(row, key)!r} is not one of "
+                              f"{', '.join(str(c) if c != '' else chr(34) * 2 for c in choices)}")
     for key, value in row.options:
         if key not in RECIPE_OPTIONS:
             raise RecipeError(f"{where}: unknown option {key!r} in [options]; options are {', '.join(RECIPE_OPTIONS)}")

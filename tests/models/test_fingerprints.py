@@ -18,6 +18,7 @@ SMOLLM2_CI = {
       for sym in ("sym", "asym")),
     "smollm2/fptq/qdq/g128/sym", "smollm2/fptq/qdq/g32/asym", "smollm2/fptq/w4a8/g128/sym", "smollm2/fptq/ort-acc4/g32/sym",
     "smollm2/fptq-rot/qdq/g128/sym", "smollm2/fptq-rot/w4a8/g32/sym",   # the rotated stream (issue 34)
+    "smollm2/fptq-rot-measured/qdq/g128/sym", "smollm2/fptq-rot-measured/w4a8/g32/sym",
     *(f"smollm2/{r}/qdq/g128/sym" for r in ("fptq-awq", "fptq-measured", "naive-w4a8", "smoothquant-w4a8",
                                             "dynamic-w4a8", "w8a8-smoothquant", "rtn-w4a16", "awq-w4a16")),
 }

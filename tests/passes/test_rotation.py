@@ -389,6 +389,27 @@ def test_linears_reading_a_rotated_input_take_no_awq_and_the_plan_says_why(tmp_p
         assert run.plan.recipe.awq   # the row keeps AWQ: a model the rotation falls back on gets fptq whole
 
 
+@pytest.mark.parametrize("make", [_layer_norm_model, None])
+def test_fptq_rot_measured_is_fptq_where_the_stream_is_not_rotated(make, tmp_path):
+    """fptq-rot-measured's measured classifier runs only on a rotated stream: where the rotation falls back
+    (a LayerNorm model) or is turned off (--rotate none) the run classifies by fptq's bands and writes fptq's
+    model; plan_statistics says which classifier and why."""
+    path = tmp_path / "m.onnx"
+    onnx.save(make() if make else stream_model("decomposed"), str(path))
+    extra = {} if make else {"rotate": "none"}
+    plain = quantize(path, _calib(), Config(recipe="fptq", **SMALL))
+    run = quantize(path, _calib(), Config(recipe="fptq-rot-measured", **SMALL, **extra))
+    assert run.rotation.get("rotated") is not True and run.plan.recipe.classifier == "bands"
+    assert "bands activations (the stream is not rotated)" in next(r.summary for r in run.passes if r.name == "plan_statistics")
+    assert [n.SerializeToString() for n in run.model.graph.node] == [n.SerializeToString() for n in plain.model.graph.node]
+    assert all(a.SerializeToString() == b.SerializeToString()
+               for a, b in zip(run.model.graph.initializer, plain.model.graph.initializer, strict=True))
+    rotated = quantize(path, _calib(), Config(recipe="fptq-rot-measured", **SMALL)) if make is None else None
+    if rotated is not None:   # the same model rotated: the measured classifier decides, and says so
+        assert rotated.rotation["rotated"] and rotated.plan.recipe.classifier == "measured"
+        assert all(linear.reason.startswith("measured:") for linear in rotated.plan.values())
+
+
 def test_rotate_option_overrides_the_recipe_and_is_checked():
     from fptq_graph.recipes import recipe_row, run_row
 
@@ -425,13 +446,15 @@ def test_planted_outliers_rotation_gains_output_sqnr_and_moves_layers_to_static(
     calib, test = [feed() for _ in range(4)], feed()
     ref = session(str(path)).run(["logits"], test)[0].astype(np.float64)
     runs = {}
-    for recipe in ("fptq", "fptq-rot"):
+    for recipe in ("fptq", "fptq-rot", "fptq-rot-measured"):
         result = quantize(path, calib, Config(recipe=recipe, group_size=32, lm_head="float", sqnr_samples=1, progress=False,
                                               calib_seq_len=32, calib_batch_size=2, calib_samples=8))
         out = session(result.model).run(["logits"], test)[0].astype(np.float64)
         schemes = [row["scheme"] for row in result.layers]
         runs[recipe] = (10 * np.log10(np.sum(ref ** 2) / np.sum((out - ref) ** 2)), schemes.count("static"), len(schemes))
     assert runs["fptq-rot"][0] >= runs["fptq"][0] + 2, runs
+    # the measured classifier on the rotated stream: +0.8, +1.1, +1.0 dB over fptq-rot's bands (seeds 0-2)
+    assert runs["fptq-rot-measured"][0] >= runs["fptq-rot"][0], runs
     assert runs["fptq"][1] < runs["fptq"][2] and runs["fptq-rot"][1] == runs["fptq-rot"][2], runs
 
 
@@ -482,4 +505,10 @@ def test_a_toml_recipe_carries_the_rotation(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(to_toml(recipe_row("fptq-rot")).replace('rotate = "hadamard"', 'rotate = "givens"'))
     with pytest.raises(RecipeError, match="rotate = 'givens' is not one of none, hadamard"):
+        recipe_row(str(bad))
+    measured = tmp_path / "measured.toml"
+    measured.write_text(to_toml(recipe_row("fptq-rot-measured")).replace('name = "fptq-rot-measured"', 'name = "m2"'))
+    assert recipe_row(str(measured)).unrotated_classifier == "bands" and recipe_row(str(measured)).classifier == "measured"
+    bad.write_text(to_toml(recipe_row("fptq-rot-measured")).replace('unrotated_classifier = "bands"', 'unrotated_classifier = "coin"'))
+    with pytest.raises(RecipeError, match="unrotated_classifier = 'coin' is not one of \"\", bands, measured"):
         recipe_row(str(bad))

@@ -1,5 +1,9 @@
 """Settle what this run records and does: the recipe's row, unless its X^T X statistics would not fit.
 
+The row's classifier is settled first: a row with an `unrotated_classifier` (fptq-rot-measured) uses it
+where rotate_residual left the stream unrotated (it fell back on the model, or --rotate none), so such a
+run records and decides exactly what that classifier's row would.
+
 GPTQ and AWQ need X^T X per distinct linear input: K^2 float64 accumulators each, independent of the
 token count but not of the model's width. On SmolLM2 that is 0.8 GB against 0.5 GB of float weights;
 on a 1.5B LLaMA it would be 8 GB against 5.5 GB, beyond what issue 5 promises (one float copy of the
@@ -30,13 +34,17 @@ class PlanStatistics(Pass):
     def run(self, state) -> PassResult:
         cfg = state.config
         row = run_row(cfg)
+        rotated = bool((state.rotation or {}).get("rotated"))
+        if row.classifier_for(rotated) != row.classifier:
+            row = replace(row, classifier=row.classifier_for(rotated))
         state.recipe = row
         needs = observers_needed(row)
         inputs = {linear.activation.name: linear.k for linear in state.linears.values()}
         gram_bytes = sum(8 * k * k for k in inputs.values()) if "gram" in needs else 0
         weight_bytes = sum(4 * linear.k * linear.n for linear in state.linears.values())
         budget = cfg.statistics_budget_mib * MIB if cfg.statistics_budget_mib is not None else max(weight_bytes, 1024 * MIB)
-        chosen = f"recipe {row.name}: {row.classifier} activations, {row.equalizer} equalizer" \
+        chosen = f"recipe {row.name}: {row.classifier} activations" \
+                 f"{' (the stream is not rotated)' if row.unrotated_classifier and not rotated else ''}, {row.equalizer} equalizer" \
                  f"{', AWQ' if row.awq else ''}, {row.weights} weights"
         stats = {"gram_bytes": gram_bytes, "budget_bytes": budget, "traded": False}
         if state.sequential:
