@@ -420,15 +420,16 @@ def main(argv=None) -> int:
                                                                    calib_samples=32, calib_seq_len=256, sqnr_samples=0,
                                                                    progress=False)).save(path)
             variants.append((label, path))
-    # The rotated recipes in the fast form: folded (no run-time cost expected), with the online FFN rotation
+    # The rotated recipes, in the fast form: folded (no run-time cost expected), with the online FFN rotation
     # (an explicit op before each down projection: its cost), and with the measured classifier (more linears
-    # per token: a reduction per token at run time)
-    for recipe, extra in (("fptq-rot", {}), ("fptq-rot", {"rotate_ffn": True}), ("fptq-rot-measured", {})):
+    # per token: a reduction per token at run time; in the qdq form too, where per-token linears are the slow kind)
+    for recipe, extra, form in (("fptq-rot", {}, "w4a8"), ("fptq-rot", {"rotate_ffn": True}, "w4a8"),
+                                ("fptq-rot-measured", {}, "w4a8"), ("fptq-rot-measured", {}, "qdq")):
         tag = recipe + ("-ffn" if extra else "")
-        path = work / f"smollm2.w4a8.{tag}.head-int8.onnx"
-        label = f"ours --format w4a8 --recipe {recipe}" + (" --rotate-ffn" if extra else "") + ", head int8"
+        path = work / f"smollm2.{form}.{tag}.head-int8.onnx"
+        label = f"ours --format {form} --recipe {recipe}" + (" --rotate-ffn" if extra else "") + ", head int8"
         if not path.is_file() and _wanted(args, label):
-            fq.quantize(float_path, str(CALIB_TEXT), fq.Config(recipe=recipe, format="w4a8", lm_head="int8",
+            fq.quantize(float_path, str(CALIB_TEXT), fq.Config(recipe=recipe, format=form, lm_head="int8",
                                                                calib_samples=32, calib_seq_len=256, sqnr_samples=0,
                                                                progress=False, **extra)).save(path)
         variants.append((label, path))
