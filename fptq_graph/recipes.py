@@ -167,8 +167,8 @@ _CHOICES = {"classifier": CLASSIFIERS, "equalizer": EQUALIZERS, "weights": WEIGH
 def check_row(row: Recipe, where: str) -> Recipe:
     for key, choices in _CHOICES.items():
         if getattr(row, key) not in choices:
-            raise RecipeError(f"{where}: {key} = {getattr(row, key)!r} is not one of "
-                              f"{', '.join(str(c) if c != '' else chr(34) * 2 for c in choices)}")
+            shown = ", ".join(str(c) if c != "" else '""' for c in choices)   # the empty choice, as TOML writes it
+            raise RecipeError(f"{where}: {key} = {getattr(row, key)!r} is not one of {shown}")
     for key, value in row.options:
         if key not in RECIPE_OPTIONS:
             raise RecipeError(f"{where}: unknown option {key!r} in [options]; options are {', '.join(RECIPE_OPTIONS)}")
