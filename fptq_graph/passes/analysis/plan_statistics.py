@@ -34,9 +34,8 @@ class PlanStatistics(Pass):
     def run(self, state) -> PassResult:
         cfg = state.config
         row = run_row(cfg)
-        rotated = bool((state.rotation or {}).get("rotated"))
-        if row.classifier_for(rotated) != row.classifier:
-            row = replace(row, classifier=row.classifier_for(rotated))
+        rotated = bool(state.rotation.get("rotated"))
+        row = replace(row, classifier=row.classifier_for(rotated))
         state.recipe = row
         needs = observers_needed(row)
         inputs = {linear.activation.name: linear.k for linear in state.linears.values()}
